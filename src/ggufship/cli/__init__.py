@@ -1,0 +1,1 @@
+"""The ``ggufship`` command line: one subcommand module per stage."""

@@ -1,0 +1,63 @@
+"""Entry point: ``ggufship <command> ...``; maps exceptions to documented exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ggufship.cli import demo as demo_cmd
+from ggufship.cli import export as export_cmd
+from ggufship.errors import GgufshipError
+
+logger = logging.getLogger("ggufship")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ggufship import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ggufship",
+        description="Checkpoint → verified, signed GGUF → API → canary-gated rollout.",
+    )
+    parser.add_argument("--version", action="version", version=f"ggufship {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    export_cmd.register(sub)
+    demo_cmd.register(sub)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, show_time=False)
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+    if verbose < 2:
+        for noisy in ("transformers", "peft", "httpx", "urllib3", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except GgufshipError as exc:
+        logger.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
