@@ -132,8 +132,6 @@ def _gguf_metadata(
     from ggufship import __version__
 
     general: dict[str, object] = {"general.version": req.version}
-    if spec.license:
-        general["general.license"] = spec.license
     if spec.description:
         general["general.description"] = spec.description
     if spec.tags:
@@ -152,6 +150,8 @@ def _gguf_metadata(
         "ggufship.release.version": req.version,
         "ggufship.source.checkpoint_sha256": info.checkpoint_sha256,
     }
+    if spec.license:  # the converter's --metadata override has no license key
+        extra["general.license"] = spec.license
     if info.adapter is not None:
         extra["ggufship.source.adapter_sha256"] = info.adapter.sha256
     if info.remap is not None:

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import checkpoints
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def llama_ckpt(ckpt_root: Path) -> Path:
+    return checkpoints.llama(ckpt_root)
+
+
+@pytest.fixture(scope="session")
+def llama_lora(ckpt_root: Path, llama_ckpt: Path) -> Path:
+    return checkpoints.lora(llama_ckpt, ckpt_root / "llama-lora")
+
+
+@pytest.fixture(scope="session")
+def release_yaml(ckpt_root: Path) -> Path:
+    data = ckpt_root / "data"
+    data.mkdir()
+    (data / "b.jsonl").write_text('{"x": 2}\n')
+    (data / "a.jsonl").write_text('{"x": 1}\n')
+    spec = ckpt_root / "release.yaml"
+    spec.write_text(
+        """
+base_model: acme/tiny-base
+license: apache-2.0
+description: Tiny test fine-tune.
+tags: [test]
+hyperparameters: {learning_rate: 0.0002, epochs: 3, lora_r: 4}
+datasets:
+  - name: acme/support-tickets
+    uri: s3://datasets/support-tickets
+    path: data
+evaluations:
+  - task: text-generation
+    dataset: acme/support-eval
+    metrics: {accuracy: 0.81, perplexity: 7.25}
+"""
+    )
+    return spec
