@@ -111,6 +111,12 @@ def _check_output(out_dir: Path, force: bool) -> None:
             raise OutputError(f"{out_dir}: exists and is not empty (use --force to replace it)")
         if not os.access(out_dir, os.W_OK):
             raise OutputError(f"{out_dir}: output directory is not writable")
+    # access() says yes to root on most filesystems; a real probe does not lie.
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.probe-", dir=parent))
+        probe.rmdir()
+    except OSError as exc:
+        raise OutputError(f"{parent}: output directory is not writable: {exc.strerror or exc}") from exc
 
 
 def _base_model(spec: ReleaseSpec, info: CheckpointInfo) -> str | None:
