@@ -60,8 +60,12 @@ def test_lora_export_outputs(lora_export: Path, llama_ckpt: Path) -> None:
         "tiny-1.0.0-Q4_K_M.gguf.sha256",
     ]
     # coreutils agrees with our sidecars
-    subprocess.run(["sha256sum", "-c", "--strict", *sorted(p.name for p in lora_export.glob("*.sha256"))],
-                   cwd=lora_export, check=True, capture_output=True)
+    subprocess.run(
+        ["sha256sum", "-c", "--strict", *sorted(p.name for p in lora_export.glob("*.sha256"))],
+        cwd=lora_export,
+        check=True,
+        capture_output=True,
+    )
     manifest = Manifest.load(lora_export / "manifest.json")
     assert manifest.name == "tiny" and manifest.version == "1.0.0"
     assert manifest.base_model == "acme/tiny-base"
@@ -111,8 +115,16 @@ def test_model_card_front_matter(lora_export: Path) -> None:
 def test_merge_changes_weights(lora_export: Path, llama_ckpt: Path, tmp_path: Path) -> None:
     """The adapter really was merged: the base alone gives other F16 bytes."""
     out = tmp_path / "base-only"
-    export_checkpoint(ExportRequest(checkpoint=llama_ckpt, out_dir=out, name="tiny", version="1.0.0",
-                                    quants=("F16",), check_tokenizer=False))
+    export_checkpoint(
+        ExportRequest(
+            checkpoint=llama_ckpt,
+            out_dir=out,
+            name="tiny",
+            version="1.0.0",
+            quants=("F16",),
+            check_tokenizer=False,
+        )
+    )
     from gguf import GGUFReader
 
     merged = {t.name: t.data.tobytes() for t in GGUFReader(str(lora_export / "tiny-1.0.0-F16.gguf")).tensors}
@@ -126,8 +138,16 @@ def test_deterministic(tmp_path: Path, llama_ckpt: Path, llama_lora: Path, relea
     outs = []
     for i in range(2):
         out = tmp_path / f"run{i}"
-        export_checkpoint(ExportRequest(checkpoint=llama_ckpt, out_dir=out, name="tiny", version="1.0.0",
-                                        adapter=llama_lora, release=release_yaml))
+        export_checkpoint(
+            ExportRequest(
+                checkpoint=llama_ckpt,
+                out_dir=out,
+                name="tiny",
+                version="1.0.0",
+                adapter=llama_lora,
+                release=release_yaml,
+            )
+        )
         outs.append(out)
     for f in sorted(p.name for p in outs[0].iterdir()):
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
@@ -137,9 +157,14 @@ def test_deterministic(tmp_path: Path, llama_ckpt: Path, llama_lora: Path, relea
 def test_other_checkpoint_kinds(kind: str, tmp_path: Path) -> None:
     ckpt = getattr(checkpoints, kind)(tmp_path / "src")
     out = tmp_path / "out"
-    result = export_checkpoint(ExportRequest(checkpoint=ckpt, out_dir=out, name="m", version="1",
-                                             quants=("Q8_0",), check_tokenizer=False))
-    expected_fmt = {"mistral": "safetensors", "sharded": "safetensors-sharded", "pytorch_bin": "pytorch-bin"}[kind]
+    result = export_checkpoint(
+        ExportRequest(
+            checkpoint=ckpt, out_dir=out, name="m", version="1", quants=("Q8_0",), check_tokenizer=False
+        )
+    )
+    expected_fmt = {"mistral": "safetensors", "sharded": "safetensors-sharded", "pytorch_bin": "pytorch-bin"}[
+        kind
+    ]
     assert result.manifest.source.weights_format == expected_fmt
     if kind == "mistral":
         assert result.manifest.source.architecture == "MistralForCausalLM"
@@ -153,8 +178,11 @@ def test_other_checkpoint_kinds(kind: str, tmp_path: Path) -> None:
 def test_wrapper_prefix_is_remapped(tmp_path: Path, llama_ckpt: Path, old: str, new: str) -> None:
     wrapped = checkpoints.with_prefix(llama_ckpt, tmp_path / "wrapped", old, new)
     out = tmp_path / "out"
-    result = export_checkpoint(ExportRequest(checkpoint=wrapped, out_dir=out, name="w", version="1",
-                                             quants=("F16",), check_tokenizer=False))
+    result = export_checkpoint(
+        ExportRequest(
+            checkpoint=wrapped, out_dir=out, name="w", version="1", quants=("F16",), check_tokenizer=False
+        )
+    )
     remap = result.manifest.source.tensor_remap
     assert remap is not None and remap.from_prefix == new and remap.to_prefix == old
     assert remap.tensors > 0
@@ -164,8 +192,11 @@ def test_wrapper_prefix_is_remapped(tmp_path: Path, llama_ckpt: Path, old: str, 
 def test_kquant_fallback_is_explained(tmp_path: Path) -> None:
     ckpt = checkpoints.llama(tmp_path, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2)
     out = tmp_path / "out"
-    result = export_checkpoint(ExportRequest(checkpoint=ckpt, out_dir=out, name="k", version="1",
-                                             quants=("Q4_K_M",), check_tokenizer=False))
+    result = export_checkpoint(
+        ExportRequest(
+            checkpoint=ckpt, out_dir=out, name="k", version="1", quants=("Q4_K_M",), check_tokenizer=False
+        )
+    )
     assert any("multiples of 256" in w and "hidden_size=64" in w for w in result.warnings)
     assert _generate(out / "k-1-Q4_K_M.gguf") is not None
     assert "multiples of 256" in (out / "README.md").read_text()

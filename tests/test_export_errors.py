@@ -57,8 +57,11 @@ def test_tensor_shape_mismatch(ckpt: Path, tmp_path: Path) -> None:
     checkpoints.set_config(ckpt, intermediate_size=384)
     out = tmp_path / "o" / "out"
     out.parent.mkdir()
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\..* has shape "
-                       r"\[256, 512\], but config\.json implies \[256, 384\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor model\.layers\.0\.mlp\..* has shape "
+        r"\[256, 512\], but config\.json implies \[256, 384\]",
+    ):
         _export(ckpt, out)
     _assert_nothing_left(out)
 
@@ -70,7 +73,9 @@ def test_missing_tensor_in_shard_index(tmp_path: Path) -> None:
     shard = sorted(set(data["weight_map"].values()))[-1]
     (ckpt / shard).unlink()
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError, match=rf"{shard}: shard listed in model\.safetensors\.index\.json is missing"):
+    with pytest.raises(
+        CheckpointError, match=rf"{shard}: shard listed in model\.safetensors\.index\.json is missing"
+    ):
         _export(ckpt, out)
     _assert_nothing_left(out)
 
@@ -78,7 +83,9 @@ def test_missing_tensor_in_shard_index(tmp_path: Path) -> None:
 def test_unsupported_architecture(ckpt: Path, tmp_path: Path) -> None:
     checkpoints.set_config(ckpt, architectures=["FrobnicatorForCausalLM"])
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError, match=r"config\.json: architecture 'FrobnicatorForCausalLM' is not supported"):
+    with pytest.raises(
+        CheckpointError, match=r"config\.json: architecture 'FrobnicatorForCausalLM' is not supported"
+    ):
         _export(ckpt, out)
     _assert_nothing_left(out)
 
@@ -96,8 +103,11 @@ def test_adapter_for_different_base(tmp_path: Path, llama_ckpt: Path) -> None:
     cfg["base_model_name_or_path"] = "acme/tiny-base"
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: .*lora_A.* has shape \[4, 128\], "
-                       r"incompatible with base .*\(adapter for a different base\?\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"adapter_model\.safetensors: .*lora_A.* has shape \[4, 128\], "
+        r"incompatible with base .*\(adapter for a different base\?\)",
+    ):
         _export(llama_ckpt, out, adapter=adapter, release=None)
     _assert_nothing_left(out)
 
@@ -109,8 +119,11 @@ def test_adapter_base_name_mismatch(tmp_path: Path, llama_ckpt: Path, llama_lora
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     spec = tmp_path / "release.yaml"
     spec.write_text("base_model: acme/tiny-base\n")
-    with pytest.raises(CheckpointError, match=r"adapter_config\.json: base_model_name_or_path "
-                       r"'acme/some-other-model' does not match the base \(acme/tiny-base\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"adapter_config\.json: base_model_name_or_path "
+        r"'acme/some-other-model' does not match the base \(acme/tiny-base\)",
+    ):
         _export(llama_ckpt, tmp_path / "out", adapter=adapter, release=spec)
 
 
@@ -149,13 +162,17 @@ def test_bad_quant_and_name(llama_ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"--quant 'Q9_Z': unknown quantization; valid: .*Q4_K_M"):
         _export(llama_ckpt, tmp_path / "out", quants=("Q9_Z",))
     with pytest.raises(UsageError, match=r"--name 'Bad Name'"):
-        export_checkpoint(ExportRequest(checkpoint=llama_ckpt, out_dir=tmp_path / "o", name="Bad Name", version="1"))
+        export_checkpoint(
+            ExportRequest(checkpoint=llama_ckpt, out_dir=tmp_path / "o", name="Bad Name", version="1")
+        )
 
 
 def test_bad_release_spec(llama_ckpt: Path, tmp_path: Path) -> None:
     spec = tmp_path / "release.yaml"
     spec.write_text("hyperparameters: {lr: 0.1}\nevaluations:\n  - dataset: x\n    metrics: {acc: high}\n")
-    with pytest.raises(ReleaseSpecError, match=r"release\.yaml: invalid release spec: evaluations\.0\.metrics\.acc"):
+    with pytest.raises(
+        ReleaseSpecError, match=r"release\.yaml: invalid release spec: evaluations\.0\.metrics\.acc"
+    ):
         _export(llama_ckpt, tmp_path / "out", release=spec)
     spec.write_text("datasets:\n  - name: d\n    path: nowhere\n")
     with pytest.raises(ReleaseSpecError, match=r"datasets\.0\.path: .*nowhere does not exist"):
@@ -194,11 +211,14 @@ def test_verify_catches_tampering(tmp_path: Path, llama_ckpt: Path) -> None:
     assert any(p.startswith("bad-1-Q8_0.gguf: sha256 ") for p in report.problems)
     assert any(p.startswith("README.md: size ") for p in report.problems)
     # sha256sum agrees that the GGUF is bad
-    rc = subprocess.run(["sha256sum", "-c", "bad-1-Q8_0.gguf.sha256"], cwd=out, capture_output=True).returncode
+    rc = subprocess.run(
+        ["sha256sum", "-c", "bad-1-Q8_0.gguf.sha256"], cwd=out, capture_output=True
+    ).returncode
     assert rc != 0
     # CLI: non-zero exit naming each mismatch
-    proc = subprocess.run([sys.executable, "-m", "ggufship.cli.main", "verify", str(out)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ggufship.cli.main", "verify", str(out)], capture_output=True, text=True
+    )
     assert proc.returncode == 8
     assert "bad-1-Q8_0.gguf: sha256" in proc.stderr and "README.md: size" in proc.stderr
     (out / "bad-1-F16.gguf").unlink()
@@ -208,15 +228,38 @@ def test_verify_catches_tampering(tmp_path: Path, llama_ckpt: Path) -> None:
 def test_cli_export_and_exit_codes(tmp_path: Path, llama_ckpt: Path) -> None:
     out = tmp_path / "out"
     cli = [sys.executable, "-m", "ggufship.cli.main"]
-    ok = subprocess.run([*cli, "export", str(llama_ckpt), "-o", str(out), "--name", "cli", "--version", "2",
-                         "--quant", "q8_0", "--no-tokenizer-check", "--json"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [
+            *cli,
+            "export",
+            str(llama_ckpt),
+            "-o",
+            str(out),
+            "--name",
+            "cli",
+            "--version",
+            "2",
+            "--quant",
+            "q8_0",
+            "--no-tokenizer-check",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["files"][0]["path"] == "cli-2-Q8_0.gguf"
-    again = subprocess.run([*cli, "export", str(llama_ckpt), "-o", str(out), "--name", "cli", "--version", "2"],
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        [*cli, "export", str(llama_ckpt), "-o", str(out), "--name", "cli", "--version", "2"],
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 6 and "not empty" in again.stderr
-    missing = subprocess.run([*cli, "export", str(tmp_path / "nope"), "-o", str(tmp_path / "o2"), "--name", "x",
-                              "--version", "1"], capture_output=True, text=True)
+    missing = subprocess.run(
+        [*cli, "export", str(tmp_path / "nope"), "-o", str(tmp_path / "o2"), "--name", "x", "--version", "1"],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 4 and "checkpoint directory does not exist" in missing.stderr
     assert subprocess.run([*cli, "verify", str(out)], capture_output=True).returncode == 0
     shutil.rmtree(out)

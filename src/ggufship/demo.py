@@ -33,7 +33,9 @@ def _demo_release(workdir: Path) -> Path:
         "tags": ["demo"],
         "hyperparameters": {"learning_rate": 0.01, "lora_r": 4, "lora_alpha": 8, "steps": 4},
         "datasets": [{"name": "ggufship/demo-instructions", "uri": "file://dataset", "path": "dataset"}],
-        "evaluations": [{"task": "text-generation", "dataset": "ggufship/demo-eval", "metrics": {"loss": 6.2}}],
+        "evaluations": [
+            {"task": "text-generation", "dataset": "ggufship/demo-eval", "metrics": {"loss": 6.2}}
+        ],
     }
     path = workdir / "release.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")

@@ -11,7 +11,10 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +94,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _model_config(spec: TinySpec, vocab_size: int):  # type: ignore[no-untyped-def]
+def _model_config(spec: TinySpec, vocab_size: int) -> PretrainedConfig:
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = {

@@ -131,9 +131,7 @@ def load_release_spec(path: Path) -> ReleaseSpec:
     try:
         spec = ReleaseSpec.model_validate(raw)
     except ValidationError as exc:
-        details = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        details = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ReleaseSpecError(f"{path}: invalid release spec: {details}") from exc
     datasets = []
     for i, ds in enumerate(spec.datasets):

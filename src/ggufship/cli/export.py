@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="HF checkpoint (+ LoRA adapter) → GGUF files, .sha256, manifest.json, model card",
         description="Export a Hugging Face checkpoint to GGUF with llama.cpp's converter and quantizer.",
     )
-    p.add_argument("checkpoint", type=Path, nargs="?", help="checkpoint directory (config.json, weights, tokenizer)")
+    p.add_argument(
+        "checkpoint", type=Path, nargs="?", help="checkpoint directory (config.json, weights, tokenizer)"
+    )
     p.add_argument("-o", "--out", type=Path, help="output directory (must not exist or be empty)")
     p.add_argument("--name", help="model name: lowercase letters, digits, . _ -")
     p.add_argument("--version", dest="model_version", help="release version, e.g. 1.2.0")
@@ -34,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--release", type=Path, help="release spec YAML (hyperparameters, datasets, eval metrics)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--no-tokenizer-check", action="store_true", help="skip the HF vs GGUF tokenization probes")
+    p.add_argument(
+        "--no-tokenizer-check", action="store_true", help="skip the HF vs GGUF tokenization probes"
+    )
     p.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
     p.add_argument("--list-architectures", action="store_true", help="list what the converter supports, exit")
     p.add_argument("--list-quants", action="store_true", help="list the quantization types, exit")
@@ -55,13 +59,15 @@ def run_export(args: argparse.Namespace) -> int:
     if args.list_architectures or args.list_quants:
         from ggufship.toolchain import find_toolchain, quantization_types, supported_architectures
 
-        items = (
-            supported_architectures(find_toolchain()) if args.list_architectures else quantization_types()
-        )
+        items = supported_architectures(find_toolchain()) if args.list_architectures else quantization_types()
         sys.stdout.write("\n".join(sorted(items)) + "\n")
         return 0
-    for flag, value in (("CHECKPOINT", args.checkpoint), ("--out", args.out), ("--name", args.name),
-                        ("--version", args.model_version)):
+    for flag, value in (
+        ("CHECKPOINT", args.checkpoint),
+        ("--out", args.out),
+        ("--name", args.name),
+        ("--version", args.model_version),
+    ):
         if value is None:
             raise UsageError(f"export: {flag} is required")
     result = export_checkpoint(
@@ -92,7 +98,8 @@ def run_verify(args: argparse.Namespace) -> int:
     report = verify_export(args.out, raise_on_error=False)
     if args.json:
         sys.stdout.write(
-            json.dumps({"ok": report.ok, "checked": report.checked, "problems": report.problems}, indent=2) + "\n"
+            json.dumps({"ok": report.ok, "checked": report.checked, "problems": report.problems}, indent=2)
+            + "\n"
         )
     for problem in report.problems:
         logger.error("%s: %s", args.out, problem)

@@ -185,7 +185,9 @@ def _load_spec(req: ExportRequest) -> ReleaseSpec:
     if spec.name is not None and spec.name != req.name:
         raise ReleaseSpecError(f"{req.release}: name {spec.name!r} disagrees with --name {req.name!r}")
     if spec.version is not None and spec.version != req.version:
-        raise ReleaseSpecError(f"{req.release}: version {spec.version!r} disagrees with --version {req.version!r}")
+        raise ReleaseSpecError(
+            f"{req.release}: version {spec.version!r} disagrees with --version {req.version!r}"
+        )
     return spec
 
 
@@ -208,7 +210,9 @@ def export_checkpoint(req: ExportRequest, reporter: Reporter | None = None) -> E
     relation = spec.base_model_relation or ("adapter" if info.adapter is not None else "finetune")
     general, extra = _gguf_metadata(req, spec, info, base_model)
     row_sizes = {
-        k: int(info.config[k]) for k in ("hidden_size", "intermediate_size") if isinstance(info.config.get(k), int)
+        k: int(info.config[k])
+        for k in ("hidden_size", "intermediate_size")
+        if isinstance(info.config.get(k), int)
     }
 
     timings: dict[str, float] = {}
@@ -335,7 +339,9 @@ def export_checkpoint(req: ExportRequest, reporter: Reporter | None = None) -> E
                 weights_format=info.weights_format,
                 tensor_remap=(
                     TensorRemap(
-                        from_prefix=info.remap.from_prefix, to_prefix=info.remap.to_prefix, tensors=info.remap.count
+                        from_prefix=info.remap.from_prefix,
+                        to_prefix=info.remap.to_prefix,
+                        tensors=info.remap.count,
                     )
                     if info.remap
                     else None
@@ -366,7 +372,7 @@ def export_checkpoint(req: ExportRequest, reporter: Reporter | None = None) -> E
             warnings=tuple(warnings),
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+        staging.chmod(0o755)  # mkdtemp makes it 0700
         _publish_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -62,7 +62,7 @@ def convert_to_f16(
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=work
     ) as proc:
-        assert proc.stdout is not None  # noqa: S101 - Popen contract with PIPE
+        assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)

@@ -129,7 +129,9 @@ def _torch_bin_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
 
 
-def _read_weights(ckpt: Path) -> tuple[WeightsFormat, list[Path], dict[str, tuple[int, ...]], dict[str, Path]]:
+def _read_weights(
+    ckpt: Path,
+) -> tuple[WeightsFormat, list[Path], dict[str, tuple[int, ...]], dict[str, Path]]:
     shapes: dict[str, tuple[int, ...]] = {}
     where: dict[str, Path] = {}
     index = ckpt / _SAFETENSORS_INDEX
@@ -154,7 +156,9 @@ def _read_weights(ckpt: Path) -> tuple[WeightsFormat, list[Path], dict[str, tupl
             )
         for name, file in where.items():
             if ckpt / weight_map[name] != file:
-                raise CheckpointError(f"{index}: {name} is listed in {weight_map[name]} but found in {file.name}")
+                raise CheckpointError(
+                    f"{index}: {name} is listed in {weight_map[name]} but found in {file.name}"
+                )
         return "safetensors-sharded", files, shapes, where
     single = ckpt / _SAFETENSORS
     if single.exists():
@@ -166,7 +170,9 @@ def _read_weights(ckpt: Path) -> tuple[WeightsFormat, list[Path], dict[str, tupl
         return "pytorch-bin", [pt], shapes, dict.fromkeys(shapes, pt)
     others = sorted(p.name for p in ckpt.glob("*.safetensors")) + sorted(p.name for p in ckpt.glob("*.bin"))
     hint = f" (found {', '.join(others)}; sharded checkpoints need {_SAFETENSORS_INDEX})" if others else ""
-    raise CheckpointError(f"{ckpt}: no weights: expected {_SAFETENSORS}, {_SAFETENSORS_INDEX} or {_PT_BIN}{hint}")
+    raise CheckpointError(
+        f"{ckpt}: no weights: expected {_SAFETENSORS}, {_SAFETENSORS_INDEX} or {_PT_BIN}{hint}"
+    )
 
 
 def _expected_shapes(config_path: Path) -> tuple[dict[str, tuple[int, ...]], set[str], bool] | None:
@@ -247,9 +253,18 @@ def _inspect_adapter(
         base_path = Path(str(base_ref))
         if base_path.is_absolute() or base_path.exists():
             if base_path.exists() and base_path.resolve() != ckpt.resolve():
-                other = _read_json(base_path / "config.json", "config") if (base_path / "config.json").exists() else {}
-                if other and other.get("architectures") == config.get("architectures") and all(
-                    other.get(k) == config.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")
+                other = (
+                    _read_json(base_path / "config.json", "config")
+                    if (base_path / "config.json").exists()
+                    else {}
+                )
+                if (
+                    other
+                    and other.get("architectures") == config.get("architectures")
+                    and all(
+                        other.get(k) == config.get(k)
+                        for k in ("hidden_size", "num_hidden_layers", "vocab_size")
+                    )
                 ):
                     warnings.append(
                         f"{cfg_path}: base_model_name_or_path {base_ref} is another directory with the same "
@@ -278,7 +293,9 @@ def _inspect_adapter(
     if modules is not None:
         if isinstance(targets_raw, str):
             if not any(re.fullmatch(targets_raw, m) for m in modules):
-                raise CheckpointError(f"{cfg_path}: target_modules regex {targets_raw!r} matches no module of the base")
+                raise CheckpointError(
+                    f"{cfg_path}: target_modules regex {targets_raw!r} matches no module of the base"
+                )
         else:
             absent = [t for t in targets if not _module_matches(t, modules)]
             if absent:
@@ -290,7 +307,9 @@ def _inspect_adapter(
                 continue
             base_name = m.group(1) + ".weight"
             if base_name not in expected:
-                raise CheckpointError(f"{weights}: {name} adapts {base_name}, which the base model does not have")
+                raise CheckpointError(
+                    f"{weights}: {name} adapts {base_name}, which the base model does not have"
+                )
             out_f, in_f = expected[base_name][0], expected[base_name][-1]
             got = shape[1] if m.group(2) == "A" else shape[0]
             want = in_f if m.group(2) == "A" else out_f

@@ -43,8 +43,11 @@ def remap_tensors(info: CheckpointInfo, dst: Path) -> Path:
     remap = info.remap
     if info.weights_format == "pytorch-bin":
         state = torch.load(info.weight_files[0], map_location="cpu", weights_only=True)
-        save_file({remap.apply(k): v.contiguous() for k, v in state.items()}, str(dst / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {remap.apply(k): v.contiguous() for k, v in state.items()},
+            str(dst / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         return dst
     from safetensors import safe_open
 
