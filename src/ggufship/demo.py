@@ -42,6 +42,16 @@ def _demo_release(workdir: Path) -> Path:
     return path
 
 
+def _sample(gguf: Path) -> str:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf), n_ctx=128, verbose=False, seed=0)
+    try:
+        return str(llm("The quick brown fox", max_tokens=8, temperature=0.0)["choices"][0]["text"])
+    finally:
+        llm.close()
+
+
 def run_demo(
     workdir: Path,
     *,
@@ -75,8 +85,10 @@ def run_demo(
         reporter,
     )
     report = verify_export(out)
+    sample = _sample(out / "tiny-llama-demo-1.0.0-Q4_K_M.gguf")
     lines = [f"export: {out}"]
     lines += [f"  {f.path}  {f.size} bytes  sha256 {f.sha256}" for f in result.manifest.files]
     lines.append(f"verify: {len(report.checked)} files match manifest.json")
+    lines.append(f"generate (Q4_K_M, random weights, so gibberish): {sample!r}")
     lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines) + "\n"
