@@ -8,6 +8,7 @@ import sys
 
 from ggufship.cli import demo as demo_cmd
 from ggufship.cli import export as export_cmd
+from ggufship.cli import services as services_cmd
 from ggufship.errors import GgufshipError
 
 logger = logging.getLogger("ggufship")
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export_cmd.register(sub)
     demo_cmd.register(sub)
+    services_cmd.register(sub)
     return parser
 
 

@@ -360,9 +360,14 @@ def wait_ready(info: ServiceInfo, probe: Callable[[ServiceInfo], bool], timeout_
     while True:
         if not record_alive(info):
             child = _CHILDREN.get(info.pid) if info.pid is not None else None
-            code = f" with status {child.returncode}" if child is not None and child.returncode is not None else ""
+            code = (
+                f" with status {child.returncode}"
+                if child is not None and child.returncode is not None
+                else ""
+            )
             raise ServiceStartError(
-                f"{info.name} ({info.engine}) exited during start-up{code}; log {info.log}:\n{log_tail(info.log)}"
+                f"{info.name} ({info.engine}) exited during start-up{code}; "
+                f"log {info.log}:\n{log_tail(info.log)}"
             )
         if probe(info):
             return
@@ -399,7 +404,7 @@ def write_private(path: Path, data: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(data)
-        os.chmod(tmp, 0o600)
+        tmp.chmod(0o600)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
