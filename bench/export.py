@@ -72,7 +72,7 @@ def main() -> None:
     limit = hashlib_throughput(f16)
     ours = total_bytes / t["hash"] / 2**30 if t["hash"] else float("inf")
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.system()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "params_f16_bytes": f16.stat().st_size,
         "gguf_bytes_total": total_bytes,
         "wall_s": round(wall, 2),
