@@ -157,7 +157,12 @@ def test_up_status_use_down(services_factory, tmp_path):
     for info in state.services.values():
         if info.pid is None:
             continue
+        # SeaweedFS opens internal ports shortly after S3 answers: poll, bounded.
+        deadline = time.monotonic() + 30
         sockets = listening_sockets(info.pid)
+        while not set(info.ports.values()) <= {p for _, p in sockets} and time.monotonic() < deadline:
+            time.sleep(0.2)
+            sockets = listening_sockets(info.pid)
         assert sockets, info.name
         assert {addr for addr, _ in sockets} == {"127.0.0.1"}, (info.name, sockets)
         assert set(info.ports.values()) <= {port for _, port in sockets}, (info.name, info.ports, sockets)
