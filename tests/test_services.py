@@ -259,6 +259,7 @@ def test_status_detects_killed_process_and_up_restarts_it(services_factory):
 
     _, statuses = services_factory(services=("registry", "git"))
     assert all(s.running for s in statuses)
+    assert [s.name for s in statuses] == ["registry", "git"]  # restarted in place, start order kept
     new = load_state(state_dir).services["registry"]
     assert new.pid != old.pid
     assert http_get(f"{new.endpoint}/v2/")[0] == 200

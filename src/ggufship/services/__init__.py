@@ -161,7 +161,11 @@ class ServicesState(BaseModel):
     services: dict[str, ServiceInfo] = Field(default_factory=dict)
 
     def with_service(self, info: ServiceInfo) -> ServicesState:
-        return self.model_copy(update={"services": {**self.services, info.name: info}})
+        """Add or replace one record, keeping the start order of :data:`SERVICES`."""
+        merged = {**self.services, info.name: info}
+        rank = {name: i for i, name in enumerate(SERVICE_NAMES)}
+        ordered = dict(sorted(merged.items(), key=lambda item: rank.get(item[0], len(rank))))
+        return self.model_copy(update={"services": ordered})
 
     def without(self, name: str) -> ServicesState:
         return self.model_copy(update={"services": {k: v for k, v in self.services.items() if k != name}})

@@ -30,6 +30,7 @@ from ggufship.services._process import (
     ServiceInfo,
     clean_env,
     http_status,
+    port_accepts,
     remove_runtime_files,
     require_tool,
     short_socket_path,
@@ -170,12 +171,15 @@ class SeaweedS3(Service):
         )
 
     def probe(self, info: ServiceInfo) -> bool:
-        """The S3 gateway answers an anonymous request with an S3 error (403), so it is serving."""
+        """Every component listens, and the S3 gateway answers an anonymous request with 403.
+
+        ``weed mini`` opens S3 before the admin server and its worker: waiting for
+        all recorded ports means ``up`` returns once the whole process is started.
+        """
         answer = http_status(f"{info.endpoint}/", timeout_s=2.0)
-        if answer is None:
+        if answer is None or answer[0] not in (200, 403):
             return False
-        status, _headers = answer
-        return status in (200, 403)
+        return all(port_accepts(port, timeout_s=0.5) for port in info.ports.values())
 
     def drift(self, info: ServiceInfo) -> str | None:
         if info.options.get("access_key") not in (None, self.access_key):
