@@ -315,11 +315,20 @@ def _cli_rollout(tiny_export: Path, state_dir: Path, *extra: str) -> subprocess.
 def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
     """SIGTERM (the rollout stops its servers, proxy and load), SIGKILL only as a last resort."""
     proc.terminate()
+    return _finish(proc, 60)
+
+
+def _finish(proc: subprocess.Popen[str], timeout_s: float) -> tuple[str, str]:
+    """communicate(); when the process hangs, its thread stacks (SIGUSR1 → faulthandler) land in
+    stderr before the SIGKILL, and the test fails with them."""
     try:
-        return proc.communicate(timeout=60)
+        return proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)  # let faulthandler write; diagnostics only, nothing is asserted on timing
         proc.kill()
-        return proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"rollout (pid {proc.pid}) did not exit within {timeout_s:.0f}s; stderr:\n{err[-8000:]}")
 
 
 def _wait_status(
@@ -351,7 +360,7 @@ def test_manual_abort_from_another_process(tiny_export: Path, state_dir: Path) -
             check=False,
         )
         assert done.returncode == 0, done.stderr
-        _, err = proc.communicate(timeout=120)
+        _, err = _finish(proc, 120)
     finally:
         if proc.poll() is None:
             _stop(proc)
@@ -379,7 +388,7 @@ def test_sigterm_stops_everything(tiny_export: Path, state_dir: Path) -> None:
             state_dir, proc, True, lambda s: s.canary is not None and s.canary.pid is not None
         )
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        _, err = _finish(proc, 120)
     finally:
         if proc.poll() is None:
             _stop(proc)

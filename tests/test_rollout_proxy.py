@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 
 
 class Backend(http.server.ThreadingHTTPServer):
-    """A tiny OpenAI-shaped backend: answers 200 with its name; ``hold`` blocks requests on an event."""
+    """A tiny OpenAI-shaped backend: answers 200 with its name; ``hold`` blocks POSTs on an event."""
 
     daemon_threads = True
 
@@ -59,7 +59,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
         self.server.seen.append(self.headers.get("traceparent") or "")
-        if self.server.hold:
+        # only POSTs are held: a GET that an old (draining) nginx worker still accepted answers at once
+        if self.server.hold and self.command == "POST":
             self.server.arrived.set()
             self.server.release.wait(30)
         body = json.dumps({"backend": self.server.name}).encode()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 
 from ggufship.cli import audit as audit_cmd
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    # `kill -USR1 PID` prints every thread's stack to stderr: for a command that seems stuck.
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         # In the portable image the ggml CPU backends are loadable modules: register them before
         # any command loads a model (a no-op unless GGUFSHIP_GGML_BACKEND_DIR is set).
