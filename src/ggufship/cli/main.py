@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import logging
 import signal
@@ -73,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     # `kill -USR1 PID` prints every thread's stack to stderr: for a command that seems stuck.
+    # (Skipped when stderr has no file descriptor, e.g. main() called under a capturing harness.)
     if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            faulthandler.register(signal.SIGUSR1, file=sys.stderr.fileno(), all_threads=True)
     try:
         # In the portable image the ggml CPU backends are loadable modules: register them before
         # any command loads a model (a no-op unless GGUFSHIP_GGML_BACKEND_DIR is set).
