@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ggufship.serve._metrics import ServeMetrics
-from ggufship.serve.errors import GenerationError, ModelLoadError, QueueFullError
+from ggufship.serve.errors import (
+    APIError,
+    GenerationError,
+    InjectedFaultError,
+    ModelLoadError,
+    QueueFullError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,19 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenFault:
+    """Token-level fault injection for one generation (``fault_token_delay_*`` and
+    ``fault_stream_error_*`` settings; chosen per request by the middleware)."""
+
+    delay_seconds: float = 0.0  # before every generated token: a slow model
+    error_after_tokens: int = 0  # 0: off; else fail (InjectedFaultError, 500) after this many tokens
+
+    @property
+    def active(self) -> bool:
+        return self.delay_seconds > 0 or self.error_after_tokens > 0
 
 
 @dataclass(frozen=True)
@@ -279,14 +298,23 @@ class Engine:
     # --- generation --------------------------------------------------------------------------------------
 
     async def stream(
-        self, slot: Slot, prompt: Sequence[int], params: SamplingParams, *, endpoint: str, started: float
+        self,
+        slot: Slot,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        endpoint: str,
+        started: float,
+        fault: TokenFault | None = None,
     ) -> AsyncIterator[TextDelta | Finished]:
         """Generate from ``prompt`` on ``slot``: :class:`TextDelta` items, then one :class:`Finished`.
 
         ``started`` is the request's arrival (``time.perf_counter()``), for the time to
         first token. Closing the iterator early (client gone) stops the generation
         within one token and frees the instance when the worker thread is done.
-        Use with ``contextlib.aclosing``.
+        ``fault`` injects a per-token delay and/or a failure after some tokens.
+        A failed generation raises :class:`APIError` (``GenerationError``, or the
+        injected fault's ``InjectedFaultError``). Use with ``contextlib.aclosing``.
         """
         if slot.state != "reserved":
             raise RuntimeError(f"slot is {slot.state}, not reserved")
@@ -303,7 +331,10 @@ class Engine:
         def work() -> None:
             self._running.add(cancel)
             try:
-                self._generate(inst, list(prompt), params, cancel, emit, endpoint, started)
+                self._generate(inst, list(prompt), params, cancel, emit, endpoint, started, fault)
+            except InjectedFaultError as exc:
+                logger.warning("%s", exc.message)
+                emit(_Failed(exc))
             except BaseException as exc:
                 logger.exception("generation failed")
                 emit(_Failed(exc))
@@ -323,6 +354,8 @@ class Engine:
             while True:
                 item = await queue.get()
                 if isinstance(item, _Failed):
+                    if isinstance(item.error, APIError):
+                        raise item.error
                     raise GenerationError(f"generation failed: {item.error}")
                 yield item
                 if isinstance(item, Finished):
@@ -339,6 +372,7 @@ class Engine:
         emit: Callable[[TextDelta | Finished | _Failed], None],
         endpoint: str,
         started: float,
+        fault: TokenFault | None = None,
     ) -> None:
         inst.set_seed(p.seed if p.seed is not None else random.getrandbits(31))
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -346,6 +380,8 @@ class Engine:
         limit = min(p.max_tokens, self.n_ctx - len(prompt))
         reason: FinishReason = "length"
         cut_by_stop = False
+        delay = fault.delay_seconds if fault is not None else 0.0
+        fail_after = fault.error_after_tokens if fault is not None else 0
         gen = inst.generate(
             prompt,
             top_k=p.top_k,
@@ -363,6 +399,11 @@ class Engine:
                     reason = "cancelled"
                     break
                 token = next(gen)
+                # injected slow model: the token "takes" that much longer, so TTFT, ITL and e2e see it;
+                # waiting on the cancel flag keeps a disconnect (or shutdown) effective at once
+                if delay > 0 and cancel.wait(delay):
+                    reason = "cancelled"
+                    break
                 now = time.perf_counter()
                 if self._is_eog(self._vocab, token):
                     reason = "stop"
@@ -383,6 +424,13 @@ class Engine:
                     reason = "stop"
                     cut_by_stop = True
                     break
+                if fail_after and run.tokens >= fail_after:
+                    # like a real failure of llama.cpp: no Finished, no generation metrics
+                    raise InjectedFaultError(
+                        500,
+                        f"fault injected: generation failed after {run.tokens} token(s) "
+                        f"(fault_stream_error_after_tokens={fail_after})",
+                    )
         except StopIteration:
             reason = "stop"
         finally:

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from ggufship.serve._context import ContextWindow, Message, Prompt
-from ggufship.serve._engine import Engine, Finished, SamplingParams, Slot, TextDelta
+from ggufship.serve._engine import Engine, Finished, SamplingParams, Slot, TextDelta, TokenFault
 from ggufship.serve.errors import ClientGoneError, InvalidRequestError
 from ggufship.serve.settings import ServeSettings
 
@@ -157,12 +157,12 @@ class Inference:
 
     @contextlib.asynccontextmanager
     async def run(
-        self, job: Job, slot: Slot, *, endpoint: str, started: float
+        self, job: Job, slot: Slot, *, endpoint: str, started: float, fault: TokenFault | None = None
     ) -> AsyncIterator[AsyncIterator[Any]]:
         """The engine's event stream for ``job``, closed (generation stopped) on exit."""
         try:
             stream = self.engine.stream(
-                slot, job.prompt.tokens, job.params, endpoint=endpoint, started=started
+                slot, job.prompt.tokens, job.params, endpoint=endpoint, started=started, fault=fault
             )
             async with contextlib.aclosing(stream) as events:
                 yield events
@@ -176,12 +176,13 @@ class Inference:
         endpoint: str,
         started: float,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
+        fault: TokenFault | None = None,
     ) -> Finished:
         """Run ``job`` to the end (a non-streaming answer). ``disconnected`` is polled every
         :data:`DISCONNECT_POLL_SECONDS` while waiting; when the client is gone the generation
         stops (within one token) and :class:`ClientGoneError` is raised."""
         slot = await self.reserve()
-        async with self.run(job, slot, endpoint=endpoint, started=started) as events:
+        async with self.run(job, slot, endpoint=endpoint, started=started, fault=fault) as events:
             it = aiter(events)
             check_at = time.monotonic() + DISCONNECT_POLL_SECONDS
             while True:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import re
 import time
 import uuid
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ggufship.serve._engine import TokenFault
 from ggufship.serve.errors import InjectedFaultError
 from ggufship.serve.protocol.errors import error_body
 
@@ -46,7 +46,6 @@ class RequestMiddleware:
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
         self.state = state
-        self._random = random.Random()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,7 +73,7 @@ class RequestMiddleware:
 
         try:
             faulty = path in INFERENCE_ENDPOINTS and scope["method"] == "POST"
-            if faulty and await self._fault(send_with_id):
+            if faulty and await self._fault(send_with_id, req_state):
                 return
             await self.app(scope, receive, send_with_id)
         finally:
@@ -108,12 +107,14 @@ class RequestMiddleware:
                 except Exception:
                     logger.exception("audit log: cannot append")
 
-    async def _fault(self, send: Send) -> bool:
-        """Istio-style fault injection: delay, then maybe abort. Returns whether it answered."""
+    async def _fault(self, send: Send, req_state: dict[str, Any]) -> bool:
+        """Istio-style fault injection: delay, then maybe abort. Returns whether it answered.
+        Otherwise picks the token-level faults of the generation (``ggufship_token_fault``)."""
         s = self.state.settings
-        if s.fault_delay_fraction > 0 and self._random.random() < s.fault_delay_fraction:
+        rnd = self.state.fault_random
+        if s.fault_delay_fraction > 0 and rnd.random() < s.fault_delay_fraction:
             await asyncio.sleep(s.fault_delay_seconds)
-        if s.fault_abort_fraction > 0 and self._random.random() < s.fault_abort_fraction:
+        if s.fault_abort_fraction > 0 and rnd.random() < s.fault_abort_fraction:
             exc = InjectedFaultError(s.fault_abort_status)
             body = json.dumps(error_body(exc)).encode()
             await send(
@@ -128,4 +129,14 @@ class RequestMiddleware:
             )
             await send({"type": "http.response.body", "body": body})
             return True
+        fault = TokenFault(
+            delay_seconds=s.fault_token_delay_seconds
+            if s.fault_token_delay_fraction > 0 and rnd.random() < s.fault_token_delay_fraction
+            else 0.0,
+            error_after_tokens=s.fault_stream_error_after_tokens
+            if s.fault_stream_error_fraction > 0 and rnd.random() < s.fault_stream_error_fraction
+            else 0,
+        )
+        if fault.active:
+            req_state["ggufship_token_fault"] = fault
         return False

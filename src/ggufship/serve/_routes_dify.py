@@ -17,7 +17,7 @@ from ggufship.serve._engine import Finished, Slot, TextDelta
 from ggufship.serve._inference import Job, log_unknown_fields
 from ggufship.serve._routes_openai import Authorized
 from ggufship.serve._sse import SlotStreamingResponse
-from ggufship.serve._state import ServerState, audit_info, request_started
+from ggufship.serve._state import ServerState, audit_info, request_started, token_fault
 from ggufship.serve.errors import APIError, GenerationError, InvalidRequestError
 from ggufship.serve.protocol.dify import (
     ChatMessagesRequest,
@@ -102,7 +102,11 @@ async def _answer(
     task_id, message_id = str(uuid.uuid4()), str(uuid.uuid4())
     if response_mode == "blocking":
         done = await inference.complete(
-            job, endpoint=endpoint, started=started, disconnected=request.is_disconnected
+            job,
+            endpoint=endpoint,
+            started=started,
+            disconnected=request.is_disconnected,
+            fault=token_fault(request),
         )
         _record(request, done)
         if conv is not None:
@@ -147,7 +151,9 @@ async def _stream(
     conv_id = conv.id if conv else None
     created = int(time.time())
     try:
-        async with inference.run(job, slot, endpoint=request.url.path, started=started) as events:
+        async with inference.run(
+            job, slot, endpoint=request.url.path, started=started, fault=token_fault(request)
+        ) as events:
             async for item in events:
                 if isinstance(item, TextDelta):
                     yield _sse.data(

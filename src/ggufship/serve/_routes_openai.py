@@ -15,7 +15,7 @@ from ggufship.serve import _sse
 from ggufship.serve._engine import Finished, Slot, TextDelta
 from ggufship.serve._inference import Job, log_unknown_fields
 from ggufship.serve._sse import SlotStreamingResponse
-from ggufship.serve._state import ServerState, audit_info, request_started, server_state
+from ggufship.serve._state import ServerState, audit_info, request_started, server_state, token_fault
 from ggufship.serve.errors import APIError, GenerationError, ModelNotFoundError
 from ggufship.serve.protocol.errors import ERROR_RESPONSES, error_body
 from ggufship.serve.protocol.openai_chat import (
@@ -134,7 +134,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
             headers={**_headers(job), "cache-control": "no-cache"},
         )
     done = await inference.complete(
-        job, endpoint="/v1/chat/completions", started=started, disconnected=request.is_disconnected
+        job,
+        endpoint="/v1/chat/completions",
+        started=started,
+        disconnected=request.is_disconnected,
+        fault=token_fault(request),
     )
     _record(request, job, done)
     answer = ChatCompletion(
@@ -168,7 +172,9 @@ async def _chat_stream(
         )
 
     try:
-        async with inference.run(job, slot, endpoint="/v1/chat/completions", started=started) as events:
+        async with inference.run(
+            job, slot, endpoint="/v1/chat/completions", started=started, fault=token_fault(request)
+        ) as events:
             yield chunk(ChoiceDelta(role="assistant", content=""))
             async for item in events:
                 if isinstance(item, TextDelta):
@@ -207,7 +213,11 @@ async def completions(body: CompletionRequest, request: Request, state: Authoriz
             headers={**_headers(job), "cache-control": "no-cache"},
         )
     done = await inference.complete(
-        job, endpoint="/v1/completions", started=started, disconnected=request.is_disconnected
+        job,
+        endpoint="/v1/completions",
+        started=started,
+        disconnected=request.is_disconnected,
+        fault=token_fault(request),
     )
     _record(request, job, done)
     answer = Completion(
@@ -239,7 +249,9 @@ async def _completion_stream(
         )
 
     try:
-        async with inference.run(job, slot, endpoint="/v1/completions", started=started) as events:
+        async with inference.run(
+            job, slot, endpoint="/v1/completions", started=started, fault=token_fault(request)
+        ) as events:
             async for item in events:
                 if isinstance(item, TextDelta):
                     yield chunk(item.text)

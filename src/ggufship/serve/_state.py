@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from ggufship.serve.errors import NotReadyError
 if TYPE_CHECKING:
     from ggufship.serve._auth import KeyRing
     from ggufship.serve._conversations import ConversationStore
-    from ggufship.serve._engine import Engine
+    from ggufship.serve._engine import Engine, TokenFault
     from ggufship.serve._inference import Inference
     from ggufship.serve._metrics import ServeMetrics
     from ggufship.serve._model_source import ModelSource
@@ -34,6 +35,9 @@ class ServerState:
     inference: Inference | None = None
     load_error: BaseException | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    #: The one random source of fault injection (which requests are delayed, aborted, slowed,
+    #: failed); replace it with a seeded ``random.Random`` for a reproducible sequence.
+    fault_random: random.Random = field(default_factory=random.Random)
 
     @property
     def ready(self) -> bool:
@@ -61,6 +65,11 @@ def server_state(request: Request) -> ServerState:
 
 def request_started(request: Request) -> float:
     return float(request.scope.get("state", {}).get("ggufship_started", time.perf_counter()))
+
+
+def token_fault(request: Request) -> TokenFault | None:
+    """The token-level fault the middleware chose for this request, if any."""
+    return request.scope.get("state", {}).get("ggufship_token_fault")  # type: ignore[no-any-return]
 
 
 def audit_info(request: Request) -> dict[str, Any]:

@@ -99,13 +99,14 @@ class NotReadyError(APIError):
 
 
 class InjectedFaultError(APIError):
-    """Fault injection (``fault_abort_*`` settings) answered this request on purpose."""
+    """Fault injection (``fault_abort_*``, ``fault_stream_error_*`` settings) failed this request
+    on purpose."""
 
     error_type = "server_error"
     code = "fault_injected"
 
-    def __init__(self, status: int) -> None:
-        super().__init__(f"fault injected: aborted with HTTP {status}")
+    def __init__(self, status: int, message: str | None = None) -> None:
+        super().__init__(message or f"fault injected: aborted with HTTP {status}")
         self.status_code = status
 
 

@@ -103,6 +103,22 @@ class ServeSettings(BaseSettings):
     fault_delay_fraction: float = Field(default=0.0, ge=0, le=1, description="share of requests delayed")
     fault_abort_status: int = Field(default=503, ge=400, le=599, description="status of aborted requests")
     fault_abort_fraction: float = Field(default=0.0, ge=0, le=1, description="share of requests aborted")
+    # token level (a slow model; a generation failing mid-stream), decided per request like the above
+    fault_token_delay_seconds: float = Field(
+        default=0.0, ge=0, le=60, description="injected delay before every generated token (a slow model)"
+    )
+    fault_token_delay_fraction: float = Field(
+        default=0.0, ge=0, le=1, description="share of requests whose tokens are delayed"
+    )
+    fault_stream_error_after_tokens: int = Field(
+        default=0,
+        ge=0,
+        le=1_048_576,
+        description="0: off; else the generation fails (500, code fault_injected) after this many tokens",
+    )
+    fault_stream_error_fraction: float = Field(
+        default=0.0, ge=0, le=1, description="share of requests failed after fault_stream_error_after_tokens"
+    )
 
     @field_validator("refusal_patterns")
     @classmethod
@@ -121,6 +137,15 @@ class ServeSettings(BaseSettings):
         for key in self.api_keys:
             if not key.get_secret_value().strip():
                 raise ValueError("api_keys: empty key")
+        return self
+
+    @model_validator(mode="after")
+    def _stream_error_has_a_token_count(self) -> ServeSettings:
+        if self.fault_stream_error_fraction > 0 and self.fault_stream_error_after_tokens == 0:
+            raise ValueError(
+                "fault_stream_error_fraction > 0 needs fault_stream_error_after_tokens >= 1 "
+                "(0 turns that fault off)"
+            )
         return self
 
     def accepted_keys(self) -> tuple[SecretStr, ...]:
