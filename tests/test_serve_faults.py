@@ -62,9 +62,10 @@ def _samples(url: str, endpoint: str) -> dict[tuple[str, str | None, str | None]
 
 
 @pytest.fixture(scope="module")
-def failing(tiny_export: Path) -> Iterator[RunningServer]:
+def failing(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     settings = _settings(
         tiny_export,
+        audit_log=tmp_path_factory.mktemp("audit") / "audit.jsonl",
         default_max_tokens=8,
         fault_stream_error_after_tokens=FAIL_AFTER,
         fault_stream_error_fraction=1.0,
@@ -175,25 +176,34 @@ def test_dify_stream_messages_then_error_event(failing: RunningServer) -> None:
     assert body["error"]["code"] == "fault_injected"
 
 
-def test_mid_stream_failure_counts_like_a_real_one(failing: RunningServer) -> None:
-    """The stream's status (200) was sent before it failed: ``ggufship_requests_total`` records 200
-    for it, 500 for the blocking request; neither is a finished generation (no token metrics)."""
+def test_mid_stream_failure_counts_as_its_error(failing: RunningServer) -> None:
+    """The stream's 200 went out before it failed, yet ``ggufship_requests_total`` counts it with the
+    status of the error sent inside it (500), like the blocking request, so the gate's 5xx ratio sees
+    failed streams; neither is a finished generation (no token metrics); the audit log names it."""
     from ggufship import metrics as m
 
     ep = "/v1/completions"
     before = _samples(failing.url, ep)
     req = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
-    assert httpx.post(f"{failing.url}{ep}", json={**req, "stream": True}, timeout=60).status_code == 200
+    headers = {"x-request-id": "stream-that-fails"}
+    streamed = httpx.post(f"{failing.url}{ep}", json={**req, "stream": True}, headers=headers, timeout=60)
+    assert streamed.status_code == 200
     assert httpx.post(f"{failing.url}{ep}", json=req, timeout=60).status_code == 500
     after = _samples(failing.url, ep)
 
     def delta(name: str, code: str | None = None) -> float:
         return after.get((name, code, None), 0.0) - before.get((name, code, None), 0.0)
 
-    assert delta(m.REQUESTS, "200") == 1 and delta(m.REQUESTS, "500") == 1
+    assert delta(m.REQUESTS, "200") == 0 and delta(m.REQUESTS, "500") == 2
     assert delta(f"{m.REQUEST_DURATION}_count") == 2
     assert delta(m.COMPLETION_TOKENS) == 0 and delta(f"{m.TIME_TO_FIRST_TOKEN}_count") == 0
     assert failing.state.engine.waiting == 0
+    audit_log = failing.state.settings.audit_log
+    assert audit_log is not None
+    events = [json.loads(line)["event"] for line in audit_log.read_text().splitlines()]
+    mine = [e for e in events if e.get("request_id") == "stream-that-fails"]
+    assert len(mine) == 1 and mine[0]["status"] == 200, mine
+    assert mine[0]["stream_error"] == {"status": 500, "code": "fault_injected"}, mine
 
 
 # --- a slow model: per-token delay -------------------------------------------------------------------------

@@ -78,8 +78,10 @@ class RequestMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - started
+            # a stream that failed after its 200 went out counts with the error it carried
+            counted = int(req_state.get("ggufship_stream_error_status", status))
             if endpoint is not None:
-                self.state.metrics.observe_request(endpoint, status, seconds)
+                self.state.metrics.observe_request(endpoint, counted, seconds)
             logger.info(
                 "%s %s %d %.3fs",
                 scope["method"],

@@ -17,7 +17,7 @@ from ggufship.serve._engine import Finished, Slot, TextDelta
 from ggufship.serve._inference import Job, log_unknown_fields
 from ggufship.serve._routes_openai import Authorized
 from ggufship.serve._sse import SlotStreamingResponse
-from ggufship.serve._state import ServerState, audit_info, request_started, token_fault
+from ggufship.serve._state import ServerState, audit_info, request_started, stream_failed, token_fault
 from ggufship.serve.errors import APIError, GenerationError, InvalidRequestError
 from ggufship.serve.protocol.dify import (
     ChatMessagesRequest,
@@ -181,10 +181,11 @@ async def _stream(
                     logger.info("client went away; stopping the generation")
                     return
     except APIError as exc:
-        yield _sse.data(_error_event(exc, task_id, message_id))
+        yield _sse.data(_error_event(stream_failed(request, exc), task_id, message_id))
     except Exception as exc:
         logger.exception("stream failed")
-        yield _sse.data(_error_event(GenerationError(f"generation failed: {exc}"), task_id, message_id))
+        failure = stream_failed(request, GenerationError(f"generation failed: {exc}"))
+        yield _sse.data(_error_event(failure, task_id, message_id))
 
 
 def _error_event(exc: APIError, task_id: str, message_id: str) -> ErrorEvent:

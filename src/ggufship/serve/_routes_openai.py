@@ -15,7 +15,14 @@ from ggufship.serve import _sse
 from ggufship.serve._engine import Finished, Slot, TextDelta
 from ggufship.serve._inference import Job, log_unknown_fields
 from ggufship.serve._sse import SlotStreamingResponse
-from ggufship.serve._state import ServerState, audit_info, request_started, server_state, token_fault
+from ggufship.serve._state import (
+    ServerState,
+    audit_info,
+    request_started,
+    server_state,
+    stream_failed,
+    token_fault,
+)
 from ggufship.serve.errors import APIError, GenerationError, ModelNotFoundError
 from ggufship.serve.protocol.errors import ERROR_RESPONSES, error_body
 from ggufship.serve.protocol.openai_chat import (
@@ -188,10 +195,10 @@ async def _chat_stream(
                     logger.info("client went away; stopping the generation")
                     return
     except APIError as exc:
-        yield _sse.data(error_body(exc))
+        yield _sse.data(error_body(stream_failed(request, exc)))
     except Exception as exc:
         logger.exception("stream failed")
-        yield _sse.data(error_body(GenerationError(f"generation failed: {exc}")))
+        yield _sse.data(error_body(stream_failed(request, GenerationError(f"generation failed: {exc}"))))
     yield _sse.DONE
 
 
@@ -264,8 +271,8 @@ async def _completion_stream(
                     logger.info("client went away; stopping the generation")
                     return
     except APIError as exc:
-        yield _sse.data(error_body(exc))
+        yield _sse.data(error_body(stream_failed(request, exc)))
     except Exception as exc:
         logger.exception("stream failed")
-        yield _sse.data(error_body(GenerationError(f"generation failed: {exc}")))
+        yield _sse.data(error_body(stream_failed(request, GenerationError(f"generation failed: {exc}"))))
     yield _sse.DONE

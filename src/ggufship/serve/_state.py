@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from ggufship.serve.errors import NotReadyError
+from ggufship.serve.errors import APIError, NotReadyError
 
 if TYPE_CHECKING:
     from ggufship.serve._auth import KeyRing
@@ -75,3 +75,13 @@ def token_fault(request: Request) -> TokenFault | None:
 def audit_info(request: Request) -> dict[str, Any]:
     """The dict the middleware writes to the audit log for this request; routes add to it."""
     return request.scope.setdefault("state", {}).setdefault("ggufship_audit", {})  # type: ignore[no-any-return]
+
+
+def stream_failed(request: Request, exc: APIError) -> APIError:
+    """Record that a stream ended in ``exc`` after its 200 status line went out: the middleware counts
+    the request with ``exc``'s status (so the gate's 5xx ratio sees failed streams) and the audit
+    event carries it. Returns ``exc`` for sending inside the stream."""
+    req_state = request.scope.setdefault("state", {})
+    req_state["ggufship_stream_error_status"] = exc.status_code
+    audit_info(request)["stream_error"] = {"status": exc.status_code, "code": exc.code}
+    return exc
