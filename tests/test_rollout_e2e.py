@@ -208,6 +208,34 @@ def test_latency_regression_aborts(tiny_export: Path, state_dir: Path) -> None:
     assert_all_stopped(status, state_dir)
 
 
+def test_slow_tokens_regression_aborts_on_inter_token_latency(tiny_export: Path, state_dir: Path) -> None:
+    """A canary that is slow per token (fault_token_delay_*: every token 0.2 s late) fails the KS
+    test on inter-token latency alone (the gate looks at ITL only here) → automatic abort."""
+    status = run_rollout(
+        RolloutRequest(
+            stable=tiny_export,
+            canary=tiny_export,
+            state_dir=state_dir,
+            auto_promote=True,
+            settings=settings(load_max_tokens=4, gate={"min_samples": 8, "metrics": ["itl"]}),
+            stable_env=ONE_THREAD,
+            canary_env={
+                **ONE_THREAD,
+                "GGUFSHIP_SERVE_FAULT_TOKEN_DELAY_SECONDS": "0.2",
+                "GGUFSHIP_SERVE_FAULT_TOKEN_DELAY_FRACTION": "1",
+            },
+        )
+    )
+    assert status.phase == "Degraded" and status.aborted and not status.promoted, status.message
+    failed = status.analyses[-1]
+    assert failed.outcome == "fail" and failed.weight == 50
+    ks = [c for c in failed.verdict["checks"] if c["kind"] == "ks"]
+    assert ks and {c["metric"] for c in ks} == {"itl"}, ks
+    assert all(c["outcome"] == "fail" for c in ks), ks
+    assert_no_failed_switch(status)
+    assert_all_stopped(status, state_dir)
+
+
 def test_error_regression_fails_threshold_and_aborts(tiny_export: Path, state_dir: Path) -> None:
     """2% injected 5xx on the canary → the 5xx-ratio threshold (0.5%) fails → abort.
 
