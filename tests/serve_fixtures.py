@@ -60,3 +60,21 @@ def running_server(
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def sse_events(text: str) -> list[tuple[str | None, str]]:
+    """(event, data) pairs of an SSE body; asserts the framing (blank line after each event)."""
+    assert text.endswith("\n\n"), text[-50:]
+    out = []
+    for block in text.split("\n\n")[:-1]:
+        event = None
+        data = []
+        for line in block.split("\n"):
+            field, _, value = line.partition(": ")
+            assert field in ("event", "data"), line
+            if field == "event":
+                event = value
+            else:
+                data.append(value)
+        out.append((event, "\n".join(data)))
+    return out

@@ -177,22 +177,30 @@ def test_aa_rollout_pauses_then_promotes(tiny_export: Path, state_dir: Path) -> 
     assert_all_stopped(status, state_dir)
 
 
-def test_latency_regression_aborts(tiny_export: Path, state_dir: Path) -> None:
-    """Injected delay on every canary request → the KS test fails → automatic abort."""
-    status = run_rollout(
+def _faulty_canary(
+    tiny_export: Path, state_dir: Path, faults: dict[str, str], **fields: Any
+) -> RolloutStatus:
+    """A rollout of the tiny model against itself, the canary with the server's fault settings."""
+    return run_rollout(
         RolloutRequest(
             stable=tiny_export,
             canary=tiny_export,
             state_dir=state_dir,
-            auto_promote=True,
-            settings=settings(),
             stable_env=ONE_THREAD,
-            canary_env={
-                **ONE_THREAD,
-                "GGUFSHIP_SERVE_FAULT_DELAY_SECONDS": "0.5",
-                "GGUFSHIP_SERVE_FAULT_DELAY_FRACTION": "1",
-            },
+            canary_env={**ONE_THREAD, **faults},
+            **fields,
         )
+    )
+
+
+def test_latency_regression_aborts(tiny_export: Path, state_dir: Path) -> None:
+    """Injected delay on every canary request → the KS test fails → automatic abort."""
+    status = _faulty_canary(
+        tiny_export,
+        state_dir,
+        {"GGUFSHIP_SERVE_FAULT_DELAY_SECONDS": "0.5", "GGUFSHIP_SERVE_FAULT_DELAY_FRACTION": "1"},
+        auto_promote=True,
+        settings=settings(),
     )
     assert status.phase == "Degraded" and status.aborted and not status.promoted, status.message
     assert status.weight == 0 and status.aborted_at is not None
@@ -211,20 +219,12 @@ def test_latency_regression_aborts(tiny_export: Path, state_dir: Path) -> None:
 def test_slow_tokens_regression_aborts_on_inter_token_latency(tiny_export: Path, state_dir: Path) -> None:
     """A canary that is slow per token (fault_token_delay_*: every token 0.2 s late) fails the KS
     test on inter-token latency alone (the gate looks at ITL only here) → automatic abort."""
-    status = run_rollout(
-        RolloutRequest(
-            stable=tiny_export,
-            canary=tiny_export,
-            state_dir=state_dir,
-            auto_promote=True,
-            settings=settings(load_max_tokens=4, gate={"min_samples": 8, "metrics": ["itl"]}),
-            stable_env=ONE_THREAD,
-            canary_env={
-                **ONE_THREAD,
-                "GGUFSHIP_SERVE_FAULT_TOKEN_DELAY_SECONDS": "0.2",
-                "GGUFSHIP_SERVE_FAULT_TOKEN_DELAY_FRACTION": "1",
-            },
-        )
+    status = _faulty_canary(
+        tiny_export,
+        state_dir,
+        {"GGUFSHIP_SERVE_FAULT_TOKEN_DELAY_SECONDS": "0.2", "GGUFSHIP_SERVE_FAULT_TOKEN_DELAY_FRACTION": "1"},
+        auto_promote=True,
+        settings=settings(load_max_tokens=4, gate={"min_samples": 8, "metrics": ["itl"]}),
     )
     assert status.phase == "Degraded" and status.aborted and not status.promoted, status.message
     failed = status.analyses[-1]
@@ -241,19 +241,11 @@ def test_error_regression_fails_threshold_and_aborts(tiny_export: Path, state_di
 
     Without auto-promotion the rollout waits at the pause with background analyses over the
     whole step, so the first injected 5xx is caught however slowly this machine serves."""
-    status = run_rollout(
-        RolloutRequest(
-            stable=tiny_export,
-            canary=tiny_export,
-            state_dir=state_dir,
-            settings=settings(analysis_delay_s=8.0),
-            stable_env=ONE_THREAD,
-            canary_env={
-                **ONE_THREAD,
-                "GGUFSHIP_SERVE_FAULT_ABORT_STATUS": "500",
-                "GGUFSHIP_SERVE_FAULT_ABORT_FRACTION": "0.02",
-            },
-        )
+    status = _faulty_canary(
+        tiny_export,
+        state_dir,
+        {"GGUFSHIP_SERVE_FAULT_ABORT_STATUS": "500", "GGUFSHIP_SERVE_FAULT_ABORT_FRACTION": "0.02"},
+        settings=settings(analysis_delay_s=8.0),
     )
     assert status.phase == "Degraded" and status.aborted and not status.promoted, status.message
     failed = status.analyses[-1]

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve_fixtures import RunningServer, running_server
+from tests.serve_fixtures import RunningServer, running_server, sse_events
 
 KEY = "sk-test-serve"
 CHAT = [
@@ -43,24 +43,6 @@ def client(server: RunningServer) -> openai.OpenAI:
 
 def _auth() -> dict[str, str]:
     return {"authorization": f"Bearer {KEY}"}
-
-
-def _sse(text: str) -> list[tuple[str | None, str]]:
-    """(event, data) pairs of an SSE body; asserts the framing (blank line after each event)."""
-    assert text.endswith("\n\n"), text[-50:]
-    out = []
-    for block in text.split("\n\n")[:-1]:
-        event = None
-        data = []
-        for line in block.split("\n"):
-            field, _, value = line.partition(": ")
-            assert field in ("event", "data"), line
-            if field == "event":
-                event = value
-            else:
-                data.append(value)
-        out.append((event, "\n".join(data)))
-    return out
 
 
 # --- OpenAI routes ----------------------------------------------------------------------------------------
@@ -115,7 +97,7 @@ def test_stream_ends_with_done(server: RunningServer) -> None:
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "stream": True}
     r = httpx.post(f"{server.url}/v1/completions", json=body, headers=_auth(), timeout=60)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = _sse(r.text)
+    events = sse_events(r.text)
     assert events[-1] == (None, "[DONE]")
     for _, data in events[:-1]:
         assert json.loads(data)["object"] == "text_completion"
@@ -262,7 +244,7 @@ def test_dify_chat_streaming_framing(server: RunningServer) -> None:
         timeout=60,
     )
     assert r.status_code == 200
-    events = [json.loads(d) for ev, d in _sse(r.text) if ev != "ping"]
+    events = [json.loads(d) for ev, d in sse_events(r.text) if ev != "ping"]
     kinds = [e["event"] for e in events]
     assert kinds[-1] == "message_end" and set(kinds[:-1]) <= {"message"}
     assert events[-1]["metadata"]["usage"]["completion_tokens"] >= 1

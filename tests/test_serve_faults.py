@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve_fixtures import RunningServer, running_server
+from tests.serve_fixtures import RunningServer, running_server, sse_events
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 FAIL_AFTER = 2
@@ -25,24 +25,6 @@ def _settings(model: Path, **kw: object):
     from ggufship.serve import ServeSettings
 
     return ServeSettings(model=str(model), n_threads=1, parallel=1, **kw)
-
-
-def _sse(text: str) -> list[tuple[str | None, str]]:
-    """(event, data) pairs of an SSE body; asserts the framing (blank line after each event)."""
-    assert text.endswith("\n\n"), text[-50:]
-    out = []
-    for block in text.split("\n\n")[:-1]:
-        event = None
-        data = []
-        for line in block.split("\n"):
-            field, _, value = line.partition(": ")
-            assert field in ("event", "data"), line
-            if field == "event":
-                event = value
-            else:
-                data.append(value)
-        out.append((event, "\n".join(data)))
-    return out
 
 
 def _samples(url: str, endpoint: str) -> dict[tuple[str, str | None, str | None], float]:
@@ -124,7 +106,7 @@ def test_raw_stream_error_chunk_then_done(failing: RunningServer, path: str, bod
     req = {"model": "tiny", "max_tokens": 8, "temperature": 0, "stream": True, **body}
     r = httpx.post(f"{failing.url}{path}", json=req, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = _sse(r.text)
+    events = sse_events(r.text)
     assert events[-1] == (None, "[DONE]")
     payloads = [json.loads(d) for _, d in events[:-1]]
     assert "error" in payloads[-1] and all("error" not in p for p in payloads[:-1])
@@ -158,7 +140,7 @@ def test_dify_stream_messages_then_error_event(failing: RunningServer) -> None:
         timeout=60,
     )
     assert r.status_code == 200
-    events = [json.loads(d) for ev, d in _sse(r.text) if ev != "ping"]
+    events = [json.loads(d) for ev, d in sse_events(r.text) if ev != "ping"]
     kinds = [e["event"] for e in events]
     assert kinds[-1] == "error" and kinds[0] == "message" and set(kinds[:-1]) == {"message"}, kinds
     error = events[-1]
@@ -230,7 +212,7 @@ def test_dify_pings_between_messages_of_a_slow_stream(slow: RunningServer) -> No
         timeout=60,
     )
     assert r.status_code == 200
-    events = _sse(r.text)
+    events = sse_events(r.text)
     kinds = ["ping" if ev == "ping" else json.loads(d)["event"] for ev, d in events]
     assert kinds[-1] == "message_end" and "error" not in kinds, kinds
     assert ("ping", "{}") in events and kinds[0] == "ping"  # the first token is delayed too
@@ -254,7 +236,7 @@ def test_token_delay_shows_in_itl_and_ttft(slow: RunningServer) -> None:
         json={"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 3, "stream": True},
         timeout=60,
     )
-    assert r.status_code == 200 and _sse(r.text)[-1] == (None, "[DONE]")
+    assert r.status_code == 200 and sse_events(r.text)[-1] == (None, "[DONE]")
     s = _samples(slow.url, ep)
     itl, ttft = m.INTER_TOKEN_LATENCY, m.TIME_TO_FIRST_TOKEN
     gaps = s[(f"{itl}_count", None, None)]
