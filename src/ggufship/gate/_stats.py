@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -257,58 +257,50 @@ def _combine(outcomes: Sequence[CheckOutcome]) -> Outcome:
 
 
 def _threshold_checks(m: Measurement, policy: GatePolicy) -> list[Check]:
-    checks = []
-    p99 = finite(m.canary_p99_s)
-    if p99 is None:
-        checks.append(
-            Check(
-                name="p99-latency",
-                kind="threshold",
-                outcome="inconclusive",
-                limit=policy.max_p99_s,
-                reason="no canary p99 latency (no latency histogram data in the window)",
-                details={"stable_value": finite(m.stable_p99_s)},
-            )
+    return [
+        _threshold(
+            "p99-latency",
+            finite(m.canary_p99_s),
+            finite(m.stable_p99_s),
+            policy.max_p99_s,
+            "no canary p99 latency (no latency histogram data in the window)",
+            lambda v, op: f"canary p99 {v:.3f}s {op} {policy.max_p99_s}s",
+        ),
+        _threshold(
+            "error-ratio",
+            finite(m.canary_error_ratio),
+            finite(m.stable_error_ratio),
+            policy.max_error_ratio,
+            "no canary request counts in the window",
+            lambda v, op: f"canary 5xx ratio {v:.4%} {op} {policy.max_error_ratio:.4%}",
+        ),
+    ]
+
+
+def _threshold(
+    name: str,
+    value: float | None,
+    stable: float | None,
+    limit: float,
+    missing: str,
+    describe: Callable[[float, str], str],
+) -> Check:
+    """The canary's ``value`` against ``limit`` (fail above it); no value → inconclusive (``missing``)."""
+    details: dict[str, float | int | str | bool | None] = {"stable_value": stable}
+    if value is None:
+        return Check(
+            name=name, kind="threshold", outcome="inconclusive", limit=limit, reason=missing, details=details
         )
-    else:
-        bad = p99 > policy.max_p99_s
-        checks.append(
-            Check(
-                name="p99-latency",
-                kind="threshold",
-                outcome="fail" if bad else "pass",
-                value=p99,
-                limit=policy.max_p99_s,
-                reason=f"canary p99 {p99:.3f}s {'>' if bad else '≤'} {policy.max_p99_s}s",
-                details={"stable_value": finite(m.stable_p99_s)},
-            )
-        )
-    ratio = finite(m.canary_error_ratio)
-    if ratio is None:
-        checks.append(
-            Check(
-                name="error-ratio",
-                kind="threshold",
-                outcome="inconclusive",
-                limit=policy.max_error_ratio,
-                reason="no canary request counts in the window",
-                details={"stable_value": finite(m.stable_error_ratio)},
-            )
-        )
-    else:
-        bad = ratio > policy.max_error_ratio
-        checks.append(
-            Check(
-                name="error-ratio",
-                kind="threshold",
-                outcome="fail" if bad else "pass",
-                value=ratio,
-                limit=policy.max_error_ratio,
-                reason=f"canary 5xx ratio {ratio:.4%} {'>' if bad else '≤'} {policy.max_error_ratio:.4%}",
-                details={"stable_value": finite(m.stable_error_ratio)},
-            )
-        )
-    return checks
+    bad = value > limit
+    return Check(
+        name=name,
+        kind="threshold",
+        outcome="fail" if bad else "pass",
+        value=value,
+        limit=limit,
+        reason=describe(value, ">" if bad else "≤"),
+        details=details,
+    )
 
 
 @dataclass
