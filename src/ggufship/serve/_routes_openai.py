@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -160,7 +160,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     return JSONResponse(answer.model_dump(mode="json"), headers=_headers(job))
 
 
-async def _chat_stream(
+def _chat_stream(
     request: Request,
     state: ServerState,
     job: Job,
@@ -170,36 +170,25 @@ async def _chat_stream(
     include_usage: bool,
     started: float,
 ) -> AsyncIterator[str]:
-    inference = state.require_inference()
-
-    def chunk(delta: ChoiceDelta, finish: Any = None, usage: Usage | None = None, empty: bool = False) -> str:
-        choices = [] if empty else [ChunkChoice(index=0, delta=delta, finish_reason=finish)]
+    def chunk(delta: ChoiceDelta, finish: Any = None, usage: Usage | None = None) -> str:
+        choices = [] if usage is not None else [ChunkChoice(index=0, delta=delta, finish_reason=finish)]
         return _sse.data(
             ChatCompletionChunk(id=rid, created=created, model=state.model_id, choices=choices, usage=usage)
         )
 
-    try:
-        async with inference.run(
-            job, slot, endpoint="/v1/chat/completions", started=started, fault=token_fault(request)
-        ) as events:
-            yield chunk(ChoiceDelta(role="assistant", content=""))
-            async for item in events:
-                if isinstance(item, TextDelta):
-                    yield chunk(ChoiceDelta(content=item.text))
-                elif isinstance(item, Finished):
-                    _record(request, job, item)
-                    yield chunk(ChoiceDelta(), finish=_finish(item))
-                    if include_usage:
-                        yield chunk(ChoiceDelta(), usage=_usage(job, item), empty=True)
-                if await request.is_disconnected():
-                    logger.info("client went away; stopping the generation")
-                    return
-    except APIError as exc:
-        yield _sse.data(error_body(stream_failed(request, exc)))
-    except Exception as exc:
-        logger.exception("stream failed")
-        yield _sse.data(error_body(stream_failed(request, GenerationError(f"generation failed: {exc}"))))
-    yield _sse.DONE
+    return _stream(
+        request,
+        state,
+        job,
+        slot,
+        endpoint="/v1/chat/completions",
+        started=started,
+        include_usage=include_usage,
+        chunk=lambda text, finish, usage: chunk(
+            ChoiceDelta() if text is None else ChoiceDelta(content=text), finish, usage
+        ),
+        opening=chunk(ChoiceDelta(role="assistant", content="")),
+    )
 
 
 @router.post("/v1/completions", response_model=Completion)
@@ -237,7 +226,7 @@ async def completions(body: CompletionRequest, request: Request, state: Authoriz
     return JSONResponse(answer.model_dump(mode="json"), headers=_headers(job))
 
 
-async def _completion_stream(
+def _completion_stream(
     request: Request,
     state: ServerState,
     job: Job,
@@ -247,26 +236,55 @@ async def _completion_stream(
     include_usage: bool,
     started: float,
 ) -> AsyncIterator[str]:
-    inference = state.require_inference()
-
-    def chunk(text: str, finish: Any = None, usage: Usage | None = None, empty: bool = False) -> str:
-        choices = [] if empty else [CompletionChoice(text=text, index=0, finish_reason=finish)]
+    def chunk(text: str | None, finish: Any, usage: Usage | None) -> str:
+        choice = CompletionChoice(text=text or "", index=0, finish_reason=finish)
+        choices = [] if usage is not None else [choice]
         return _sse.data(
             Completion(id=rid, created=created, model=state.model_id, choices=choices, usage=usage)
         )
 
+    return _stream(
+        request,
+        state,
+        job,
+        slot,
+        endpoint="/v1/completions",
+        started=started,
+        include_usage=include_usage,
+        chunk=chunk,
+    )
+
+
+async def _stream(
+    request: Request,
+    state: ServerState,
+    job: Job,
+    slot: Slot,
+    *,
+    endpoint: str,
+    started: float,
+    include_usage: bool,
+    chunk: Callable[[str | None, Any, Usage | None], str],
+    opening: str | None = None,
+) -> AsyncIterator[str]:
+    """The SSE body of an OpenAI stream: ``opening`` (if any), a ``chunk(text, None, None)`` per text
+    delta, ``chunk(None, finish_reason, None)`` at the end, then ``chunk(None, None, usage)`` (no
+    choices) when asked; an error inside the stream; ``[DONE]``. A disconnect stops the generation."""
+    inference = state.require_inference()
     try:
         async with inference.run(
-            job, slot, endpoint="/v1/completions", started=started, fault=token_fault(request)
+            job, slot, endpoint=endpoint, started=started, fault=token_fault(request)
         ) as events:
+            if opening is not None:
+                yield opening
             async for item in events:
                 if isinstance(item, TextDelta):
-                    yield chunk(item.text)
+                    yield chunk(item.text, None, None)
                 elif isinstance(item, Finished):
                     _record(request, job, item)
-                    yield chunk("", finish=_finish(item))
+                    yield chunk(None, _finish(item), None)
                     if include_usage:
-                        yield chunk("", usage=_usage(job, item), empty=True)
+                        yield chunk(None, None, _usage(job, item))
                 if await request.is_disconnected():
                     logger.info("client went away; stopping the generation")
                     return
