@@ -70,6 +70,36 @@ class Sample:
 
 
 @dataclass
+class StreamTiming:
+    """Arrival times of a stream's text chunks (empty chunks do not count)."""
+
+    first: float | None = None
+    last: float | None = None
+    chunks: int = 0
+    text: list[str] = field(default_factory=list)
+
+    def add(self, piece: str | None) -> None:
+        if piece:
+            now = time.perf_counter()
+            self.first = self.first if self.first is not None else now
+            self.last = now
+            self.chunks += 1
+            self.text.append(piece)
+
+    def sample(self, backend: str, mode: str, prompt: int, t0: float, t1: float) -> Sample:
+        return Sample(
+            backend,
+            mode,
+            prompt,
+            t1 - t0,
+            ttft_s=None if self.first is None else self.first - t0,
+            last_token_s=None if self.last is None else self.last - t0,
+            tokens=self.chunks,
+            text="".join(self.text),
+        )
+
+
+@dataclass
 class BackendResult:
     name: str
     samples: list[Sample] = field(default_factory=list)
@@ -118,28 +148,11 @@ class InProcess:
     def stream(self, i: int, max_tokens: int, mode: str = "stream") -> Sample:
         t0 = time.perf_counter()  # before the lock: under concurrency, queueing is part of the latency
         with self.lock:
-            first = last = None
-            chunks = 0
-            text = []
+            timing = StreamTiming()
             for chunk in self.llm.create_completion(PROMPTS[i], stream=True, **self._kwargs(max_tokens)):
-                piece = chunk["choices"][0]["text"]
-                if piece:
-                    now = time.perf_counter()
-                    first = first if first is not None else now
-                    last = now
-                    chunks += 1
-                    text.append(piece)
+                timing.add(chunk["choices"][0]["text"])
             t1 = time.perf_counter()
-        return Sample(
-            self.name,
-            mode,
-            i,
-            t1 - t0,
-            ttft_s=None if first is None else first - t0,
-            last_token_s=None if last is None else last - t0,
-            tokens=chunks,
-            text="".join(text),
-        )
+        return timing.sample(self.name, mode, i, t0, t1)
 
     def plain(self, i: int, max_tokens: int, mode: str = "plain") -> Sample:
         t0 = time.perf_counter()
@@ -233,9 +246,7 @@ class HttpServer:
     def stream(self, i: int, max_tokens: int, mode: str = "stream") -> Sample:
         client = self._client()
         t0 = time.perf_counter()
-        first = last = None
-        chunks = 0
-        text = []
+        timing = StreamTiming()
         with client.stream("POST", "/v1/completions", json=self._body(i, max_tokens, True)) as r:
             if r.status_code != 200:
                 r.read()
@@ -250,24 +261,9 @@ class HttpServer:
                 if "error" in obj:
                     raise RuntimeError(f"{self.name}: error in stream: {obj['error']}")
                 choices = obj.get("choices") or []
-                piece = choices[0].get("text") if choices else None
-                if piece:
-                    now = time.perf_counter()
-                    first = first if first is not None else now
-                    last = now
-                    chunks += 1
-                    text.append(piece)
+                timing.add(choices[0].get("text") if choices else None)
         t1 = time.perf_counter()
-        return Sample(
-            self.name,
-            mode,
-            i,
-            t1 - t0,
-            ttft_s=None if first is None else first - t0,
-            last_token_s=None if last is None else last - t0,
-            tokens=chunks,
-            text="".join(text),
-        )
+        return timing.sample(self.name, mode, i, t0, t1)
 
     def plain(self, i: int, max_tokens: int, mode: str = "plain") -> Sample:
         client = self._client()
