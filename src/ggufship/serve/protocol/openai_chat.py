@@ -10,9 +10,16 @@ parameter names — are fenced off at the end of each request model.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# The TGI / vLLM parameter names both request models accept (declared once, so their bounds agree).
+MaxNewTokens = Annotated[int | None, Field(ge=1, description="TGI name of max_tokens")]
+StopSequences = Annotated[list[str] | None, Field(description="TGI name of stop")]
+RepetitionPenalty = Annotated[float | None, Field(gt=0.0, le=10.0, description="1.0: off")]
+TopK = Annotated[int | None, Field(ge=0, le=100_000, description="0: off")]
+MinP = Annotated[float | None, Field(ge=0.0, le=1.0, description="0: off")]
 
 
 class StreamOptions(BaseModel):
@@ -78,11 +85,11 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
 
     # --- ggufship extensions: TGI / vLLM parameter names (not in the OpenAI spec) ---
-    max_new_tokens: int | None = Field(default=None, ge=1, description="TGI name of max_tokens")
-    stop_sequences: list[str] | None = Field(default=None, description="TGI name of stop")
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, description="1.0: off")
-    top_k: int | None = Field(default=None, ge=0, le=100_000, description="0: off")
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="0: off")
+    max_new_tokens: MaxNewTokens = None
+    stop_sequences: StopSequences = None
+    repetition_penalty: RepetitionPenalty = None
+    top_k: TopK = None
+    min_p: MinP = None
 
 
 class Truncation(BaseModel):

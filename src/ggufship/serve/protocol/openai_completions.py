@@ -6,7 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ggufship.serve.protocol.openai_chat import StreamOptions, Usage
+from ggufship.serve.protocol.openai_chat import (
+    MaxNewTokens,
+    MinP,
+    RepetitionPenalty,
+    StopSequences,
+    StreamOptions,
+    TopK,
+    Usage,
+)
 
 
 class CompletionRequest(BaseModel):
@@ -34,11 +42,11 @@ class CompletionRequest(BaseModel):
     user: str | None = None
 
     # --- ggufship extensions: TGI / vLLM parameter names (not in the OpenAI spec) ---
-    max_new_tokens: int | None = Field(default=None, ge=1, description="TGI name of max_tokens")
-    stop_sequences: list[str] | None = Field(default=None, description="TGI name of stop")
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, description="1.0: off")
-    top_k: int | None = Field(default=None, ge=0, le=100_000, description="0: off")
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="0: off")
+    max_new_tokens: MaxNewTokens = None
+    stop_sequences: StopSequences = None
+    repetition_penalty: RepetitionPenalty = None
+    top_k: TopK = None
+    min_p: MinP = None
 
 
 class CompletionChoice(BaseModel):
