@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ggufship.demo_checkpoint import build_checkpoint, build_lora_adapter
+from ggufship.environment import environment
 from ggufship.errors import GgufshipError
 from ggufship.progress import Reporter
 
@@ -95,20 +93,6 @@ def _demo_release(workdir: Path) -> Path:
     path = workdir / "release.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return path
-
-
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _run_dir(pipeline_root: Path) -> Path:
@@ -186,7 +170,7 @@ def run_demo(
         # 1.1.0: the same pipeline, deployed as a canary of 1.0.0 by the local rollout.
         logger.info("release 1.1.0: KFP pipeline with deploy_mode=local (canary of 1.0.0)")
         root2 = pipeline_root / "1.1.0"
-        with _environment(ROLLOUT_ENV):
+        with environment(ROLLOUT_ENV):
             run_local(
                 {**common, "version": "1.1.0", "deploy_mode": "local", "stable_model": pub1["model_uri"]},
                 pipeline_root=root2,
@@ -220,7 +204,7 @@ def _regressed_rollout(state_dir: Path, pulled_from: Path) -> dict[str, Any]:
     if not pulled:
         raise DemoError(f"no pulled release under {pulled_from} to run the regressed canary with")
     model = pulled[-1]
-    with _environment(ROLLOUT_ENV):
+    with environment(ROLLOUT_ENV):
         settings = RolloutSettings(analysis_reports=True)
     status = run_rollout(
         RolloutRequest(

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ggufship.environment import environment
 from ggufship.errors import UsageError
 from ggufship.pipeline.steps import PipelineStepError, RolloutAbortedError, RolloutTimeoutError
 
@@ -147,13 +148,11 @@ def run_local(
     pipeline_root = Path(pipeline_root).resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
     workspace = Path(tempfile.mkdtemp(prefix="kfp-workspace-", dir=pipeline_root))
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
     # Tasks re-import ggufship in a subprocess: make sure they find this one.
     src_dir = str(Path(__file__).resolve().parents[2])
-    saved.setdefault("PYTHONPATH", os.environ.get("PYTHONPATH"))
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (src_dir, os.environ.get("PYTHONPATH")) if p)
-    try:
+    python_path = (env or {}).get("PYTHONPATH", os.environ.get("PYTHONPATH"))
+    values = {**(env or {}), "PYTHONPATH": os.pathsep.join(p for p in (src_dir, python_path) if p)}
+    with environment(values):
         local.init(
             runner=local.SubprocessRunner(use_venv=False),
             pipeline_root=str(pipeline_root),
@@ -169,12 +168,6 @@ def run_local(
                 raise PipelineStepError(f"local pipeline run failed: {exc}") from exc
             except TypeError as exc:
                 raise UsageError(f"pipeline arguments: {exc}") from exc
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     outputs = dict(getattr(task, "outputs", {}) or {})
     return LocalRunResult(outputs=outputs, pipeline_root=pipeline_root)
 
