@@ -9,6 +9,7 @@ import json
 import shutil
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,13 +180,17 @@ def test_reload_drains_in_flight_requests(proxy: NginxProxy, backends: tuple[Bac
         switcher.join(0.05)
     else:
         pytest.fail("nginx started no new worker after the reload")
-    # while the old worker holds the canary request, new requests already follow the new routes
-    with httpx.Client(trust_env=False, timeout=10) as client:
-        for _ in range(50):
-            if _get(client, proxy.url, {CANARY_HEADER: "always"})[1] == "stable":
-                break
-        else:
-            pytest.fail("new config not active while the old worker drains")
+    # While the old worker holds the canary request, new requests already follow the new routes.
+    # Each probe opens a new connection: a kept-alive one may stay on the old worker (which serves
+    # the old config until it exits), and the old worker may still accept for a moment after the
+    # reload signal, however long a loaded machine takes to deliver it. Bounded by a deadline.
+    no_keepalive = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(trust_env=False, timeout=10, limits=no_keepalive) as client:
+        deadline = time.monotonic() + 30
+        while _get(client, proxy.url, {CANARY_HEADER: "always"})[1] != "stable":
+            if time.monotonic() > deadline:
+                pytest.fail("new config not active while the old worker drains")
+            switcher.join(0.05)
     assert not switched.is_set(), "route() returned while a request was still in flight on the old worker"
     canary.release.set()
     requester.join(30)
