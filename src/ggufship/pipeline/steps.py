@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,11 +221,13 @@ def deploy_and_await(
     """Deploy the published model and wait for the canary's outcome.
 
     ``mode``: ``gitops`` (the GitOps commit is the deploy; Argo CD syncs it) or
-    ``patch`` (patch the Rollout's model URI) then watch the Argo Rollout until it is
-    Healthy (promoted) or Degraded (aborted); ``local`` runs the local rollout
-    (``ggufship rollout``) of ``model_uri`` against ``stable_model`` on this machine;
-    ``none`` deploys nothing. Raises :class:`RolloutAbortedError` when the canary was
-    aborted. Returns the verdict (``outcome``, ``phase``, analyses) and writes a
+    ``patch`` (patch the Rollout's model URI) then watch the Argo Rollout until the
+    revision carrying ``model_sha256`` is stable and Healthy (promoted) or Degraded
+    (aborted) — see :mod:`ggufship.pipeline.rollout_state`; ``local`` runs the local
+    rollout (``ggufship rollout``) of ``model_uri`` against ``stable_model`` on this
+    machine; ``none`` deploys nothing. Raises :class:`RolloutAbortedError` when the
+    canary was aborted, :class:`RolloutTimeoutError` when it was not final within
+    ``timeout_s``. Returns the verdict (``outcome``, ``phase``, analyses) and writes a
     Markdown report to ``report_path``.
     """
     if mode not in DEPLOY_MODES:
@@ -237,6 +240,11 @@ def deploy_and_await(
     else:
         if not rollout_name:
             raise UsageError(f"deploy mode {mode!r} needs rollout_name (the Argo Rollout to watch)")
+        if len(model_sha256) != 64 or any(c not in "0123456789abcdef" for c in model_sha256):
+            raise UsageError(
+                f"deploy mode {mode!r}: model_sha256 {model_sha256!r} is not a 64-digit lowercase hex "
+                "SHA256 (the digest the Rollout's pod template must carry before the canary counts)"
+            )
         if mode == "patch":
             _patch_rollout(rollout_name, namespace, model_uri, model_sha256)
         verdict = _await_rollout(rollout_name, namespace, model_sha256, timeout_s, poll_s)
@@ -245,6 +253,10 @@ def deploy_and_await(
     if raise_on_abort and verdict["outcome"] == "aborted":
         phase, message = verdict.get("phase") or "Degraded", verdict.get("message") or "gate failed"
         raise RolloutAbortedError(f"canary aborted ({phase}): {message}")
+    if raise_on_abort and verdict["outcome"] == "timed-out":
+        raise RolloutTimeoutError(
+            f"rollout {namespace}/{rollout_name} not final after {timeout_s:.0f} s: {verdict.get('message')}"
+        )
     return verdict
 
 
@@ -282,7 +294,7 @@ def deploy_component(*, verdict: Any, report_path: str, **kwargs: Any) -> str:
     verdict.log_metric("analyses", float(len(result.get("analyses") or [])))
     verdict.metadata["outcome"] = result["outcome"]
     verdict.metadata["phase"] = result.get("phase", "")
-    if result["outcome"] == "not-promoted":
+    if result["outcome"] in ("not-promoted", "timed-out"):
         raise RolloutTimeoutError(f"canary not promoted ({result.get('phase')}): {result.get('message')}")
     if result["outcome"] == "aborted":
         raise RolloutAbortedError(
@@ -383,39 +395,53 @@ def _patch_rollout(name: str, namespace: str, model_uri: str, model_sha256: str)
 
 
 def _await_rollout(
-    name: str, namespace: str, model_sha256: str, timeout_s: float, poll_s: float
+    name: str,
+    namespace: str,
+    model_sha256: str,
+    timeout_s: float,
+    poll_s: float,
+    *,
+    get_rollout: Callable[[], Any] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
-    """Watch an Argo Rollout until it is Healthy (promoted) or Degraded (aborted)."""
-    api = _kube_api()
-    deadline = time.monotonic() + timeout_s
-    last_phase = ""
-    while time.monotonic() < deadline:
-        obj = api.get_namespaced_custom_object("argoproj.io", "v1alpha1", namespace, "rollouts", name)
-        status = obj.get("status") or {}
-        phase = str(status.get("phase", ""))
-        if phase != last_phase:
-            logger.info("rollout %s/%s: %s %s", namespace, name, phase, status.get("message", ""))
-            last_phase = phase
-        updated = status.get("updatedReplicas") == status.get("replicas")
-        if phase == "Degraded" or status.get("abort"):
+    """Poll the Argo Rollout until :func:`~ggufship.pipeline.rollout_state.assess` gives a final state.
+
+    Waits (logging each change of state) while Argo CD has not synced the release's digest
+    into the pod template, the controller has not observed the new generation, the canary
+    is progressing or paused for promotion. ``get_rollout`` (default: the Kubernetes API)
+    returns the Rollout object; an API error is logged and retried until the deadline.
+    """
+    from ggufship.pipeline.rollout_state import assess
+
+    if get_rollout is None:
+        api = _kube_api()
+
+        def get_rollout() -> Any:
+            return api.get_namespaced_custom_object("argoproj.io", "v1alpha1", namespace, "rollouts", name)
+
+    deadline = clock() + timeout_s
+    last = ""
+    paused_seen = False
+    while True:
+        try:
+            obj: Any = get_rollout()
+        except Exception as exc:  # the API server may be briefly unreachable: no data is "waiting"
+            logger.warning("rollout %s/%s: cannot read it: %s", namespace, name, exc)
+            obj = None
+        reading = assess(obj, model_sha256, time_left_s=deadline - clock())
+        line = reading.summary()
+        if line != last:
+            logger.info("rollout %s/%s: %s", namespace, name, line)
+            last = line
+        paused_seen = paused_seen or reading.state == "paused"
+        if reading.final:
             return {
-                "outcome": "aborted",
-                "phase": phase,
-                "message": status.get("message", ""),
+                "outcome": reading.state,
+                "phase": reading.phase,
+                "message": reading.reason if not reading.message else f"{reading.reason} ({reading.message})",
+                "revision": reading.current_pod_hash,
+                "paused_for_promotion": paused_seen,
                 "analyses": [],
             }
-        if (
-            phase == "Healthy"
-            and updated
-            and not status.get("canary", {}).get("currentStepAnalysisRunStatus")
-        ):
-            return {
-                "outcome": "promoted",
-                "phase": phase,
-                "message": status.get("message", ""),
-                "analyses": [],
-            }
-        time.sleep(poll_s)
-    raise RolloutTimeoutError(
-        f"rollout {namespace}/{name} still {last_phase or 'unknown'} after {timeout_s:.0f} s"
-    )
+        sleep(max(0.0, min(poll_s, deadline - clock())))
