@@ -65,6 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--stable-env", action="append", default=[], metavar="K=V", help="same, stable server")
     run.add_argument("--no-reports", action="store_true", help="do not write gate reports per analysis")
     p.set_defaults(func=run_rollout_cmd)
+    # `ggufship rollback` (the abort written back to Git) sits beside the rollout it undoes.
+    from ggufship.cli import rollback as rollback_cmd
+
+    rollback_cmd.register(sub)
 
 
 def _env_pairs(values: list[str], option: str) -> dict[str, str]:
