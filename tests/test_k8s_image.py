@@ -10,9 +10,7 @@ import json
 import re
 import shlex
 import tomllib
-from pathlib import Path
 
-import pytest
 from packaging.requirements import Requirement
 
 from tests.k8s_fixtures import ROOT, run_tool, tools_or_skip

@@ -15,6 +15,7 @@ from ggufship.cli import export as export_cmd
 from ggufship.cli import gate as gate_cmd
 from ggufship.cli import pipeline as pipeline_cmd
 from ggufship.cli import publish as publish_cmd
+from ggufship.cli import reference as reference_cmd
 from ggufship.cli import rollout as rollout_cmd
 from ggufship.cli import serve as serve_cmd
 from ggufship.cli import services as services_cmd
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         pipeline_cmd,
         services_cmd,
         demo_cmd,
+        reference_cmd,
     ):
         module.register(sub)
     return parser
