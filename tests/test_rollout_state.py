@@ -292,3 +292,13 @@ def test_await_reports_an_abort_at_once_and_times_out_on_a_stuck_pause() -> None
 def test_cluster_deploy_needs_a_real_digest(digest: str) -> None:
     with pytest.raises(UsageError, match="model_sha256"):
         deploy_and_await(mode="gitops", model_uri="s3://m/x", model_sha256=digest, rollout_name="r")
+
+
+def test_await_canary_cli_needs_a_digest(capsys: pytest.CaptureFixture[str]) -> None:
+    from ggufship.cli.main import main
+
+    assert main(["await-canary", "--rollout", "r"]) == 2
+    assert "--sha256 or --export" in capsys.readouterr().err
+    assert main(["await-canary", "--rollout", "r", "--sha256", "abc"]) == 2
+    assert "model_sha256" in capsys.readouterr().err
+    assert main(["await-canary", "--rollout", "r", "--sha256", NEW, "--timeout", "0"]) == 2

@@ -65,9 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--stable-env", action="append", default=[], metavar="K=V", help="same, stable server")
     run.add_argument("--no-reports", action="store_true", help="do not write gate reports per analysis")
     p.set_defaults(func=run_rollout_cmd)
-    # `ggufship rollback` (the abort written back to Git) sits beside the rollout it undoes.
+    # `ggufship await-canary` (the cluster's outcome of a release) and `ggufship rollback` (an
+    # abort written back to Git) sit beside the local rollout.
+    from ggufship.cli import await_canary as await_cmd
     from ggufship.cli import rollback as rollback_cmd
 
+    await_cmd.register(sub)
     rollback_cmd.register(sub)
 
 
