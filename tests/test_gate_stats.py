@@ -388,3 +388,22 @@ def test_report_into_a_file_fails_cleanly(tmp_path: Path) -> None:
     with pytest.raises(GateError, match="file"):
         write_report(verdict, blocker / "rep")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize(
+    ("stable_bounds", "canary_bounds"),
+    [
+        ((math.inf,), (math.inf,)),  # only the +Inf bucket: D = 0 by construction
+        ((0.1, math.inf), (0.2, math.inf)),  # no finite bound in common
+    ],
+)
+def test_no_shared_finite_bucket_is_inconclusive_not_pass(
+    stable_bounds: tuple[float, ...], canary_bounds: tuple[float, ...]
+) -> None:
+    """A measurement built by hand (the pure core defends itself, whatever measure() checked)."""
+    stable = Histogram.from_counts(stable_bounds, [0] * (len(stable_bounds) - 1) + [500])
+    canary = Histogram.from_counts(canary_bounds, [0] * (len(canary_bounds) - 1) + [500])
+    verdict = evaluate(request(metrics=("latency",)), measurement(stable, canary), NOW)
+    assert verdict.outcome == "inconclusive", verdict.reason
+    ks = check(verdict, "ks-latency")
+    assert ks.outcome == "inconclusive" and "no distribution to test" in ks.reason

@@ -28,6 +28,7 @@ from ggufship.gate._model import (
     GatePolicy,
     GateRequest,
     GateServeError,
+    PrometheusAnswerError,
     PrometheusUnavailableError,
     QueryRecord,
     Series,
@@ -60,6 +61,7 @@ __all__ = [
     "GateServeError",
     "Histogram",
     "Measurement",
+    "PrometheusAnswerError",
     "PrometheusClient",
     "PrometheusUnavailableError",
     "QueryRecord",
@@ -86,13 +88,19 @@ logger = logging.getLogger(__name__)
 
 
 def analyze(request: GateRequest) -> Verdict:
-    """Measure from Prometheus and evaluate. Never raises for an unreachable Prometheus or
-    missing data: those are inconclusive verdicts."""
+    """Measure from Prometheus and evaluate. Never raises for an unreachable Prometheus,
+    missing data or an unusable answer (NaN, ±Inf, garbage): those are inconclusive verdicts,
+    and so is any unexpected error of the analysis itself (logged with its traceback)."""
     evaluated_at = request.at or datetime.now(UTC)
     if request.at is None:
         request = request.model_copy(update={"at": evaluated_at})
-    measurement = measure(request)
-    verdict = evaluate(request, measurement, evaluated_at)
+    try:
+        measurement = measure(request)
+        verdict = evaluate(request, measurement, evaluated_at)
+    except Exception as exc:  # the gate's own bug must never read as "fail" (exit 1)
+        logger.exception("gate: analysis failed unexpectedly; the verdict is inconclusive")
+        detail = f"analysis failed unexpectedly: {type(exc).__name__}: {exc}"
+        verdict = evaluate(request, Measurement(errors=(detail,)), evaluated_at)
     logger.info("gate: %s — %s", verdict.outcome, verdict.reason)
     return verdict
 

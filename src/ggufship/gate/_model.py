@@ -44,6 +44,16 @@ class PrometheusUnavailableError(GateError):
     exit_code = 12
 
 
+class PrometheusAnswerError(PrometheusUnavailableError):
+    """Prometheus answered, but with something the gate cannot use: a value that is not a
+    finite number (NaN, ±Inf, ``"abc"``) where a count or ratio must be, a malformed
+    sample or series, an unexpected result type, a histogram without finite buckets.
+    A subclass of :class:`PrometheusUnavailableError` because, for a verdict, an unusable
+    answer is no answer: ``analyze`` turns it into an inconclusive verdict naming the query."""
+
+    exit_code = 14
+
+
 class GateServeError(GateError):
     """``gate serve`` could not bind its address."""
 
@@ -122,6 +132,13 @@ class GateRequest(BaseSettings):
     )
     stable_track: str = Field(default="stable", description="`track` label value of the stable")
     canary_track: str = Field(default="canary", description="`track` label value of the canary")
+    track_label: str = Field(
+        default="track",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="label telling the tracks apart: `track` locally, `rollouts_pod_template_hash` "
+        "in a cluster (stable_track/canary_track are then the pod-template hashes)",
+    )
+    namespace: str | None = Field(default=None, description="`namespace` label of both tracks (None: any)")
     at: datetime | None = Field(default=None, description="evaluation time (default: now)")
     timeout_s: float = Field(default=10.0, gt=0, le=300, description="timeout of each Prometheus query")
     policy: GatePolicy = Field(default_factory=GatePolicy)
@@ -133,7 +150,7 @@ class GateRequest(BaseSettings):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value.rstrip("/")
 
-    @field_validator("model", "endpoint", "stable_track", "canary_track")
+    @field_validator("model", "endpoint", "stable_track", "canary_track", "namespace")
     @classmethod
     def _label_value(cls, value: str | None) -> str | None:
         if value is not None and (not value or len(value) > _LABEL_VALUE_MAX or "\n" in value):

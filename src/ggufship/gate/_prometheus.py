@@ -32,16 +32,18 @@ from typing import Any
 from ggufship.gate._model import (
     GateConfigError,
     GateRequest,
+    PrometheusAnswerError,
     PrometheusUnavailableError,
     QueryRecord,
 )
-from ggufship.gate._stats import CounterSeries, Histogram, Measurement
+from ggufship.gate._stats import CounterSeries, Histogram, Measurement, parse_le
 from ggufship.metrics import HISTOGRAMS, REQUEST_DURATION, REQUESTS
 
 logger = logging.getLogger(__name__)
 
 _MATCHER_RE = re.compile(r'^\s*[A-Za-z_][A-Za-z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*$')
 _TRACKS = ("stable", "canary")
+_LABEL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 # ---------------------------------------------------------------- PromQL builders
@@ -65,12 +67,29 @@ def duration(seconds: float) -> str:
 
 
 def selector(
-    track: str, model: str | None = None, endpoint: str | None = None, matchers: Sequence[str] = ()
+    track: str,
+    model: str | None = None,
+    endpoint: str | None = None,
+    matchers: Sequence[str] = (),
+    *,
+    track_label: str = "track",
+    namespace: str | None = None,
 ) -> str:
-    """The label matchers of one track, without braces: ``track="canary",model="m"``."""
-    parts = [f"track={_quote(track)}"]
+    """The label matchers of one track, without braces: ``track="canary",model="m"``.
+
+    ``track_label`` names the label that tells the tracks apart: ``track`` locally (the
+    server's ``--track``), ``rollouts_pod_template_hash`` in a cluster, where ``track`` is the
+    pod-template hash of the stable or the latest ReplicaSet. ``namespace`` adds a
+    ``namespace`` matcher (one Prometheus may scrape staging and production of one model).
+    Order: track label, model, namespace, endpoint, extra matchers (the chart's queries match).
+    """
+    if not _LABEL_NAME_RE.match(track_label):
+        raise GateConfigError(f"track label {track_label!r}: not a Prometheus label name")
+    parts = [f"{track_label}={_quote(track)}"]
     if model is not None:
         parts.append(f"model={_quote(model)}")
+    if namespace is not None:
+        parts.append(f"namespace={_quote(namespace)}")
     if endpoint is not None:
         parts.append(f"endpoint={_quote(endpoint)}")
     parts.extend(check_matcher(m) for m in matchers)
@@ -152,28 +171,114 @@ class PrometheusClient:
         )
 
 
-def _scalar(data: dict[str, Any]) -> float | None:
-    """The single value of an instant vector (or scalar) answer; None if empty."""
+# ---------------------------------------------------------------- parsing answers
+#
+# Every answer is untrusted: the parsers below accept exactly the shapes of the
+# Prometheus HTTP API (https://prometheus.io/docs/prometheus/latest/querying/api/,
+# "Expression query result formats") and raise PrometheusAnswerError, naming what is
+# wrong, for anything else. measure() turns that into an inconclusive verdict.
+
+
+def _number(raw: object, what: str) -> float:
+    """A sample value: Prometheus writes it as a JSON string (``"1.5"``, ``"NaN"``, ``"+Inf"``)."""
+    if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+        raise PrometheusAnswerError(f"{what}: value {raw!r} is not a number")
+    try:
+        return float(raw)
+    except ValueError:
+        raise PrometheusAnswerError(f"{what}: value {raw!r} is not a number") from None
+
+
+def _sample(raw: object, what: str) -> tuple[float, float]:
+    """One ``[unix_time, "value"]`` pair."""
+    if not isinstance(raw, list | tuple) or len(raw) != 2:
+        raise PrometheusAnswerError(f"{what}: sample {str(raw)[:80]!r} is not a [time, value] pair")
+    ts = _number(raw[0], what)
+    if not math.isfinite(ts):
+        raise PrometheusAnswerError(f"{what}: sample time {raw[0]!r} is not a finite number")
+    return ts, _number(raw[1], what)
+
+
+def _result(data: dict[str, Any], types: tuple[str, ...], what: str) -> Any:
+    kind = data.get("resultType")
+    if kind not in types:
+        raise PrometheusAnswerError(f"{what}: expected a {' or '.join(types)} result, got {str(kind)[:40]!r}")
     result = data.get("result")
-    if data.get("resultType") == "scalar" and isinstance(result, list):
-        return float(result[1])
+    if kind == "scalar":
+        return result
+    if not isinstance(result, list) or not all(
+        isinstance(item, dict) and isinstance(item.get("metric", {}), dict) for item in result
+    ):
+        raise PrometheusAnswerError(f"{what}: 'result' is not a list of series objects")
+    return result
+
+
+def _scalar(data: dict[str, Any], what: str = "instant query") -> float | None:
+    """The single value of an instant vector (or scalar) answer; None if empty. May be NaN/±Inf."""
+    result = _result(data, ("vector", "scalar"), what)
+    if data.get("resultType") == "scalar":
+        return _sample(result, what)[1]
     if not result:
         return None
     if len(result) > 1:
-        raise PrometheusUnavailableError(f"expected one series, got {len(result)}")
-    return float(result[0]["value"][1])
+        raise PrometheusAnswerError(f"{what}: expected one series, got {len(result)}")
+    return _sample(result[0].get("value"), what)[1]
 
 
-def _counter_series(data: dict[str, Any]) -> list[CounterSeries]:
-    if data.get("resultType") != "matrix":
-        raise PrometheusUnavailableError(f"expected a range vector, got {data.get('resultType')}")
+def _counter_series(data: dict[str, Any], what: str = "bucket samples") -> list[CounterSeries]:
+    """The raw samples of ``_bucket`` counters: finite, non-negative, in time order, each with an ``le``."""
     out = []
-    for item in data.get("result", []):
+    for item in _result(data, ("matrix",), what):
         le = item.get("metric", {}).get("le")
-        if le is None:
-            continue
-        out.append(CounterSeries(le=le, values=tuple(float(v) for _, v in item.get("values", []))))
+        if not isinstance(le, str):
+            raise PrometheusAnswerError(f"{what}: a series without an 'le' label: {item.get('metric')}")
+        try:
+            bound = parse_le(le)
+        except ValueError:
+            bound = math.nan
+        if math.isnan(bound):
+            raise PrometheusAnswerError(f"{what}: le={le!r} is not a bucket bound")
+        raw_values = item.get("values")
+        if not isinstance(raw_values, list):
+            raise PrometheusAnswerError(f"{what} (le={le}): 'values' is not a list of samples")
+        values: list[float] = []
+        last_ts = -math.inf
+        for raw in raw_values:
+            ts, value = _sample(raw, f"{what} (le={le})")
+            if not math.isfinite(value) or value < 0:
+                raise PrometheusAnswerError(
+                    f"{what} (le={le}): counter value {raw[1]!r} is not a finite count ≥ 0"
+                )
+            if ts <= last_ts:
+                raise PrometheusAnswerError(f"{what} (le={le}): sample times are not increasing")
+            last_ts = ts
+            values.append(value)
+        out.append(CounterSeries(le=le, values=tuple(values)))
     return out
+
+
+def _histogram(raw: list[CounterSeries], what: str) -> Histogram | None:
+    """The window's histogram; one without any finite bucket bound has no distribution to test."""
+    hist = Histogram.from_series(raw)
+    if hist is not None and not any(math.isfinite(b) for b in hist.bounds):
+        raise PrometheusAnswerError(
+            f"{what}: only the +Inf bucket ({hist.n} observations): no distribution to test"
+        )
+    return hist
+
+
+def _series_values(data: dict[str, Any], what: str) -> tuple[float, ...]:
+    """quantile-series: the finite values of the first series of a range answer (NaN: no data)."""
+    result = _result(data, ("matrix",), what)
+    if not result:
+        return ()
+    raw_values = result[0].get("values")
+    if not isinstance(raw_values, list):
+        raise PrometheusAnswerError(f"{what}: 'values' is not a list of samples")
+    values = [_sample(raw, what)[1] for raw in raw_values]
+    if any(math.isinf(v) for v in values):
+        raise PrometheusAnswerError(f"{what}: a value is infinite")
+    return tuple(v for v in values if math.isfinite(v))
 
 
 def measure(request: GateRequest, client: PrometheusClient | None = None) -> Measurement:
@@ -197,22 +302,37 @@ def _measure(
 ) -> Measurement:
     policy = request.policy
     track_label = {"stable": request.stable_track, "canary": request.canary_track}
-    sels = {t: selector(track_label[t], request.model, request.endpoint, request.matchers) for t in _TRACKS}
+    sels = {
+        t: selector(
+            track_label[t],
+            request.model,
+            request.endpoint,
+            request.matchers,
+            track_label=request.track_label,
+            namespace=request.namespace,
+        )
+        for t in _TRACKS
+    }
 
-    def instant(purpose: str, promql: str) -> float | None:
+    def instant(purpose: str, promql: str, upper: float) -> float | None:
+        """The query's value: None for no data (empty, NaN: Prometheus' 0/0); outside [0, upper]
+        (±Inf, negative, a ratio above 1) the answer is unusable."""
         try:
             data = client.query(promql, at)
-            value = _scalar(data)
+            value = _scalar(data, purpose)
+            if value is not None and math.isnan(value):
+                value = None
+            if value is not None and not 0 <= value <= upper:
+                raise PrometheusAnswerError(f"{purpose}: value {value!r} is outside [0, {upper:g}]")
         except PrometheusUnavailableError as exc:
             queries.append(QueryRecord(purpose=purpose, query=promql, time=at, error=str(exc)))
             raise
-        value = value if value is None or math.isfinite(value) else None
         queries.append(
             QueryRecord(
                 purpose=purpose,
                 query=promql,
                 time=at,
-                series=len(data.get("result") or []),
+                series=1 if data.get("resultType") == "scalar" else len(data.get("result") or []),
                 value=value,
             )
         )
@@ -228,11 +348,11 @@ def _measure(
             purpose = f"{metric} buckets ({track})"
             try:
                 data = client.query(promql, at)
-                raw = _counter_series(data)
+                raw = _counter_series(data, purpose)
+                hist = _histogram(raw, purpose)
             except PrometheusUnavailableError as exc:
                 queries.append(QueryRecord(purpose=purpose, query=promql, time=at, error=str(exc)))
                 raise
-            hist = Histogram.from_series(raw)
             queries.append(
                 QueryRecord(
                     purpose=purpose,
@@ -249,16 +369,26 @@ def _measure(
             start = at - request.window_s
             for track in _TRACKS:
                 promql = quantile_query(policy.series_quantile, name, sels[track], step)
-                data = client.query_range(promql, start, at, step)
-                values = tuple(
-                    float(v)
-                    for item in data.get("result", [])[:1]
-                    for _, v in item.get("values", [])
-                    if math.isfinite(float(v))
-                )
+                purpose = f"{metric} p{policy.series_quantile * 100:g} series ({track})"
+                try:
+                    data = client.query_range(promql, start, at, step)
+                    values = _series_values(data, purpose)
+                except PrometheusUnavailableError as exc:
+                    queries.append(
+                        QueryRecord(
+                            purpose=purpose,
+                            query=promql,
+                            kind="range",
+                            start=start,
+                            end=at,
+                            step_s=step,
+                            error=str(exc),
+                        )
+                    )
+                    raise
                 queries.append(
                     QueryRecord(
-                        purpose=f"{metric} p{policy.series_quantile * 100:g} series ({track})",
+                        purpose=purpose,
                         query=promql,
                         kind="range",
                         start=start,
@@ -269,10 +399,11 @@ def _measure(
                 )
                 series[metric][track] = values
 
-    canary_p99 = instant("p99 latency (canary)", p99_query(sels["canary"], request.window_s))
-    stable_p99 = instant("p99 latency (stable)", p99_query(sels["stable"], request.window_s))
-    canary_err = instant("5xx ratio (canary)", error_ratio_query(sels["canary"], request.window_s))
-    stable_err = instant("5xx ratio (stable)", error_ratio_query(sels["stable"], request.window_s))
+    day = 86400.0  # a p99 latency beyond a day is not a measurement
+    canary_p99 = instant("p99 latency (canary)", p99_query(sels["canary"], request.window_s), day)
+    stable_p99 = instant("p99 latency (stable)", p99_query(sels["stable"], request.window_s), day)
+    canary_err = instant("5xx ratio (canary)", error_ratio_query(sels["canary"], request.window_s), 1.0)
+    stable_err = instant("5xx ratio (stable)", error_ratio_query(sels["stable"], request.window_s), 1.0)
     return Measurement(
         histograms=histograms,
         canary_p99_s=canary_p99,

@@ -372,8 +372,9 @@ def _ks_bucket_checks(m: Measurement, policy: GatePolicy) -> tuple[list[Check], 
         ks: KsResult | None = None
         ns, nc = (stable.n if stable else 0), (canary.n if canary else 0)
         two_sided = policy.two_sided or metric in TWO_SIDED_METRICS
-        if stable is not None and canary is not None and min(ns, nc) >= policy.min_samples:
-            ks = ks_binned(stable, canary, two_sided)
+        comparable = _comparable(stable, canary)
+        if comparable and min(ns, nc) >= policy.min_samples:
+            ks = ks_binned(stable, canary, two_sided)  # type: ignore[arg-type]
         union = sorted(set(stable.bounds if stable else ()) | set(canary.bounds if canary else ()))
         distributions.append(
             Distribution(
@@ -385,6 +386,21 @@ def _ks_bucket_checks(m: Measurement, policy: GatePolicy) -> tuple[list[Check], 
                 ks_location=format_le(ks.location) if ks else None,
             )
         )
+        if stable is not None and canary is not None and not comparable:
+            # Only +Inf (or no shared finite bound): D would be 0 by construction — no test, not a pass.
+            checks.append(
+                Check(
+                    name=f"ks-{metric}",
+                    kind="ks",
+                    metric=metric,
+                    outcome="inconclusive",
+                    reason=f"{metric}: no finite bucket bound shared by both tracks (stable "
+                    f"{_finite_count(stable)}, canary {_finite_count(canary)} finite bound(s)): "
+                    "no distribution to test",
+                    details={"n_stable": ns, "n_canary": nc},
+                )
+            )
+            continue
         if ks is None or stable is None or canary is None:
             checks.append(
                 Check(
@@ -423,6 +439,19 @@ def _ks_bucket_checks(m: Measurement, policy: GatePolicy) -> tuple[list[Check], 
             )
         )
     return _in_order(checks + _judge(tested, policy, "ks"), policy), distributions
+
+
+def _comparable(stable: Histogram | None, canary: Histogram | None) -> bool:
+    """Both tracks have a histogram, ending in +Inf, with at least one finite bound in common."""
+    if stable is None or canary is None or not stable.bounds or not canary.bounds:
+        return False
+    if not (math.isinf(stable.bounds[-1]) and math.isinf(canary.bounds[-1])):
+        return False
+    return any(math.isfinite(b) for b in set(stable.bounds) & set(canary.bounds))
+
+
+def _finite_count(h: Histogram) -> int:
+    return sum(1 for b in h.bounds if math.isfinite(b))
 
 
 def _in_order(checks: list[Check], policy: GatePolicy) -> list[Check]:
