@@ -4,6 +4,13 @@ export → sign → publish (S3 + OCI) → approve (suspend; the intermediate pa
 ``approve`` is YES/NO, set when resuming in the Argo UI) → deploy (GitOps commit of the
 deploy values; Argo CD syncs the chart and the Rollout starts its canary) → wait for the
 canary to start → wait for its outcome (Healthy: promoted; Degraded: aborted by the gate).
+Both waits fail as soon as the Rollout is Degraded (an abort is seen at once, not after the
+step's deadline).
+
+On exit (``onExit``), a workflow that did not succeed runs ``ggufship rollback``: if the
+GitOps values still name this release, they go back to the stable model in a commit that
+names the rejected digest and the workflow's status (a no-op when the release was never
+deployed, or was already rolled back).
 
 The Argo Events Sensor (``manifests/argo-events/sensor.yaml``) submits it on a push of
 ``releases/<name>-<version>.yaml`` with the spec's path, the commit, name and version.
@@ -143,6 +150,7 @@ def build() -> WorkflowTemplate:
             "approve, deploy (GitOps + Argo CD), await the canary's outcome.",
         },
         entrypoint="release",
+        on_exit="exit-handler",
         service_account_name="ggufship-release",
         arguments=[Parameter(name=k, value=v, description=d) for k, (v, d) in PARAMETERS.items()],
         volume_claim_templates=[
@@ -241,13 +249,32 @@ def build() -> WorkflowTemplate:
             active_deadline_seconds=60,
         )
         # Argo CD syncs the new values: the Rollout leaves Healthy (canary running or paused).
+        # Degraded fails the step at once: a canary aborted before this step saw it progress
+        # (Argo Workflows polls the resource; workflow/executor/resource.go, WaitResource).
         canary_started = _rollout_wait(
-            "await-canary-start", "status.phase in (Progressing,Paused)", None, 1800
+            "await-canary-start", "status.phase in (Progressing,Paused)", "status.phase == Degraded", 1800
         )
         # Promoted (Healthy) or aborted by the analysis (Degraded: the workflow fails).
         canary_outcome = _rollout_wait(
             "await-canary-outcome", "status.phase == Healthy", "status.phase == Degraded", 4 * 3600
         )
+
+        rollback = _step_container(
+            "rollback",
+            # Only when the GitOps values still name this release (else a no-op, exit 0).
+            'exec ggufship rollback --gitops "$GITOPS" --gitops-env "$ENVIRONMENT" '
+            '--name "$NAME" --version "$VERSION" '
+            '--verdict "release workflow $WORKFLOW_NAME ended $WORKFLOW_STATUS: canary not promoted"',
+            env=[
+                *_GIT_ENV,
+                Env(name="WORKFLOW_NAME", value="{{workflow.name}}"),
+                Env(name="WORKFLOW_STATUS", value="{{workflow.status}}"),
+            ],
+            retry_strategy=RetryStrategy(limit="3", retry_policy="OnError"),
+            active_deadline_seconds=600,
+        )
+        with Steps(name="exit-handler"):
+            rollback(when="{{workflow.status}} != Succeeded")
 
         with Steps(name="release"):
             checkout()
