@@ -125,7 +125,7 @@ def deploy_and_await(
         report_path=report.path,
         mode=mode,
         model_uri=model_uri or model.path,
-        model_sha256=str(model.metadata.get("sha256", "")),
+        model_sha256=str(model.metadata.get("deployed_sha256") or model.metadata.get("sha256", "")),
         rollout_name=rollout_name,
         namespace=namespace,
         stable_model=stable_model,
@@ -134,4 +134,27 @@ def deploy_and_await(
     )
 
 
-__all__ = ["deploy_and_await", "export_model", "publish_model", "sign_model"]
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def rollback_release(
+    name: str,
+    version: str,
+    gitops: str,
+    environment: str,
+    status: dsl.PipelineTaskFinalStatus,
+) -> str:
+    """Exit handler: when the run did not succeed (e.g. the canary was aborted) and the GitOps
+    values still name this release, commit their rollback to the stable model
+    (``ggufship rollback``). Returns skipped | rolled-back | nothing-to-roll-back."""
+    from ggufship.pipeline import steps
+
+    return steps.rollback_on_failure(
+        state=status.state,
+        error_message=status.error_message,
+        name=name,
+        version=version,
+        gitops=gitops,
+        environment=environment,
+    )
+
+
+__all__ = ["deploy_and_await", "export_model", "publish_model", "rollback_release", "sign_model"]

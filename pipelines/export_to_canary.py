@@ -1,4 +1,5 @@
-"""The KFP v2 pipeline ``export-to-canary``: export → sign → publish → deploy → await the canary.
+"""The KFP v2 pipeline ``export-to-canary``: export → sign → publish → deploy → await the canary;
+an exit handler writes the rollback to Git when the run did not succeed.
 
 Compile with ``ggufship pipeline compile`` (writes the golden
 ``pipelines/export_to_canary.yaml``); run on this machine against the embedded
@@ -28,6 +29,7 @@ from components.kfp_components import (
     deploy_and_await,
     export_model,
     publish_model,
+    rollback_release,
     sign_model,
 )
 
@@ -90,60 +92,72 @@ def export_to_canary(
     state_dir: str = "",
     rollout_timeout_s: float = 3600.0,
 ) -> None:
-    exported = export_model(
-        checkpoint=checkpoint,
-        name=name,
-        version=version,
-        adapter=adapter,
-        quantizations=quantizations,
-        release=release,
-    ).set_display_name("export")
-    # Same inputs give byte-identical outputs, so a cached export is a correct export.
-    exported.set_caching_options(True)
-    exported.set_cpu_request("2").set_memory_request("8G").set_retry(num_retries=1)
-    kubernetes.set_timeout(exported, 4 * 3600)
+    # Exit handler: whatever fails after the GitOps commit (an aborted canary above all), Git must
+    # not keep naming this release; the rollback is a no-op when Git does not name it.
+    rollback = rollback_release(
+        name=name, version=version, gitops=gitops, environment=environment
+    ).set_display_name("rollback-if-not-promoted")
+    rollback.set_caching_options(False).set_retry(num_retries=2, backoff_duration="30s")
+    _with_secrets(rollback, git=True)
+    kubernetes.set_timeout(rollback, 900)
 
-    signed = sign_model(
-        model=exported.outputs["model"],
-        method=signing_method,
-        private_key=signing_key,
-        certificate=certificate,
-        certificate_chain=certificate_chain,
-        trust_config=trust_config,
-    ).set_display_name("sign")
-    signed.set_caching_options(False).set_retry(num_retries=2, backoff_duration="30s")
-    kubernetes.use_secret_as_volume(
-        signed, secret_name="ggufship-signing", mount_path=SIGNING_MOUNT, optional=True
-    )
-    kubernetes.set_timeout(signed, 1800)
+    with dsl.ExitHandler(rollback, name="release"):
+        exported = export_model(
+            checkpoint=checkpoint,
+            name=name,
+            version=version,
+            adapter=adapter,
+            quantizations=quantizations,
+            release=release,
+        ).set_display_name("export")
+        # Same inputs give byte-identical outputs, so a cached export is a correct export.
+        exported.set_caching_options(True)
+        exported.set_cpu_request("2").set_memory_request("8G").set_retry(num_retries=1)
+        kubernetes.set_timeout(exported, 4 * 3600)
 
-    published = publish_model(
-        model=signed.outputs["signed_model"],
-        s3=s3,
-        oci=oci,
-        gitops=gitops,
-        environment=environment,
-        force=force,
-        create_bucket=create_bucket,
-    ).set_display_name("publish")
-    # Publishing has side effects: never served from cache; retried (it is idempotent).
-    published.set_caching_options(False).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
-    _with_secrets(published, s3=True, oci=True, git=True)
-    kubernetes.set_timeout(published, 3600)
+        signed = sign_model(
+            model=exported.outputs["model"],
+            method=signing_method,
+            private_key=signing_key,
+            certificate=certificate,
+            certificate_chain=certificate_chain,
+            trust_config=trust_config,
+        ).set_display_name("sign")
+        signed.set_caching_options(False).set_retry(num_retries=2, backoff_duration="30s")
+        kubernetes.use_secret_as_volume(
+            signed, secret_name="ggufship-signing", mount_path=SIGNING_MOUNT, optional=True
+        )
+        kubernetes.set_timeout(signed, 1800)
 
-    deployed = deploy_and_await(
-        model=signed.outputs["signed_model"],
-        mode=deploy_mode,
-        model_uri=published.outputs["model_uri"],
-        rollout_name=rollout_name,
-        namespace=namespace,
-        stable_model=stable_model,
-        state_dir=state_dir,
-        timeout_s=rollout_timeout_s,
-    ).set_display_name("deploy-and-await-canary")
-    deployed.set_caching_options(False)
-    _with_secrets(deployed, s3=True, oci=True)
-    kubernetes.set_timeout(deployed, 6 * 3600)
+        published = publish_model(
+            model=signed.outputs["signed_model"],
+            s3=s3,
+            oci=oci,
+            gitops=gitops,
+            environment=environment,
+            force=force,
+            create_bucket=create_bucket,
+        ).set_display_name("publish")
+        # Publishing has side effects: never served from cache; retried (it is idempotent).
+        published.set_caching_options(False).set_retry(
+            num_retries=3, backoff_duration="30s", backoff_factor=2.0
+        )
+        _with_secrets(published, s3=True, oci=True, git=True)
+        kubernetes.set_timeout(published, 3600)
+
+        deployed = deploy_and_await(
+            model=signed.outputs["signed_model"],
+            mode=deploy_mode,
+            model_uri=published.outputs["model_uri"],
+            rollout_name=rollout_name,
+            namespace=namespace,
+            stable_model=stable_model,
+            state_dir=state_dir,
+            timeout_s=rollout_timeout_s,
+        ).set_display_name("deploy-and-await-canary")
+        deployed.set_caching_options(False)
+        _with_secrets(deployed, s3=True, oci=True)
+        kubernetes.set_timeout(deployed, 6 * 3600)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,14 @@ def test_check_detects_stale_golden(tmp_path: Path) -> None:
 def test_compiled_pipeline_shape() -> None:
     docs = list(yaml.safe_load_all(find_pipeline(ROOT).with_suffix(".yaml").read_text()))
     spec = docs[0]
-    tasks = spec["root"]["dag"]["tasks"]
+    # Every task runs inside the exit handler; the rollback runs after it whatever happened
+    # (kfp dsl.ExitHandler compiles to triggerPolicy ALL_UPSTREAM_TASKS_COMPLETED).
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "rollback-release"}
+    assert root["rollback-release"]["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
+    assert root["rollback-release"]["dependentTasks"] == ["exit-handler-1"]
+    assert root["rollback-release"]["cachingOptions"] == {}
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     assert set(tasks) == {"export-model", "sign-model", "publish-model", "deploy-and-await"}
     assert tasks["publish-model"]["cachingOptions"] == {}  # caching off
     assert tasks["deploy-and-await"]["cachingOptions"] == {}
@@ -61,6 +69,7 @@ def test_compiled_pipeline_shape() -> None:
     publish_secrets = {s["secretName"] for s in k8s["exec-publish-model"]["secretAsEnv"]}
     assert publish_secrets == {"ggufship-s3", "ggufship-oci", "ggufship-git"}
     assert k8s["exec-sign-model"]["secretAsVolume"][0]["secretName"] == "ggufship-signing"
+    assert {s["secretName"] for s in k8s["exec-rollback-release"]["secretAsEnv"]} == {"ggufship-git"}
     assert int(k8s["exec-export-model"]["activeDeadlineSeconds"]) == 4 * 3600
 
 
@@ -119,3 +128,15 @@ def test_local_run_full_pipeline(
     export_meta = json.loads((run_dir / "export-model" / "executor_output.json").read_text())
     model_meta = export_meta["artifacts"]["model"]["artifacts"][0]["metadata"]
     assert model_meta["quantization"] == "Q8_0" and len(model_meta["sha256"]) == 64 and model_meta["size"] > 0
+    # The digest the GitOps values deploy (what the Rollout's pod template will carry).
+    values = yaml.safe_load(
+        subprocess.run(
+            ["git", f"--git-dir={targets['gitops'].removeprefix('file://')}", "show",
+             "main:deploy/staging/tiny.values.yaml"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    assert model_meta["deployed_sha256"] == values["model"]["sha256"]
+    # The exit handler ran after the successful run and left Git alone.
+    exit_out = json.loads((run_dir / "rollback-release" / "executor_output.json").read_text())
+    assert exit_out["parameterValues"]["Output"] == "skipped"

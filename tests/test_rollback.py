@@ -182,3 +182,21 @@ def test_cli_rollback(remote, tmp_path, capsys):
     assert main([*args, "--version", "1.0.0"]) == NoStableModelError.exit_code
     assert "no stable to go back to" in capsys.readouterr().err
     assert main(["rollback", "--gitops", remote, "--name", "syn"]) == 2
+
+
+def test_pipeline_exit_handler_rolls_back_only_failed_runs(remote, tmp_path):
+    """The KFP exit handler's library call (components/kfp_components.py rollback_release)."""
+    from ggufship.pipeline.steps import rollback_on_failure
+
+    stable = _ship(remote, tmp_path, "1.0.0", seed=1)
+    _ship(remote, tmp_path, "1.1.0", seed=2)
+    common = {"name": "syn", "version": "1.1.0", "environment": "staging", "error_message": ""}
+    assert rollback_on_failure(state="SUCCEEDED", gitops=remote, **common) == "skipped"
+    assert rollback_on_failure(state="FAILED", gitops="", **common) == "skipped"
+    head = _log(remote)
+    failed = {**common, "error_message": "RolloutAbortedError: canary aborted (Degraded): KS failed\n..."}
+    assert rollback_on_failure(state="FAILED", gitops=remote, **failed) == "rolled-back"
+    assert len(_log(remote)) == len(head) + 1
+    assert "pipeline FAILED: RolloutAbortedError" in _git(remote, "log", "-1", "--format=%s", "main")
+    assert yaml.safe_load(_show(remote, VALUES))["model"]["sha256"] == stable
+    assert rollback_on_failure(state="FAILED", gitops=remote, **failed) == "nothing-to-roll-back"

@@ -66,9 +66,15 @@ def model_metadata(export_dir: Path) -> dict[str, Any]:
     primary = next(
         (f for f in ggufs if (f.quantization or "").upper() not in ("F16", "F32", "BF16")), ggufs[0]
     )
+    from ggufship.publish._gitops import deployed_file
+
+    deployed = deployed_file(manifest, None)
     return {
         "name": manifest.name,
         "version": manifest.version,
+        # The GGUF the GitOps values deploy (its digest is what the Rollout's pod template carries).
+        "deployed_sha256": deployed.sha256,
+        "deployed_quantization": deployed.quantization or "",
         "sha256": primary.sha256,
         "size": primary.size,
         "quantization": primary.quantization or "",
@@ -301,6 +307,38 @@ def deploy_component(*, verdict: Any, report_path: str, **kwargs: Any) -> str:
             f"canary aborted ({result.get('phase') or 'Degraded'}): {result.get('message') or 'gate failed'}"
         )
     return str(result["outcome"])
+
+
+def rollback_on_failure(
+    *,
+    state: str,
+    error_message: str,
+    name: str,
+    version: str,
+    gitops: str,
+    environment: str,
+) -> str:
+    """The exit handler of the pipeline: when the run did not succeed, write the rollback to Git.
+
+    ``state`` is the pipeline's final state (``PipelineTaskFinalStatus.state``: SUCCEEDED,
+    FAILED, CANCELED...). Returns ``skipped`` (succeeded, or no GitOps repository),
+    ``rolled-back`` or ``nothing-to-roll-back`` (Git does not name this release: it was
+    never deployed, or is already rolled back).
+    """
+    if state == "SUCCEEDED" or not gitops:
+        logger.info("exit handler: pipeline %s; no rollback", state or "state unknown")
+        return "skipped"
+    from ggufship.rollback import RollbackRequest, rollback
+
+    _quiet_http_logs()
+    first_line = (error_message or "").strip().splitlines()[:1]
+    verdict = f"pipeline {state}" + (f": {first_line[0][:300]}" if first_line else "")
+    result = rollback(
+        RollbackRequest(
+            url=gitops, name=name, environment=environment, rejected_version=version, verdict=verdict
+        )
+    )
+    return "rolled-back" if result.rolled_back else "nothing-to-roll-back"
 
 
 def render_report(verdict: dict[str, Any], model_uri: str, model_sha256: str) -> str:
