@@ -19,10 +19,13 @@ from ggufship.audit import (
     GENESIS,
     AuditError,
     AuditEventError,
+    AuditKeyError,
     AuditLockTimeoutError,
     AuditLog,
     AuditTamperedError,
     head_path,
+    key_id,
+    load_audit_key,
     verify_audit,
 )
 from ggufship.cli.main import main
@@ -173,12 +176,15 @@ def test_bad_json_line_detected(good_log: Path) -> None:
 
 
 def test_without_head_file(good_log: Path) -> None:
+    """The head is required by default; --no-require-head checks a log copied without it."""
     path = _tampered(good_log, "no-head.log", _lines(good_log), keep_head=False)
-    report = verify_audit(path)
+    assert [(p.line, p.kind) for p in verify_audit(path).problems] == [(N, "head")]
+    report = verify_audit(path, require_head=False)
     assert report.ok
     assert not report.head_checked
     assert any("no head file" in n for n in report.notes)
-    assert [(p.line, p.kind) for p in verify_audit(path, require_head=True).problems] == [(N, "head")]
+    with pytest.raises(AuditTamperedError, match=r"head file .* is missing"):
+        AuditLog(path)  # a writer does not continue a log whose head is gone
 
 
 def test_resume_continues_chain(good_log: Path) -> None:
@@ -310,6 +316,7 @@ def test_exit_codes() -> None:
     assert AuditTamperedError.exit_code == 81
     assert AuditEventError.exit_code == 82
     assert AuditLockTimeoutError.exit_code == 83
+    assert AuditKeyError.exit_code == 84
 
 
 def test_cli_verify(good_log: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -337,3 +344,172 @@ def test_cli_subprocess_exit_codes(good_log: Path) -> None:
     assert broken.returncode == 81
     assert "line 1: reordered" in broken.stderr
     assert "line 2: reordered" in broken.stderr
+
+
+# ---------------------------------------------------------------- head required, appended lines, wiped logs
+
+
+def test_lines_appended_beyond_the_head_are_an_error(good_log: Path) -> None:
+    """Someone appends a well-chained line without updating the head: reported (was: a note, exit 0)."""
+    lines = _lines(good_log)
+    last = json.loads(lines[-1])
+    extra = {"seq": N + 1, "ts": last["ts"], "prev": hashlib.sha256(lines[-1]).hexdigest(), "event": {"x": 1}}
+    lines.append((json.dumps(extra, separators=(",", ":")) + "\n").encode())
+    path = _tampered(good_log, "appended.log", lines)
+    assert _kinds(path) == [(N + 1, "appended")]
+    assert main(["audit", "verify", str(path)]) == 81
+
+
+def test_wiped_log_without_its_head_is_an_error(good_log: Path) -> None:
+    path = _tampered(good_log, "wiped.log", [], keep_head=False)
+    assert path.read_bytes() == b""
+    assert _kinds(path) == [(1, "head")]
+    assert main(["audit", "verify", str(path)]) == 81
+
+
+def test_wiped_log_with_its_head_is_an_error(good_log: Path) -> None:
+    path = _tampered(good_log, "wiped-head.log", [])
+    assert _kinds(path) == [(1, "deleted")]
+
+
+def test_head_without_its_log_is_an_error(good_log: Path) -> None:
+    path = _tampered(good_log, "gone.log", [])
+    path.unlink()
+    report = verify_audit(path)
+    assert not report.ok and [(p.line, p.kind) for p in report.problems] == [(1, "deleted")]
+    assert f"seq {N}" in report.problems[0].detail
+    assert main(["audit", "verify", str(path)]) == 81
+
+
+def test_fresh_empty_log_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "fresh.log"
+    AuditLog(path).close()
+    assert verify_audit(path).ok  # the writer wrote a seq-0 head at once
+
+
+# ---------------------------------------------------------------- keyed chain (HMAC-SHA256)
+
+KEY = b"k" * 32
+OTHER = b"o" * 32
+
+
+@pytest.fixture
+def keyed_log(tmp_path: Path) -> Path:
+    path = tmp_path / "keyed.log"
+    with AuditLog(path, key=KEY) as log:
+        for i in range(N):
+            log.append({"action": "request", "i": i})
+    return path
+
+
+def _keyed_kinds(path: Path, key: bytes = KEY) -> list[tuple[int, str]]:
+    return [(p.line, p.kind) for p in verify_audit(path, key=key).problems]
+
+
+def _forge(lines: list[bytes], index: int, **changes: object) -> bytes:
+    """Line ``index`` with fields changed, re-linked as well as someone *without* the key can (SHA256)."""
+    rec = json.loads(lines[index])
+    rec.update(changes)
+    return (json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def test_keyed_chain_format(keyed_log: Path) -> None:
+    import hmac
+
+    lines = _lines(keyed_log)
+    recs = [json.loads(line) for line in lines]
+    assert all(r["key"] == key_id(KEY) for r in recs)
+    assert key_id(KEY).startswith("hmac-sha256:") and KEY.hex() not in key_id(KEY)
+    assert recs[0]["prev"] == GENESIS
+    for before, rec in zip(lines, recs[1:], strict=False):
+        assert rec["prev"] == hmac.new(KEY, before, hashlib.sha256).hexdigest()
+    report = verify_audit(keyed_log, key=KEY)
+    assert report.ok and report.head_checked and report.key_id == key_id(KEY)
+    with AuditLog(keyed_log, key=KEY) as log:  # resumes its chain
+        assert log.append({"x": 1}).seq == N + 1
+    assert verify_audit(keyed_log, key=KEY).ok
+
+
+def test_keyed_tampering_detected(keyed_log: Path) -> None:
+    lines = _lines(keyed_log)
+
+    edited = list(lines)
+    edited[2] = _forge(lines, 2, event={"action": "forged"})
+    assert _keyed_kinds(_tampered(keyed_log, "k-edited.log", edited)) == [(3, "edited")]
+
+    # Rewrite the whole chain with SHA256 links (what works against an unkeyed log): every link fails.
+    rewritten, prev = [], GENESIS
+    for i in range(N):
+        rec = json.loads(lines[i])
+        rec["prev"] = prev
+        line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+        rewritten.append(line)
+        prev = hashlib.sha256(line).hexdigest()
+    path = _tampered(keyed_log, "k-rewritten.log", rewritten)
+    head_path(path).write_text(f"{N:020d} {prev}\n")
+    assert _keyed_kinds(path) == [(i, "edited") for i in range(1, N + 1)]  # N-1 links and the head
+
+    # Truncate and write a head for the shorter log as an attacker can: the next line's prev as digest.
+    short = _tampered(keyed_log, "k-truncated.log", lines[:3])
+    head_path(short).write_text(f"{3:020d} {json.loads(lines[3])['prev']}\n")
+    assert _keyed_kinds(short) == [(3, "edited")]
+    with pytest.raises(AuditTamperedError):
+        AuditLog(short, key=KEY)
+
+    # Deleted at the end with the head kept; appended beyond the head.
+    assert _keyed_kinds(_tampered(keyed_log, "k-deleted.log", lines[:-1])) == [(N, "deleted")]
+    appended = [*lines, _forge(lines, N - 1, seq=N + 1, prev=hashlib.sha256(lines[-1]).hexdigest())]
+    # (the forged line's prev is not the HMAC of line N: that link breaks, naming line N)
+    assert _keyed_kinds(_tampered(keyed_log, "k-appended.log", appended)) == [(N, "edited")]
+
+
+def test_keyed_log_and_keys(keyed_log: Path, tmp_path: Path) -> None:
+    # verified without its key: cannot be checked → a key error, never "intact"
+    with pytest.raises(AuditKeyError, match="keyed log"):
+        verify_audit(keyed_log)
+    assert main(["audit", "verify", str(keyed_log)]) == 84
+    # with another key: every line is of another key, every link breaks
+    kinds = _keyed_kinds(keyed_log, OTHER)
+    assert ("key" in {k for _, k in kinds}) and not verify_audit(keyed_log, key=OTHER).ok
+    # writers keep the log's kind and key
+    with pytest.raises(AuditKeyError):
+        AuditLog(keyed_log, key=OTHER)
+    with pytest.raises(AuditKeyError):
+        AuditLog(keyed_log, key=None)
+    unkeyed = tmp_path / "plain.log"
+    with AuditLog(unkeyed, key=None) as log:
+        log.append({"a": 1})
+    with pytest.raises(AuditKeyError):
+        AuditLog(unkeyed, key=KEY)
+    # an unkeyed log verified with a key: its lines are not of this key
+    assert ("key" in {k for _, k in _keyed_kinds(unkeyed)}) and not verify_audit(unkeyed, key=KEY).ok
+    with pytest.raises(AuditKeyError, match="at least 32"):
+        AuditLog(tmp_path / "short.log", key=b"short")
+
+
+def test_key_from_file_env_and_cli(keyed_log: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key_file = tmp_path / "audit.key"
+    assert main(["audit", "keygen", str(key_file)]) == 0
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert main(["audit", "keygen", str(key_file)]) == 84  # never overwritten
+    key = load_audit_key(key_file)
+    assert key is not None and len(key) == 64
+
+    monkeypatch.delenv("GGUFSHIP_AUDIT_KEY", raising=False)
+    monkeypatch.setenv("GGUFSHIP_AUDIT_KEY_FILE", str(key_file))
+    path = tmp_path / "env.log"
+    with AuditLog(path) as log:  # the default key: the environment's
+        log.append({"a": 1})
+    assert json.loads(path.read_bytes())["key"] == key_id(key)
+    assert main(["audit", "verify", str(path)]) == 0  # the CLI reads the same setting
+    monkeypatch.delenv("GGUFSHIP_AUDIT_KEY_FILE")
+    assert main(["audit", "verify", str(path), "--key-file", str(key_file)]) == 0
+    assert main(["audit", "verify", str(path)]) == 84
+
+    monkeypatch.setenv("GGUFSHIP_AUDIT_KEY", KEY.decode())
+    assert main(["audit", "verify", str(keyed_log)]) == 0
+    monkeypatch.setenv("GGUFSHIP_AUDIT_KEY", "too-short")
+    with pytest.raises(AuditKeyError, match="GGUFSHIP_AUDIT_KEY"):
+        load_audit_key()
+    with pytest.raises(AuditKeyError, match="unreadable"):
+        load_audit_key(tmp_path / "missing.key")

@@ -17,11 +17,29 @@ Editing, deleting, reordering or truncating a line breaks the chain and
 for it, so the writer also keeps a *head* file beside the log
 (``<log>.head``: ``seq`` (20 digits) and SHA256 of the last line it wrote,
 rewritten in place with one fixed-width ``pwrite`` under the lock); it catches
-an edited last line and deleted trailing lines. :func:`verify_audit` reads
-under a shared lock, so it never sees a line without its head update. A chain
-can always be rewritten from scratch by someone who can write
-the file and the head — ship the lines (or the head) somewhere else if that
-matters.
+an edited last line, deleted trailing lines and lines appended by other means.
+:func:`verify_audit` reads under a shared lock, so it never sees a line without
+its head update, and requires the head by default.
+
+**Keyed chain** (``key=``: a secret of at least 32 bytes, from a file or
+``GGUFSHIP_AUDIT_KEY_FILE`` / ``GGUFSHIP_AUDIT_KEY``, see :func:`load_audit_key`):
+``prev`` is HMAC-SHA256(key, previous line's bytes), every line carries
+``"key":"hmac-sha256:<key id>"`` (16 hex digits of SHA256 over a label and the key;
+it names the key, it does not reveal it), and the head holds
+HMAC-SHA256(key, "ggufship-audit-head", seq, last link) instead of a plain digest.
+
+What each proves (verified with the key where there is one):
+
+* unkeyed — the lines are consistent with each other and with the head: accidental
+  damage and a careless edit are found. Anyone who can write the log and its head
+  can rewrite, append, delete or replace the whole chain consistently: it proves
+  nothing about who wrote it.
+* keyed — additionally, every line and the head were written by a holder of the
+  key, in this order: without the key, no line can be edited, inserted, appended,
+  reordered or deleted (at the end too, given the head) unnoticed. Not caught: a
+  rollback of log *and* head together to a state saved earlier (the empty state
+  included), or a log swapped for another one written with the same key — keep a
+  copy of recent heads elsewhere if that matters.
 
 Appends are serialised across threads (a lock) and processes (``fcntl.flock``
 on the log, bounded wait); the file is opened ``O_APPEND`` and each line is a
@@ -34,9 +52,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import hmac
 import json
 import logging
 import os
+import re
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -46,20 +67,29 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal
 
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from ggufship.errors import GgufshipError
 from ggufship.redaction import redact_value
 
 __all__ = [
     "GENESIS",
+    "KEY_MIN_BYTES",
     "AuditError",
     "AuditEventError",
+    "AuditKeyError",
+    "AuditKeySettings",
     "AuditLockTimeoutError",
     "AuditLog",
     "AuditProblem",
     "AuditRecord",
     "AuditReport",
     "AuditTamperedError",
+    "generate_audit_key",
     "head_path",
+    "key_id",
+    "load_audit_key",
     "verify_audit",
 ]
 
@@ -67,9 +97,13 @@ logger = logging.getLogger(__name__)
 
 GENESIS: Final = "0" * 64
 HEAD_SUFFIX: Final = ".head"
+KEY_MIN_BYTES: Final = 32
 _TAIL_CHUNK: Final = 64 * 1024
+_KEY_ID_RE: Final = re.compile(r"^hmac-sha256:[0-9a-f]{16}$")
 
-ProblemKind = Literal["edited", "deleted", "reordered", "truncated", "bad_json", "bad_record", "head"]
+ProblemKind = Literal[
+    "edited", "deleted", "reordered", "truncated", "bad_json", "bad_record", "head", "appended", "key"
+]
 
 
 class AuditError(GgufshipError):
@@ -98,6 +132,101 @@ class AuditLockTimeoutError(AuditError):
     """Another writer held the audit log's lock for longer than the timeout."""
 
     exit_code = 83
+
+
+class AuditKeyError(AuditError):
+    """The audit key is unreadable or too short, or is not the key the log was written with
+    (a keyed log opened or verified without its key, an unkeyed log opened with one)."""
+
+    exit_code = 84
+
+
+class AuditKeySettings(BaseSettings):
+    """Where the HMAC key of the audit chain comes from (environment ``GGUFSHIP_AUDIT_<FIELD>``)."""
+
+    model_config = SettingsConfigDict(env_prefix="GGUFSHIP_AUDIT_", frozen=True, extra="ignore")
+
+    key_file: Path | None = Field(
+        default=None, description="file holding the key (e.g. a mounted Kubernetes Secret); preferred"
+    )
+    key: SecretStr | None = Field(
+        default=None, description=f"the key itself (at least {KEY_MIN_BYTES} bytes); used without key_file"
+    )
+
+
+def load_audit_key(key_file: Path | None = None) -> bytes | None:
+    """The audit key: ``key_file`` if given, else ``GGUFSHIP_AUDIT_KEY_FILE``, else
+    ``GGUFSHIP_AUDIT_KEY``, else None (an unkeyed chain). A file's trailing newline is not
+    part of the key. Raises :class:`AuditKeyError` for an unreadable or short key."""
+    settings = AuditKeySettings()
+    path = key_file or settings.key_file
+    if path is not None:
+        try:
+            key = Path(path).read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise AuditKeyError(f"audit key file {path}: unreadable: {exc}") from exc
+        where = f"audit key file {path}"
+    elif settings.key is not None:
+        key = settings.key.get_secret_value().encode()
+        where = "GGUFSHIP_AUDIT_KEY"
+    else:
+        return None
+    if len(key) < KEY_MIN_BYTES:
+        raise AuditKeyError(f"{where}: {len(key)} bytes; an audit key needs at least {KEY_MIN_BYTES}")
+    return key
+
+
+def generate_audit_key(path: Path) -> Path:
+    """Write a new random key (64 hex digits) to ``path`` (mode 0600); refuses to overwrite."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise AuditKeyError(f"audit key file {path}: cannot create: {exc}") from exc
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(secrets.token_hex(32) + "\n")
+    return path
+
+
+def key_id(key: bytes) -> str:
+    """The key's public name as recorded in each line: ``hmac-sha256:`` and 16 hex digits."""
+    return "hmac-sha256:" + hashlib.sha256(b"ggufship-audit-key-id\0" + key).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """How links and heads are computed: SHA256 (unkeyed) or HMAC-SHA256 with ``key``."""
+
+    key: bytes | None
+
+    @property
+    def key_id(self) -> str | None:
+        return key_id(self.key) if self.key is not None else None
+
+    def link(self, raw: bytes) -> str:
+        """The next line's ``prev`` for a line of bytes ``raw``."""
+        if self.key is None:
+            return _sha256(raw)
+        return hmac.new(self.key, raw, hashlib.sha256).hexdigest()
+
+    def head_value(self, seq: int, link: str) -> str:
+        """What the head file records for a log whose last line (seq ``seq``) has link ``link``."""
+        if self.key is None:
+            return link
+        msg = f"ggufship-audit-head\0{seq}\0{link}".encode("ascii")
+        return hmac.new(self.key, msg, hashlib.sha256).hexdigest()
+
+    def describe(self, recorded: str | None) -> str:
+        return f"key id {recorded}" if recorded else "no key (unkeyed)"
+
+
+class _FromEnvironment:
+    def __repr__(self) -> str:
+        return "FROM_ENVIRONMENT"
+
+
+#: ``AuditLog(key=FROM_ENVIRONMENT)`` (the default): the key of :func:`load_audit_key`.
+FROM_ENVIRONMENT: Final = _FromEnvironment()
 
 
 @dataclass(frozen=True)
@@ -133,6 +262,7 @@ class AuditReport:
     problems: tuple[AuditProblem, ...] = ()
     head_checked: bool = False
     notes: tuple[str, ...] = field(default=())
+    key_id: str | None = None  # the key the chain was verified with; None: an unkeyed chain
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -140,6 +270,8 @@ class AuditReport:
             "ok": self.ok,
             "lines": self.lines,
             "head_checked": self.head_checked,
+            "keyed": self.key_id is not None,
+            "key_id": self.key_id,
             "problems": [{"line": p.line, "kind": p.kind, "detail": p.detail} for p in self.problems],
             "notes": list(self.notes),
         }
@@ -184,6 +316,8 @@ def _parse_record(raw: bytes) -> dict[str, Any] | str:
         return "field 'ts' missing or not a string"
     if not isinstance(obj.get("event"), dict):
         return "field 'event' missing or not an object"
+    if "key" in obj and not (isinstance(obj["key"], str) and _KEY_ID_RE.match(obj["key"])):
+        return "field 'key' is not a key id (hmac-sha256:<16 hex digits>)"
     return obj
 
 
@@ -240,7 +374,10 @@ class AuditLog:
     context manager or call :meth:`close`.
 
     ``fsync=True`` flushes every line (and head) to disk before returning;
-    ``lock_timeout_s`` bounds the wait for another writer's lock.
+    ``lock_timeout_s`` bounds the wait for another writer's lock. ``key``: the HMAC key
+    of a keyed chain (bytes), None for an unkeyed one; by default the key of
+    :func:`load_audit_key` (``GGUFSHIP_AUDIT_KEY_FILE`` / ``GGUFSHIP_AUDIT_KEY``), if any.
+    A log keeps the kind and key it was started with (:class:`AuditKeyError` otherwise).
     """
 
     def __init__(
@@ -250,9 +387,15 @@ class AuditLog:
         redact_pii: bool = True,
         fsync: bool = False,
         lock_timeout_s: float = 10.0,
+        key: bytes | _FromEnvironment | None = FROM_ENVIRONMENT,
     ) -> None:
         if not lock_timeout_s > 0:
             raise AuditError(f"lock_timeout_s must be > 0, got {lock_timeout_s}")
+        if isinstance(key, _FromEnvironment):
+            key = load_audit_key()
+        if key is not None and len(key) < KEY_MIN_BYTES:
+            raise AuditKeyError(f"audit key: {len(key)} bytes; an audit key needs at least {KEY_MIN_BYTES}")
+        self._chain = _Chain(key)
         self.path = Path(path)
         self.head = head_path(self.path)
         self.redact_pii = redact_pii
@@ -272,7 +415,8 @@ class AuditLog:
                 self._tail_state()  # before the head file is created: an absent head stays absent
                 self._head_fd = os.open(self.head, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
                 if self._cached is not None:
-                    _write_head(self._head_fd, self.head, self._cached[2], self._cached[3])
+                    seq, link = self._cached[2], self._cached[3]
+                    _write_head(self._head_fd, self.head, seq, self._chain.head_value(seq, link))
         except OSError as exc:
             self.close()
             raise AuditError(f"cannot open audit head file {self.head}: {exc}") from exc
@@ -289,14 +433,17 @@ class AuditLog:
         body = redact_value(event) if self.redact_pii else dict(event)
         with self._thread_lock, self._locked():
             seq_prev, prev = self._tail_state()
-            record = {"seq": seq_prev + 1, "ts": _now(), "prev": prev, "event": body}
+            record: dict[str, Any] = {"seq": seq_prev + 1, "ts": _now(), "prev": prev}
+            if self._chain.key_id is not None:
+                record["key"] = self._chain.key_id
+            record["event"] = body
             try:
                 data = _encode(record)
             except (TypeError, ValueError) as exc:
                 raise AuditEventError(f"{self.path}: audit event is not JSON-encodable: {exc}") from exc
             self._write(data)
-            digest = _sha256(data)
-            _write_head(self._head_fd, self.head, seq_prev + 1, digest)
+            digest = self._chain.link(data)
+            _write_head(self._head_fd, self.head, seq_prev + 1, self._chain.head_value(seq_prev + 1, digest))
             if self.fsync:
                 os.fsync(self._head_fd)
             st = os.fstat(self._fd)
@@ -354,6 +501,7 @@ class AuditLog:
         return state
 
     def _check_tail(self, size: int) -> tuple[int, str]:
+        chain = self._chain
         head = _read_head(self.head)
         if size == 0:
             if isinstance(head, tuple) and head[0] > 0:
@@ -378,6 +526,11 @@ class AuditLog:
         if isinstance(rec, str):
             raise AuditTamperedError(f"{where}: {rec}; refusing to append")
         where = f"{self.path}: last line (seq {rec['seq']})"
+        if rec.get("key") != chain.key_id:
+            raise AuditKeyError(
+                f"{where} was written with {chain.describe(rec.get('key'))}, this writer has "
+                f"{chain.describe(chain.key_id)}; a log keeps its key (start a new log to change it)"
+            )
         if len(tail) == 2:
             before = _parse_record(tail[0])
             if isinstance(before, str):
@@ -386,27 +539,44 @@ class AuditLog:
                 raise AuditTamperedError(
                     f"{where} follows seq {before['seq']}: lines deleted or reordered; refusing to append"
                 )
-            if rec["prev"] != _sha256(tail[0]):
+            if rec["prev"] != chain.link(tail[0]):
                 raise AuditTamperedError(
-                    f"{self.path}: line seq {before['seq']} was edited (its SHA256 differs from the "
+                    f"{self.path}: line seq {before['seq']} was edited (its link differs from the "
                     "'prev' recorded by the last line); refusing to append"
                 )
         elif at_start and (rec["seq"] != 1 or rec["prev"] != GENESIS):
             raise AuditTamperedError(
                 f"{where} is the only line but is not a genesis line; refusing to append"
             )
-        digest = _sha256(last)
+        digest = chain.link(last)
         if isinstance(head, str):
             raise AuditTamperedError(f"{head}; refusing to append")
+        if head is None:
+            raise AuditTamperedError(
+                f"{where} but the head file {self.head} is missing (every writer keeps one): lines may "
+                "have been deleted at the end; refusing to append (verify the log, then restore its head "
+                "or start a new log)"
+            )
         if head is not None:
             head_seq, head_sha = head
             if head_seq > rec["seq"]:
                 raise AuditTamperedError(
                     f"{where} but the head file records seq {head_seq}: lines deleted; refusing to append"
                 )
-            if head_seq == rec["seq"] and head_sha != digest:
+            if head_seq == rec["seq"] and head_sha != chain.head_value(head_seq, digest):
                 raise AuditTamperedError(
-                    f"{where} was edited (SHA256 differs from the head file); refusing to append"
+                    f"{where} was edited (or the head file was): they disagree; refusing to append"
+                )
+            if head_seq < rec["seq"]:
+                # A writer stopped between its line and the head update — or someone appended. In a
+                # keyed log the last link above proves the tail was written with the key.
+                logger.warning(
+                    "%s: %d line(s) after the recorded head (seq %d); continuing the chain from seq %d%s",
+                    self.path,
+                    rec["seq"] - head_seq,
+                    head_seq,
+                    rec["seq"],
+                    "" if chain.key is not None else " (unkeyed: their author is not proven)",
                 )
         return rec["seq"], digest
 
@@ -442,23 +612,48 @@ class _FileLock:
 
 
 def verify_audit(
-    path: Path, *, head: Path | None = None, require_head: bool = False, lock_timeout_s: float = 10.0
+    path: Path,
+    *,
+    head: Path | None = None,
+    require_head: bool = True,
+    key: bytes | None = None,
+    lock_timeout_s: float = 10.0,
 ) -> AuditReport:
     """Check every line's record and chain link; name each problem by its line number.
 
-    The head file (``head``, default ``<path>.head``) is checked when present:
-    it catches an edited last line and deleted trailing lines. With
-    ``require_head=True`` a missing head is itself a problem. Raises
-    :class:`AuditError` only if the log cannot be read; a broken chain is
-    reported (``ok=False``), not raised — see :meth:`AuditReport.raise_for_problems`.
+    The head file (``head``, default ``<path>.head``) is required (``require_head=False``:
+    checked when present, its absence only noted): it catches an edited last line,
+    deleted trailing lines and lines appended beyond it. A head whose log is gone is a
+    problem too. With ``key`` the chain is checked as a keyed chain (HMAC-SHA256) and
+    every line must carry that key's id; a keyed log verified without a key raises
+    :class:`AuditKeyError` (its links cannot be checked). Raises :class:`AuditError`
+    if neither the log nor its head can be read; a broken chain is reported
+    (``ok=False``), not raised — see :meth:`AuditReport.raise_for_problems`.
     """
     path = Path(path)
     head_file = head if head is not None else head_path(path)
+    chain = _Chain(key)
+    if key is not None and len(key) < KEY_MIN_BYTES:
+        raise AuditKeyError(f"audit key: {len(key)} bytes; an audit key needs at least {KEY_MIN_BYTES}")
     try:
         with path.open("rb") as fh, _FileLock(fh.fileno(), path, lock_timeout_s, shared=True):
             # a shared lock: no writer is between its line and its head update while we read
             data = fh.read()
             head_state = _read_head(head_file)
+    except FileNotFoundError as exc:
+        orphan = _read_head(head_file)
+        if orphan is None:
+            raise AuditError(f"cannot read audit log {path}: {exc}") from exc
+        detail = orphan if isinstance(orphan, str) else f"the head file records seq {orphan[0]}"
+        return AuditReport(
+            path=path,
+            ok=False,
+            lines=0,
+            problems=(
+                AuditProblem(1, "deleted", f"log missing but its head file {head_file} exists: {detail}"),
+            ),
+            key_id=chain.key_id,
+        )
     except OSError as exc:
         raise AuditError(f"cannot read audit log {path}: {exc}") from exc
     raw_lines = data.splitlines(keepends=True)
@@ -467,13 +662,20 @@ def verify_audit(
     for lineno, rec in enumerate(records, start=1):
         if isinstance(rec, dict):
             seq_at.setdefault(rec["seq"], []).append(lineno)
+    if key is None:
+        keyed = next((r["key"] for r in records if isinstance(r, dict) and "key" in r), None)
+        if keyed is not None:
+            raise AuditKeyError(
+                f"{path}: a keyed log (key id {keyed}): verify it with its key "
+                "(--key-file, GGUFSHIP_AUDIT_KEY_FILE or GGUFSHIP_AUDIT_KEY)"
+            )
 
     problems: list[AuditProblem] = []
     expected_seq = 1
     prev_hash = GENESIS
     prev_clean = True  # the previous line parsed and sat in its place
     for lineno, (raw, rec) in enumerate(zip(raw_lines, records, strict=True), start=1):
-        this_hash = _sha256(raw)
+        this_hash = chain.link(raw)
         if isinstance(rec, str):
             if lineno == len(raw_lines) and not raw.endswith(b"\n"):
                 problems.append(AuditProblem(lineno, "truncated", f"last line is cut off ({rec})"))
@@ -484,6 +686,15 @@ def verify_audit(
             prev_hash, prev_clean = this_hash, False
             continue
         seq = rec["seq"]
+        if rec.get("key") != chain.key_id:
+            problems.append(
+                AuditProblem(
+                    lineno,
+                    "key",
+                    f"written with {chain.describe(rec.get('key'))}, "
+                    f"verified with {chain.describe(chain.key_id)}",
+                )
+            )
         if lineno == len(raw_lines) and not raw.endswith(b"\n"):
             problems.append(AuditProblem(lineno, "truncated", "last line has no newline at the end"))
         if seq != expected_seq:
@@ -508,7 +719,7 @@ def verify_audit(
                     AuditProblem(
                         lineno - 1,
                         "edited",
-                        f"SHA256 of line {lineno - 1} is {prev_hash[:16]}…, "
+                        f"link of line {lineno - 1} is {prev_hash[:16]}…, "
                         f"line {lineno} recorded {rec['prev'][:16]}…",
                     )
                 )
@@ -520,10 +731,18 @@ def verify_audit(
     n = len(raw_lines)
     if head_state is None:
         if require_head:
-            problems.append(AuditProblem(n, "head", f"head file {head_file} missing"))
+            problems.append(
+                AuditProblem(
+                    max(n, 1),
+                    "head",
+                    f"head file {head_file} missing (every writer keeps one; --no-require-head for a log "
+                    "copied without it)",
+                )
+            )
         else:
             notes.append(
-                f"no head file {head_file}: an edit of the last line or deleted last lines go unseen"
+                f"no head file {head_file}: an edit of the last line, deleted last lines or appended "
+                "lines go unseen"
             )
     elif isinstance(head_state, str):
         problems.append(AuditProblem(n, "head", head_state))
@@ -540,16 +759,33 @@ def verify_audit(
                     n + 1, "deleted", f"the head file records seq {head_seq}; line(s) with {span} missing"
                 )
             )
-        elif head_seq > 0 and where:
-            lineno = where[-1]
-            if _sha256(raw_lines[lineno - 1]) != head_sha and not (cut_off and lineno == n):
+        elif head_seq == 0:
+            if chain.key is not None and head_sha != chain.head_value(0, GENESIS):
                 problems.append(
-                    AuditProblem(lineno, "edited", f"SHA256 of line {lineno} differs from the head file's")
+                    AuditProblem(1, "head", "the head file's value was not written with this key")
                 )
-            elif lineno < n and not problems:
-                notes.append(
-                    f"{n - lineno} line(s) after the recorded head (a writer stopped between the line "
-                    "and the head update, or lines were appended by other means)"
+            if n:
+                problems.append(
+                    AuditProblem(1, "appended", f"the head file records an empty log; {n} line(s) found")
+                )
+        elif where:
+            lineno = where[-1]
+            expected = chain.head_value(head_seq, chain.link(raw_lines[lineno - 1]))
+            if expected != head_sha and not (cut_off and lineno == n):
+                problems.append(
+                    AuditProblem(
+                        lineno, "edited", f"line {lineno} (or the head file) differs from the head's record"
+                    )
+                )
+            elif lineno < n and not problems:  # (after a reorder the head's line moved: reported above)
+                problems.append(
+                    AuditProblem(
+                        lineno + 1,
+                        "appended",
+                        f"{n - lineno} line(s) after the recorded head (seq {head_seq}): appended by other "
+                        "means, or a writer stopped between its line and the head update (the next writer "
+                        "to open the log continues from them)",
+                    )
                 )
     problems.sort(key=lambda p: p.line)
     return AuditReport(
@@ -559,4 +795,5 @@ def verify_audit(
         problems=tuple(problems),
         head_checked=head_checked,
         notes=tuple(notes),
+        key_id=chain.key_id,
     )

@@ -22,21 +22,44 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "verify",
         help="check every line and chain link; exit 0 if intact, 81 naming each broken line",
         description="Verify an audit log: each line's JSON record, its seq, and that its 'prev' is the "
-        "SHA256 of the previous line. The head file (FILE.head) is checked when present and catches an "
-        "edited last line or deleted last lines. Exit 0: intact; 81: edited, deleted, reordered or "
-        "truncated lines (each named by line number); 80: the file cannot be read.",
+        "link of the previous line (SHA256, or HMAC-SHA256 with the key of a keyed log). The head file "
+        "(FILE.head) is required and catches an edited last line, deleted last lines and lines appended "
+        "beyond it. Exit 0: intact; 81: edited, deleted, reordered, truncated or appended lines (each "
+        "named by line number), a missing head, a head without its log, lines of another key; "
+        "84: a keyed log without its key, or an unusable key; 80: nothing can be read.",
     )
     v.add_argument("file", type=Path, metavar="FILE", help="the audit log (JSON lines)")
     v.add_argument("--head", type=Path, metavar="PATH", help="head file (default: FILE.head)")
-    v.add_argument("--require-head", action="store_true", help="a missing head file is a problem (exit 81)")
+    v.add_argument(
+        "--require-head",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a missing head file is a problem (default); --no-require-head for a log copied without it",
+    )
+    v.add_argument(
+        "--key-file",
+        type=Path,
+        metavar="PATH",
+        help="HMAC key of a keyed log (default: $GGUFSHIP_AUDIT_KEY_FILE, else $GGUFSHIP_AUDIT_KEY)",
+    )
     v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     v.set_defaults(func=run_verify)
 
+    k = asub.add_parser(
+        "keygen",
+        help="write a new random HMAC key for a keyed audit log (mode 0600)",
+        description="Write 32 random bytes (64 hex digits) to FILE, which must not exist. Give it to "
+        "the writer (GGUFSHIP_AUDIT_KEY_FILE) and to `audit verify --key-file`.",
+    )
+    k.add_argument("file", type=Path, metavar="FILE", help="the key file to create")
+    k.set_defaults(func=run_keygen)
+
 
 def run_verify(args: argparse.Namespace) -> int:
-    from ggufship.audit import AuditTamperedError, verify_audit
+    from ggufship.audit import AuditTamperedError, load_audit_key, verify_audit
 
-    report = verify_audit(args.file, head=args.head, require_head=args.require_head)
+    key = load_audit_key(args.key_file)
+    report = verify_audit(args.file, head=args.head, require_head=args.require_head, key=key)
     if args.json:
         json.dump(report.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -44,13 +67,25 @@ def run_verify(args: argparse.Namespace) -> int:
         logger.warning("%s: %s", args.file, note)
     if report.ok:
         logger.info(
-            "%s: %d line(s), chain intact%s",
+            "%s: %d line(s), chain intact%s; %s",
             args.file,
             report.lines,
             "" if report.head_checked else " (no head file checked)",
+            f"keyed ({report.key_id}): written by a holder of the key"
+            if report.key_id
+            else "unkeyed: consistent, but anyone who can write the files could have rewritten them",
         )
         return 0
     for problem in report.problems:
         logger.error("%s: %s", args.file, problem)
     logger.error("%s: audit chain broken (%d problem(s))", args.file, len(report.problems))
     return AuditTamperedError.exit_code
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from ggufship.audit import generate_audit_key, key_id, load_audit_key
+
+    path = generate_audit_key(args.file)
+    logger.info("%s: new audit key, %s", path, key_id(load_audit_key(path) or b""))
+    sys.stdout.write(f"{path}\n")
+    return 0
