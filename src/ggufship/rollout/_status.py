@@ -47,9 +47,14 @@ class StepRecord(BaseModel):
 
     kind: Literal["setWeight", "analysis", "pause"]
     weight: int | None = None
+    duration_s: float | None = Field(default=None, description="a timed pause's length (None: manual)")
 
     def describe(self) -> str:
-        return f"setWeight {self.weight}" if self.kind == "setWeight" else self.kind
+        if self.kind == "setWeight":
+            return f"setWeight {self.weight}"
+        if self.kind == "pause" and self.duration_s is not None:
+            return f"pause {self.duration_s:g}s"
+        return self.kind
 
 
 class AnalysisRecord(BaseModel):
