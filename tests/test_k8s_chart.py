@@ -104,17 +104,28 @@ def _steps(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return one(objs, "Rollout")["spec"]["strategy"]["canary"]["steps"]
 
 
+ARGS = [
+    {"name": "model", "value": "support-bot"},
+    {"name": "namespace", "value": "ml"},
+    {"name": "stable-hash", "valueFrom": {"podTemplateHashValue": "Stable"}},
+    {"name": "canary-hash", "valueFrom": {"podTemplateHashValue": "Latest"}},
+]
+
+
 @pytest.mark.parametrize("variant", ["none-values.yaml", "nginx-values.yaml"])
 def test_canary_steps(rendered: dict[str, list[dict[str, Any]]], variant: str) -> None:
     steps = _steps(rendered[variant])
     kinds = [next(iter(s)) for s in steps]
-    assert kinds == ["setWeight", "analysis", "pause", "setWeight", "analysis", "setWeight"]
+    assert kinds == [
+        "setWeight", "analysis", "analysis", "pause", "setWeight", "analysis", "analysis", "setWeight",
+    ]  # fmt: skip
     assert [s["setWeight"] for s in steps if "setWeight" in s] == [5, 50, 100]
-    assert steps[2] == {"pause": {}}  # indefinite: manual promotion
-    for s in (steps[1], steps[4]):
-        names = [t["templateName"] for t in s["analysis"]["templates"]]
+    assert steps[3] == {"pause": {}}  # indefinite: manual promotion
+    for traffic, gate in ((steps[1], steps[2]), (steps[5], steps[6])):
+        assert [t["templateName"] for t in traffic["analysis"]["templates"]] == ["rel-ggufship-api-traffic"]
+        names = [t["templateName"] for t in gate["analysis"]["templates"]]
         assert names == ["rel-ggufship-api-thresholds", "rel-ggufship-api-ks-gate"]
-        assert s["analysis"]["args"] == [{"name": "model", "value": "support-bot"}]
+        assert traffic["analysis"]["args"] == gate["analysis"]["args"] == ARGS
 
 
 def test_background_analysis_and_services(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -122,10 +133,11 @@ def test_background_analysis_and_services(rendered: dict[str, list[dict[str, Any
     canary = one(objs, "Rollout")["spec"]["strategy"]["canary"]
     assert canary["analysis"]["templates"] == [{"templateName": "rel-ggufship-api-thresholds-background"}]
     assert canary["analysis"]["startingStep"] == 1
+    assert canary["analysis"]["args"] == ARGS
     background = one(objs, "AnalysisTemplate", "rel-ggufship-api-thresholds-background")
     assert all("count" not in m for m in background["spec"]["metrics"])  # runs until the rollout ends
     step = one(objs, "AnalysisTemplate", "rel-ggufship-api-thresholds")
-    assert all(m["count"] == 5 for m in step["spec"]["metrics"])
+    assert all(m["count"] == 3 for m in step["spec"]["metrics"])
     services = {s["metadata"]["name"] for s in by_kind(objs, "Service")}
     assert {canary["stableService"], canary["canaryService"], "rel-ggufship-api"} <= services
     assert "trafficRouting" not in canary  # replica-based split
@@ -142,7 +154,7 @@ def test_pod_fetches_and_verifies_before_serving(rendered: dict[str, list[dict[s
     pod = template["spec"]
     (init,) = pod["initContainers"]
     assert init["args"][:4] == ["pull", "$(GGUFSHIP_MODEL_URI)", "-o", "/models/export"]
-    assert init["args"][4:] == ["--public-key", "/etc/ggufship/keys/public.pem"]
+    assert init["args"][4:] == ["--quant", "Q4_K_M", "--public-key", "/etc/ggufship/keys/public.pem"]
     env = {e["name"]: e for e in init["env"]}
     assert env["GGUFSHIP_S3_ENDPOINT"]["value"].startswith("http")
     assert env["GGUFSHIP_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {
@@ -153,7 +165,6 @@ def test_pod_fetches_and_verifies_before_serving(rendered: dict[str, list[dict[s
     args = api["args"]
     assert args[:2] == ["serve", "/models/export"]
     assert args[args.index("--expect-sha256") + 1] == "$(GGUFSHIP_MODEL_SHA256)"
-    assert args[args.index("--track") + 1] == "$(GGUFSHIP_TRACK)"
     assert args[args.index("--host") + 1] == "0.0.0.0"
     api_env = {e["name"]: e for e in api["env"]}
     # The model comes from the pod's annotations (downward API): patching them starts a canary.
@@ -164,10 +175,6 @@ def test_pod_fetches_and_verifies_before_serving(rendered: dict[str, list[dict[s
         assert container_env["GGUFSHIP_MODEL_SHA256"]["valueFrom"]["fieldRef"]["fieldPath"] == (
             "metadata.annotations['ggufship.io/model-sha256']"
         )
-    assert (
-        api_env["GGUFSHIP_TRACK"]["valueFrom"]["fieldRef"]["fieldPath"]
-        == "metadata.labels['ggufship.io/track']"
-    )
     assert api_env["GGUFSHIP_GGML_BACKEND_DIR"]["value"] == "/opt/ggufship/ggml-backends"
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -188,69 +195,124 @@ def test_oci_source_uses_registry_auth_not_s3(rendered: dict[str, list[dict[str,
 
 
 def test_threshold_metrics(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Issue 14 item 3: TTFT and inter-token latency by default; the seed's whole-request p99 is an
+    option (off), the 5xx ratio pauses (seed: "pause the rollout and alert"), it does not abort."""
     template = one(rendered["default"], "AnalysisTemplate", "rel-ggufship-api-thresholds")
     metrics = {m["name"]: m for m in template["spec"]["metrics"]}
-    p99 = metrics["canary-p99-latency"]
-    assert p99["successCondition"] == "len(result) == 1 && result[0] <= 1.2"
-    assert p99["failureCondition"] == "len(result) == 1 && result[0] > 1.2"
-    query = p99["provider"]["prometheus"]["query"]
-    assert "histogram_quantile(0.99" in query
-    assert 'ggufship_request_duration_seconds_bucket{model="{{args.model}}", track="canary"}[5m]' in query
+    assert set(metrics) == {"canary-ttft", "canary-inter-token-latency", "canary-5xx-ratio"}
+    ttft = metrics["canary-ttft"]
+    assert ttft["successCondition"] == "len(result) == 1 && result[0] <= 5"
+    assert ttft["failureCondition"] == "len(result) == 1 && result[0] > 5"
+    query = ttft["provider"]["prometheus"]["query"]
+    assert query.startswith(
+        "histogram_quantile(0.95, sum by (le) (rate(ggufship_time_to_first_token_seconds_bucket{"
+    )
+    itl = metrics["canary-inter-token-latency"]
+    assert "ggufship_inter_token_latency_seconds_bucket{" in itl["provider"]["prometheus"]["query"]
+    assert itl["failureCondition"] == "len(result) == 1 && result[0] > 0.5"
     ratio = metrics["canary-5xx-ratio"]
-    assert ratio["failureCondition"] == "len(result) == 1 && result[0] > 0.005"
-    assert "or (sum(rate(ggufship_requests_total" in ratio["provider"]["prometheus"]["query"]
+    assert ratio["failureCondition"] == "false"  # a breach is Inconclusive: pause, not abort
+    assert ratio["successCondition"] == "len(result) == 1 && result[0] <= 0.005"
+    assert "or sum(rate(ggufship_requests_total" in ratio["provider"]["prometheus"]["query"]
+    # The seed's thresholds, as the job-gate variant sets them: p99 > 1.2 s aborts.
+    seed = {
+        m["name"]: m
+        for m in one(rendered["job-gate-values.yaml"], "AnalysisTemplate", "rel-ggufship-api-thresholds")[
+            "spec"
+        ]["metrics"]
+    }
+    assert seed["canary-p99-latency"]["failureCondition"] == "len(result) == 1 && result[0] > 1.2"
+    assert "histogram_quantile(0.99" in seed["canary-p99-latency"]["provider"]["prometheus"]["query"]
+    assert seed["canary-5xx-ratio"]["failureCondition"] == "false"
+
+
+def _ks_args(objs: list[dict[str, Any]]) -> list[str]:
+    metric = one(objs, "AnalysisTemplate", "rel-ggufship-api-ks-gate")["spec"]["metrics"][0]
+    if "job" in metric["provider"]:
+        return metric["provider"]["job"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    return one(objs, "Deployment", "rel-ggufship-api-gate")["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
 
 
 def test_thresholds_are_values(helm: Path) -> None:
     objs = render(
         helm,
         sets=(
-            "analysis.thresholds.p99LatencySeconds=2.5",
-            "analysis.thresholds.errorRatio=0.01",
+            "analysis.thresholds.ttft.maxSeconds=2.5",
+            "analysis.thresholds.errorRatio.max=0.01",
+            "analysis.thresholds.errorRatio.action=abort",
             "analysis.window=10m",
+            "analysis.initialDelay=12m",
         ),
     )
     metrics = {
         m["name"]: m for m in one(objs, "AnalysisTemplate", "rel-ggufship-api-thresholds")["spec"]["metrics"]
     }
-    assert metrics["canary-p99-latency"]["failureCondition"].endswith("> 2.5")
+    assert metrics["canary-ttft"]["failureCondition"].endswith("> 2.5")
     assert metrics["canary-5xx-ratio"]["failureCondition"].endswith("> 0.01")
     assert "[10m]" in metrics["canary-5xx-ratio"]["provider"]["prometheus"]["query"]
-    rules = one(objs, "PrometheusRule")["spec"]["groups"][1]["rules"]
-    assert rules[0]["expr"].endswith("> 2.5")
-    assert rules[1]["expr"].endswith("> 0.01")
-    ks = one(objs, "AnalysisTemplate", "rel-ggufship-api-ks-gate")
-    args = ks["spec"]["metrics"][0]["provider"]["job"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--max-p99") + 1] == "2.5"
+    assert metrics["canary-ttft"]["initialDelay"] == "12m"
+    alerts = {r["alert"]: r for r in one(objs, "PrometheusRule")["spec"]["groups"][1]["rules"]}
+    assert alerts["GgufshipTimeToFirstTokenHigh"]["expr"].endswith("> 2.5")
+    assert alerts["GgufshipErrorRatioHigh"]["expr"].endswith("> 0.01")
+    args = _ks_args(objs)
+    assert args[args.index("--max-error-ratio") + 1] == "0.01"  # abort: the KS gate enforces it too
+    assert args[args.index("--max-p99") + 1] == "3600"  # p99 off
     assert args[args.index("--window") + 1] == "10m"
 
 
+def test_pause_thresholds_never_abort_through_the_gate(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """A `pause` threshold is not handed to `ggufship gate` (which fails on a breach → abort)."""
+    for variant in ("default", "job-gate-values.yaml"):
+        args = _ks_args(rendered[variant])
+        assert args[args.index("--max-error-ratio") + 1] == "1", variant
+    args = _ks_args(rendered["job-gate-values.yaml"])
+    assert args[args.index("--max-p99") + 1] == "1.2"  # the seed's p99, action abort
+
+
 def test_ks_gate_job_provider(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    metric = one(rendered["default"], "AnalysisTemplate", "rel-ggufship-api-ks-gate")["spec"]["metrics"][0]
+    metric = one(rendered["job-gate-values.yaml"], "AnalysisTemplate", "rel-ggufship-api-ks-gate")["spec"][
+        "metrics"
+    ][0]
     job = metric["provider"]["job"]["spec"]
     assert job["backoffLimit"] == 0
     container = job["template"]["spec"]["containers"][0]
-    assert container["args"][0] == "gate"
-    assert "--json" in container["args"]
-    assert container["args"][container["args"].index("--model") + 1] == "{{args.model}}"
-    assert container["args"][container["args"].index("--analyses") + 1] == "2"  # alpha split over 2 analyses
+    args = container["args"]
+    assert args[0] == "gate"
+    assert "--json" in args
+    assert args[args.index("--model") + 1] == "{{args.model}}"
+    assert args[args.index("--analyses") + 1] == "2"  # alpha split over 2 analyses
+    assert args[args.index("--track-label") + 1] == "rollouts_pod_template_hash"
+    assert args[args.index("--stable-track") + 1] == "{{args.stable-hash}}"
+    assert args[args.index("--canary-track") + 1] == "{{args.canary-hash}}"
+    assert args[args.index("--namespace") + 1] == "ml"
     assert job["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "ks-gate"
 
 
 def test_ks_gate_web_provider_pauses_on_inconclusive(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    objs = rendered["web-gate-values.yaml"]
-    metric = one(objs, "AnalysisTemplate", "rel-ggufship-api-ks-gate")["spec"]["metrics"][0]
-    web = metric["provider"]["web"]
-    assert web["url"] == "http://rel-ggufship-api-gate.ml.svc:8080/gate?model={{args.model}}"
-    assert web["jsonPath"] == "{$.outcome}"
-    assert metric["successCondition"] == 'result == "pass"'
-    assert metric["failureCondition"] == 'result == "fail"'
-    assert metric["inconclusiveLimit"] >= 1
-    gate = one(objs, "Deployment", "rel-ggufship-api-gate")
-    args = gate["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[:6] == ["gate", "serve", "--host", "0.0.0.0", "--port", "8080"]
-    service = one(objs, "Service", "rel-ggufship-api-gate")
-    assert service["spec"]["selector"] == gate["spec"]["selector"]["matchLabels"]
+    for variant in ("default", "web-gate-values.yaml"):
+        objs = rendered[variant]
+        metric = one(objs, "AnalysisTemplate", "rel-ggufship-api-ks-gate")["spec"]["metrics"][0]
+        web = metric["provider"]["web"]
+        assert web["url"] == (
+            "http://rel-ggufship-api-gate.ml.svc:8080/gate?model={{args.model}}"
+            "&stable_track={{args.stable-hash}}&canary_track={{args.canary-hash}}"
+        )
+        assert web["jsonPath"] == "{$.outcome}"
+        assert metric["successCondition"] == 'result == "pass"'
+        assert metric["failureCondition"] == 'result == "fail"'
+        # argo-rollouts analysis/analysis.go assessMetricFailureInconclusiveOrError: Inconclusive only
+        # when inconclusive > inconclusiveLimit; so the limit must stay below the count.
+        assert metric["inconclusiveLimit"] < metric["count"]
+        gate = one(objs, "Deployment", "rel-ggufship-api-gate")
+        args = gate["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[:6] == ["gate", "serve", "--host", "0.0.0.0", "--port", "8080"]
+        assert args[args.index("--track-label") + 1] == "rollouts_pod_template_hash"
+        assert args[args.index("--namespace") + 1] == "ml"
+        service = one(objs, "Service", "rel-ggufship-api-gate")
+        assert service["spec"]["selector"] == gate["spec"]["selector"]["matchLabels"]
 
 
 def test_nginx_routing(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -299,16 +361,20 @@ def test_monitoring(rendered: dict[str, list[dict[str, Any]]]) -> None:
     alerts = [
         r["alert"] for g in one(objs, "PrometheusRule")["spec"]["groups"] for r in g["rules"] if "alert" in r
     ]
-    assert alerts == ["GgufshipLatencyP99High", "GgufshipErrorRatioHigh"]
+    assert alerts == [
+        "GgufshipTimeToFirstTokenHigh",
+        "GgufshipInterTokenLatencyHigh",
+        "GgufshipErrorRatioHigh",
+    ]
 
 
 def test_minimal_variant(rendered: dict[str, list[dict[str, Any]]]) -> None:
     objs = rendered["minimal-values.yaml"]
     kinds = {o["kind"] for o in objs}
-    assert not kinds & {"ServiceMonitor", "PrometheusRule", "Deployment"}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule", "Deployment", "PodDisruptionBudget"}
     steps = _steps(objs)
     assert [s["setWeight"] for s in steps if "setWeight" in s] == [10, 25, 50, 100]
-    assert not any("pause" in s for s in steps)
+    assert [s["pause"] for s in steps if "pause" in s] == [{"duration": "10m"}]
     pod = one(objs, "Rollout")["spec"]["template"]["spec"]
     assert "--public-key" not in pod["initContainers"][0]["args"]
 
@@ -320,7 +386,12 @@ def test_minimal_variant(rendered: dict[str, list[dict[str, Any]]]) -> None:
         ("analysis.ks.provider=metric", "analysis.ks.provider"),
         ("model.sha256=abc", "model.sha256"),
         ("model.uri=https://example.com/model", "model.uri"),
-        ("rollout.weights={5,100}", "rollout.weights"),
+        ("rollout.canary.steps[0].weight=100", "weight"),
+        ("rollout.canary.steps[0].pause=forever", "pause"),
+        ("analysis.initialDelay=1m", "analysis.initialDelay"),
+        ("analysis.inconclusiveLimit=3", "analysis.inconclusiveLimit"),
+        ("analysis.failureLimit=5", "analysis.failureLimit"),
+        ("analysis.count=1", "count"),
         ("analysis.window=five", "analysis.window"),
         ("rollout.trafficRoutng=nginx", "trafficRoutng"),  # typo: values.schema.json forbids unknown keys
         ("model.sah256=" + SHA, "sah256"),
@@ -330,6 +401,15 @@ def test_bad_values_fail_naming_the_field(helm: Path, setting: str, field: str) 
     proc = run_tool([helm, "template", "rel", CHART, "--set", setting], check=False)
     assert proc.returncode != 0
     assert field in proc.stderr or field.replace(".", "/") in proc.stderr, proc.stderr
+
+
+def test_falling_canary_weights_fail_naming_the_step(helm: Path) -> None:
+    steps = '[{"weight": 50}, {"weight": 5}]'
+    proc = run_tool(
+        [helm, "template", "rel", CHART, "--set-json", f"rollout.canary.steps={steps}"], check=False
+    )
+    assert proc.returncode != 0
+    assert "rollout.canary.steps[1].weight: 5 must be above the previous step's 50" in proc.stderr
 
 
 def test_gitops_deploy_values_are_accepted(helm: Path, tmp_path: Path) -> None:
@@ -351,3 +431,38 @@ def test_gitops_deploy_values_are_accepted(helm: Path, tmp_path: Path) -> None:
     annotations = one(objs, "Rollout")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["ggufship.io/model-uri"] == "s3://models/prod/models/support-bot/1.5.0/"
     assert annotations["ggufship.io/model-sha256"] == SHA
+
+
+def test_time_and_storage(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Issue 14 item 5: a progress deadline that fits a model pull + load (and aborts, as a value);
+    only the served quantization pulled; the model volume and the ephemeral-storage request sized
+    from the served file when its size is known; preStop + a grace period for running streams;
+    a PodDisruptionBudget over the API pods only."""
+    rollout = one(rendered["default"], "Rollout")
+    assert rollout["spec"]["progressDeadlineSeconds"] >= 600
+    assert rollout["spec"]["progressDeadlineAbort"] is True
+    pod = rollout["spec"]["template"]["spec"]
+    init_args = pod["initContainers"][0]["args"]
+    assert init_args[init_args.index("--quant") + 1] == "Q4_K_M"
+    (api,) = pod["containers"]
+    assert api["lifecycle"]["preStop"] == {"sleep": {"seconds": 10}}
+    assert pod["terminationGracePeriodSeconds"] >= 10 + 30  # preStop + the server's graceful shutdown
+    assert api["resources"]["requests"]["ephemeral-storage"] == "20Gi"
+    assert api["resources"]["limits"]["cpu"] == api["resources"]["requests"]["cpu"]  # n_threads = limit
+    volume = next(v for v in pod["volumes"] if v["name"] == "models")
+    assert volume["emptyDir"]["sizeLimit"] == "20Gi"
+    # job-gate-values.yaml sets model.sizeBytes 4920734208: × 1.10 + 64 MiB
+    sized = one(rendered["job-gate-values.yaml"], "Rollout")["spec"]["template"]["spec"]
+    expected = str(4920734208 * 110 // 100 + 64 * 1024 * 1024)
+    assert next(v for v in sized["volumes"] if v["name"] == "models")["emptyDir"]["sizeLimit"] == expected
+    assert sized["containers"][0]["resources"]["requests"]["ephemeral-storage"] == expected
+    pdb = one(rendered["default"], "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == rollout["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "api"
+
+
+def test_pull_everything_is_a_value(helm: Path) -> None:
+    objs = render(helm, sets=("model.pullServedOnly=false",))
+    init = one(objs, "Rollout")["spec"]["template"]["spec"]["initContainers"][0]
+    assert "--quant" not in init["args"]

@@ -1,13 +1,15 @@
-"""ggufship.runtime.load_ggml_backends: the image's ggml CPU-variant loading (no-op when unset)."""
+"""ggufship.runtime: the image's ggml CPU-variant loading (no-op when unset), and the CPU budget
+(llama.cpp threads) from the container's cgroup limit and affinity."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from ggufship.errors import GgufshipError
-from ggufship.runtime import ENV_VAR, GgmlBackendError, load_ggml_backends
+from ggufship.runtime import ENV_VAR, GgmlBackendError, cpu_budget, load_ggml_backends
 
 
 def test_noop_without_directory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,3 +49,64 @@ def test_loads_from_llama_cpp_lib_dir() -> None:
     devices = load_ggml_backends(lib_dir)
     assert devices >= 1
     assert load_ggml_backends(lib_dir) == devices
+
+
+# ---------------------------------------------------------------- cpu_budget (n_threads)
+
+
+def _cgroup_tree(root: Path, files: dict[str, str], own: str = "") -> Path:
+    """A fake /sys/fs/cgroup under ``root`` and a /proc/self/cgroup naming ``own``."""
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    proc = root.parent / "proc-self-cgroup"
+    proc.write_text(f"0::/{own}\n")
+    return proc
+
+
+@pytest.mark.parametrize(
+    ("files", "own", "affinity", "expected"),
+    [
+        # cgroup v2, container with limits.cpu: 2 on a 64-CPU node → 2, not os.cpu_count().
+        ({"cpu.max": "200000 100000\n"}, "", 64, 2),
+        # no limit: the affinity (cpuset) decides.
+        ({"cpu.max": "max 100000\n"}, "", 6, 6),
+        # fractional quota rounds down (1.5 CPUs → 1 thread), never below 1.
+        ({"cpu.max": "150000 100000\n"}, "", 8, 1),
+        ({"cpu.max": "20000 100000\n"}, "", 8, 1),
+        # a cpuset smaller than the quota wins.
+        ({"cpu.max": "800000 100000\n"}, "", 3, 3),
+        # the limit sits on a parent of the process's own cgroup (pod-level cgroup).
+        (
+            {"kubepods/pod1/cpu.max": "400000 100000\n", "kubepods/pod1/ctr/cpu.max": "max 100000\n"},
+            "kubepods/pod1/ctr",
+            32,
+            4,
+        ),
+        # the smaller of a parent's and the own limit.
+        ({"a/cpu.max": "300000 100000\n", "a/b/cpu.max": "500000 100000\n"}, "a/b", 32, 3),
+        # garbage in cpu.max is ignored (logged), not a crash and not 0 threads.
+        ({"cpu.max": "lots\n"}, "", 4, 4),
+        # cgroup v1: cfs quota / period; -1 is no limit.
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, None, 16, 3),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None, 16, 16),
+    ],
+)
+def test_cpu_budget_from_cgroup(
+    tmp_path: Path, files: dict[str, str], own: str | None, affinity: int, expected: int
+) -> None:
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    proc = _cgroup_tree(root, files, own or "")
+    if own is None:  # cgroup v1: no 0:: line
+        proc.write_text("4:cpu,cpuacct:/\n")
+    assert cpu_budget(cgroup_root=root, proc_self_cgroup=proc, affinity=affinity) == expected
+
+
+def test_cpu_budget_defaults_to_this_process(tmp_path: Path) -> None:
+    """Without fakes: at most the CPUs this process may run on (sched_getaffinity), at least 1."""
+    budget = cpu_budget()
+    assert 1 <= budget <= len(os.sched_getaffinity(0))
+    # no cgroup files at all: the affinity
+    assert cpu_budget(cgroup_root=tmp_path, proc_self_cgroup=tmp_path / "missing", affinity=5) == 5

@@ -88,3 +88,88 @@ def load_ggml_backends(directory: str | os.PathLike[str] | None = None) -> int:
         "ggml backends from %s: %d module(s) present, %d device(s) registered", path, len(modules), devices
     )
     return devices
+
+
+# ---------------------------------------------------------------- CPU budget
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+
+
+def _cgroup_v2_dir(cgroup_root: Path, proc_self_cgroup: Path) -> Path | None:
+    """This process's cgroup v2 directory (the ``0::/path`` line of /proc/self/cgroup)."""
+    try:
+        lines = proc_self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("0::"):
+            rel = line[3:].strip().lstrip("/")
+            return (cgroup_root / rel) if rel else cgroup_root
+    return None
+
+
+def _quota_v2(path: Path) -> float | None:
+    """CPUs allowed by ``cpu.max`` (``"<quota> <period>"`` or ``"max <period>"``); None: no limit."""
+    try:
+        text = path.read_text().split()
+    except OSError:
+        return None
+    if len(text) != 2 or text[0] == "max":
+        if len(text) != 2:
+            logger.warning("%s: unexpected content %r; ignored", path, " ".join(text))
+        return None
+    try:
+        quota, period = int(text[0]), int(text[1])
+    except ValueError:
+        logger.warning("%s: unexpected content %r; ignored", path, " ".join(text))
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _quota_v1(cpu_dir: Path) -> float | None:
+    """CPUs allowed by cgroup v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (-1: no limit)."""
+    try:
+        quota = int((cpu_dir / "cpu.cfs_quota_us").read_text().strip())
+        period = int((cpu_dir / "cpu.cfs_period_us").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cpu_budget(
+    *,
+    cgroup_root: Path = CGROUP_ROOT,
+    proc_self_cgroup: Path = PROC_SELF_CGROUP,
+    affinity: int | None = None,
+) -> int:
+    """How many CPUs this process can really use: the smaller of its CPU affinity
+    (``os.sched_getaffinity``, cpusets) and its cgroup CPU quota — cgroup v2 ``cpu.max`` of its
+    own cgroup and every parent up to ``cgroup_root``, else cgroup v1 ``cpu.cfs_quota_us`` —
+    rounded down, at least 1. A container with ``limits.cpu: 2`` on a 64-core node gets 2, where
+    ``os.cpu_count()`` says 64 (and 64 llama.cpp threads on 2 CPUs' quota are throttled)."""
+    if affinity is None:
+        try:
+            affinity = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            affinity = os.cpu_count() or 1
+    limits: list[float] = []
+    own = _cgroup_v2_dir(cgroup_root, proc_self_cgroup)
+    if own is not None:
+        level = own
+        root = cgroup_root.resolve()
+        while True:
+            quota = _quota_v2(level / "cpu.max")
+            if quota is not None:
+                limits.append(quota)
+            if level.resolve() == root or level.parent == level:
+                break
+            level = level.parent
+    if not limits:
+        for cpu_dir in (cgroup_root / "cpu", cgroup_root / "cpu,cpuacct"):
+            quota = _quota_v1(cpu_dir)
+            if quota is not None:
+                limits.append(quota)
+                break
+    budget = min([float(affinity), *limits])
+    return max(1, int(budget))

@@ -29,10 +29,41 @@ ggufship.io/model: {{ .Values.model.name | quote }}
 {{ .Values.image.repository }}:{{ .Values.image.tag }}
 {{- end -}}
 
-{{/* The analysis args every AnalysisTemplate of this chart takes. */}}
+{{/* The API pods: selector labels + component=api. Every API Service, the PDB, the
+DestinationRule subsets and the Rollout select on it, so the gate's pods (component=ks-gate)
+are never endpoints of the API nor scraped as the API. */}}
+{{- define "ggufship-api.apiSelectorLabels" -}}
+{{ include "ggufship-api.selectorLabels" . }}
+app.kubernetes.io/component: api
+{{- end -}}
+
+{{/* Seconds of a duration such as 90s, 5m, 1h. */}}
+{{- define "ggufship-api.seconds" -}}
+{{- $n := regexFind "^[0-9]+" . | int -}}
+{{- $unit := regexFind "[smh]$" . -}}
+{{- if eq $unit "h" }}{{ mul $n 3600 }}{{ else if eq $unit "m" }}{{ mul $n 60 }}{{ else }}{{ $n }}{{ end -}}
+{{- end -}}
+
+{{/* The analysis args every AnalysisTemplate of this chart takes: the tracks are the
+pod-template hashes of the stable and the latest ReplicaSet (argo-rollouts
+utils/analysis/factory.go BuildArgumentsForRolloutAnalysisRun), which Prometheus attaches
+to every series (ServiceMonitor relabeling), never a label the app reads at start-up. */}}
 {{- define "ggufship-api.analysisArgs" -}}
 - name: model
   value: {{ .Values.model.name | quote }}
+- name: namespace
+  value: {{ .Release.Namespace | quote }}
+- name: stable-hash
+  valueFrom: {podTemplateHashValue: Stable}
+- name: canary-hash
+  valueFrom: {podTemplateHashValue: Latest}
+{{- end -}}
+
+{{- define "ggufship-api.analysisArgNames" -}}
+- name: model
+- name: namespace
+- name: stable-hash
+- name: canary-hash
 {{- end -}}
 
 {{- define "ggufship-api.validate" -}}
@@ -49,19 +80,32 @@ ggufship.io/model: {{ .Values.model.name | quote }}
 {{- if not (regexMatch "^(s3|oci)://" (default "" .Values.model.uri)) -}}
 {{- fail (printf "model.uri: %q must start with s3:// or oci://" (default "" .Values.model.uri)) -}}
 {{- end -}}
-{{- if not .Values.rollout.weights -}}
-{{- fail "rollout.weights: at least one canary weight is required" -}}
+{{- $prev := 0 -}}
+{{- range $i, $step := .Values.rollout.canary.steps -}}
+{{- if le (int $step.weight) (int $prev) -}}
+{{- fail (printf "rollout.canary.steps[%d].weight: %v must be above the previous step's %v" $i $step.weight $prev) -}}
 {{- end -}}
-{{- range .Values.rollout.weights -}}
-{{- if or (le (int .) 0) (ge (int .) 100) -}}
-{{- fail (printf "rollout.weights: %v must be between 1 and 99" .) -}}
+{{- $prev = $step.weight -}}
 {{- end -}}
+{{- $a := .Values.analysis -}}
+{{- $window := include "ggufship-api.seconds" $a.window | int -}}
+{{- if lt (include "ggufship-api.seconds" $a.initialDelay | int) $window -}}
+{{- fail (printf "analysis.initialDelay: %s is shorter than analysis.window %s (the first measurement would see less than a window of canary traffic)" $a.initialDelay $a.window) -}}
+{{- end -}}
+{{- if ge (add (int $a.failureLimit) (int $a.inconclusiveLimit)) (int $a.count) -}}
+{{- fail (printf "analysis.failureLimit (%v) + analysis.inconclusiveLimit (%v) must be below analysis.count (%v): else `count` measurements without one success (no data) could end Successful" $a.failureLimit $a.inconclusiveLimit $a.count) -}}
 {{- end -}}
 {{- end -}}
 
-{{/* `ggufship gate` options shared by the job provider and the gate server. */}}
+{{/* `ggufship gate` options shared by the job provider and the gate server. The tracks are
+selected by pod-template hash (label rollouts_pod_template_hash, attached by the
+ServiceMonitor) and namespace. The whole-request p99 and the 5xx ratio are Prometheus
+metrics of their own (analysis.thresholds); the KS gate only gets them when their action
+is abort and they are enabled — otherwise a limit no answer reaches (p99 3600 s, 5xx 1),
+so that a `pause` threshold never aborts through the gate. */}}
 {{- define "ggufship-api.gateArgs" -}}
 {{- $a := .Values.analysis -}}
+{{- $t := $a.thresholds -}}
 - gate
 {{- if eq $a.ks.provider "web" }}
 - serve
@@ -74,12 +118,35 @@ ggufship.io/model: {{ .Values.model.name | quote }}
 - {{ $a.prometheus.address | quote }}
 - --window
 - {{ $a.window | quote }}
+- --namespace
+- {{ .Release.Namespace | quote }}
+- --track-label
+- rollouts_pod_template_hash
 - --analyses
-- {{ len .Values.rollout.weights | quote }}
+- {{ len .Values.rollout.canary.steps | quote }}
+- --min-samples
+- {{ $a.minSamples | quote }}
 - --max-p99
-- {{ $a.thresholds.p99LatencySeconds | quote }}
+- {{ if and $t.p99Latency.enabled (eq $t.p99Latency.action "abort") }}{{ $t.p99Latency.maxSeconds | quote }}{{ else }}"3600"{{ end }}
 - --max-error-ratio
-- {{ $a.thresholds.errorRatio | quote }}
+- {{ if and $t.errorRatio.enabled (eq $t.errorRatio.action "abort") }}{{ $t.errorRatio.max | quote }}{{ else }}"1"{{ end }}
+{{- end -}}
+
+{{/* Timing and limits of every counted measurement of the canary plan. */}}
+{{- define "ggufship-api.metricTiming" -}}
+{{- $a := .Values.analysis -}}
+initialDelay: {{ $a.initialDelay }}
+interval: {{ $a.interval }}
+count: {{ $a.count }}
+failureLimit: {{ $a.failureLimit }}
+inconclusiveLimit: {{ $a.inconclusiveLimit }}
+consecutiveErrorLimit: {{ $a.consecutiveErrorLimit }}
+{{- end -}}
+
+{{/* PromQL label matchers of one track: pod-template hash, model, namespace (the same order
+as ggufship.gate.selector). */}}
+{{- define "ggufship-api.trackSelector" -}}
+rollouts_pod_template_hash="{{ "{{" }}args.{{ . }}-hash{{ "}}" }}",model="{{ "{{" }}args.model{{ "}}" }}",namespace="{{ "{{" }}args.namespace{{ "}}" }}"
 {{- end -}}
 
 {{/* The model to fetch and serve, read from the pod's own annotations. */}}

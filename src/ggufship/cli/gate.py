@@ -52,6 +52,13 @@ def _analysis_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--stable-track", metavar="V", help="`track` label of the stable (stable)")
     g.add_argument("--canary-track", metavar="V", help="`track` label of the canary (canary)")
+    g.add_argument(
+        "--track-label",
+        metavar="NAME",
+        help="label telling the tracks apart (track); in a cluster rollouts_pod_template_hash, with "
+        "--stable-track/--canary-track the pod-template hashes",
+    )
+    g.add_argument("--namespace", help="`namespace` label of both tracks (default: any)")
     g.add_argument("--at", metavar="TIME", help="evaluation time: ISO 8601 or Unix seconds (default: now)")
     g.add_argument("--timeout", type=float, metavar="S", help="timeout per Prometheus query (10)")
     pol = p.add_argument_group("policy")
@@ -166,6 +173,8 @@ def build_request(args: argparse.Namespace) -> Any:
         "matchers": tuple(args.matcher) if args.matcher else None,
         "stable_track": args.stable_track,
         "canary_track": args.canary_track,
+        "track_label": args.track_label,
+        "namespace": args.namespace,
         "at": _parse_time(args.at) if args.at else None,
         "timeout_s": args.timeout,
         "max_p99_s": args.max_p99,

@@ -38,6 +38,8 @@ _SINGLE = {
     "min_median_shift": ("min_median_shift", float),
     "stable_track": ("stable_track", str),
     "canary_track": ("canary_track", str),
+    "track_label": ("track_label", str),
+    "namespace": ("namespace", str),
 }
 
 

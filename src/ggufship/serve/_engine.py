@@ -16,7 +16,6 @@ import codecs
 import collections
 import contextlib
 import logging
-import os
 import random
 import threading
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ggufship.runtime import cpu_budget
 from ggufship.serve._metrics import ServeMetrics
 from ggufship.serve.errors import (
     APIError,
@@ -165,7 +165,8 @@ class Engine:
         self.queue_size = queue_size
         self.retry_after = retry_after
         self._n_ctx = n_ctx
-        self._n_threads = n_threads or max(1, (os.cpu_count() or 1) // parallel)
+        # The container's CPU limit (cgroup cpu.max, affinity), not the node's os.cpu_count().
+        self._n_threads = n_threads or max(1, cpu_budget() // parallel)
         self._n_batch = n_batch
         self._metrics = metrics
         self._instances: list[Any] = []
