@@ -196,7 +196,7 @@ def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     for path in sorted((root / "upstream").glob("argo-events_*schema.json")):
         full = json.loads(path.read_text())
         definitions = strict(full["definitions"])
-        for kind in ("EventSource", "Sensor"):
+        for kind in ("EventSource", "Sensor", "EventBus"):
             found[("argoproj.io/v1alpha1", kind)] = {
                 "$ref": f"#/definitions/io.argoproj.events.v1alpha1.{kind}",
                 "definitions": definitions,

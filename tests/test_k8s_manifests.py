@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.k8s_fixtures import ROOT, load_objects, run_tool, tools_or_skip, validate
+from tests.k8s_fixtures import ROOT, load_objects, run_tool, tools_or_skip, validate, which_or_skip
 
 MANIFESTS = ROOT / "manifests"
 WORKFLOW_SOURCE = ROOT / "pipelines" / "argo" / "release_workflow.py"
@@ -62,6 +63,7 @@ def test_every_kind_is_covered() -> None:
         "RoleBinding",
         "Secret",
         "Application",
+        "EventBus",
     } <= kinds
 
 
@@ -272,3 +274,152 @@ def test_workflow_argocd_and_chart_agree_on_names() -> None:
     assert app["spec"]["destination"]["namespace"] == params["rollout-namespace"]
     deploy = templates["deploy"]["container"]["args"][0]
     assert '--gitops-env "$ENVIRONMENT"' in deploy
+
+
+# ---------------------------------------------------------------- issue 14 items 6 and 9
+
+ROLLOUT_NAMESPACE = "ml"
+CHART = ROOT / "charts" / "ggufship-api"
+
+
+def _application() -> dict[str, Any]:
+    return find("Application", "support-bot-production")
+
+
+def _argocd_normalize(obj: dict[str, Any], ignore: list[dict[str, Any]], jq: str) -> dict[str, Any]:
+    """What Argo CD compares (and, with RespectIgnoreDifferences, applies): every matching
+    ignoreDifferences jqPathExpression deleted with ``del(expr)`` (argo-cd
+    util/argo/normalizers/diff_normalizer.go, jqNormalizerPatch: gojq ``del(%s)``)."""
+    group = obj["apiVersion"].split("/")[0] if "/" in obj["apiVersion"] else ""
+    for rule in ignore:
+        if rule.get("kind") != obj["kind"] or rule.get("group", "") != group:
+            continue
+        for expr in rule.get("jqPathExpressions", []):
+            out = subprocess.run(
+                [jq, "-c", f"del({expr})"], input=json.dumps(obj), capture_output=True, text=True, timeout=30
+            )
+            assert out.returncode == 0, f"jq del({expr}): {out.stderr}"
+            obj = json.loads(out.stdout)
+    return obj
+
+
+def _mid_canary(obj: dict[str, Any]) -> dict[str, Any]:
+    """The live object while Argo Rollouts runs a canary at 5 % (istio/istio.go: weights of the
+    named routes, the managed header route inserted first, pod-template hashes in the
+    DestinationRule subsets; the Services' selectors get the hash too)."""
+    live = json.loads(json.dumps(obj))
+    spec = live["spec"]
+    if live["kind"] == "VirtualService":
+        route = spec["http"][0]["route"]
+        route[0]["weight"], route[1]["weight"] = 95, 5
+        header = {"name": "canary-header", "match": [{"headers": {"x-canary": {"exact": "always"}}}]}
+        spec["http"].insert(0, {**header, "route": [{"destination": route[1]["destination"], "weight": 100}]})
+    elif live["kind"] == "DestinationRule":
+        for subset, pod_hash in zip(spec["subsets"], ("5d4f8c7b9", "6c8d9f7a1"), strict=True):
+            subset["labels"]["rollouts-pod-template-hash"] = pod_hash
+    elif live["kind"] == "Service":
+        spec["selector"]["rollouts-pod-template-hash"] = "6c8d9f7a1"
+    return live
+
+
+def test_argocd_ignores_and_respects_what_argo_rollouts_owns() -> None:
+    """Issue 14 item 6. With the Application's ignoreDifferences, the live VirtualService,
+    DestinationRule and Services in the middle of a canary equal what Git renders — so Argo CD
+    neither reports OutOfSync nor (RespectIgnoreDifferences=true) writes Git's 100/0 weights back
+    during a sync; without them, they differ."""
+    jq = which_or_skip("jq")
+    app = _application()
+    options = app["spec"]["syncPolicy"]["syncOptions"]
+    assert "RespectIgnoreDifferences=true" in options  # ignoreDifferences also during sync
+    assert "ApplyOutOfSyncOnly=true" in options
+    assert app["spec"]["syncPolicy"]["automated"]["selfHeal"] is True
+    ignore = app["spec"]["ignoreDifferences"]
+    helm = tools_or_skip()["helm"]
+    objs = load_objects(
+        run_tool(
+            [
+                helm,
+                "template",
+                "rel",
+                CHART,
+                "-n",
+                ROLLOUT_NAMESPACE,
+                "-f",
+                CHART / "ci" / "istio-values.yaml",
+            ]
+        ).stdout
+    )
+    owned = [o for o in objs if o["kind"] in ("VirtualService", "DestinationRule")]
+    owned += [
+        o for o in objs if o["kind"] == "Service" and o["metadata"]["name"].endswith(("-stable", "-canary"))
+    ]
+    assert len(owned) == 4
+    for desired in owned:
+        live = _mid_canary(desired)
+        assert live != desired
+        assert _argocd_normalize(live, ignore, jq) == _argocd_normalize(desired, ignore, jq), desired["kind"]
+        assert _argocd_normalize(live, [], jq) != _argocd_normalize(desired, [], jq)
+
+
+def test_rbac_in_the_rollouts_namespace() -> None:
+    """Issue 14 item 9: a Role only grants rights in its own namespace, so whatever reads the
+    Rollout is bound in the Rollout's namespace (the Application's destination): the release
+    Workflow's ServiceAccount and the KFP runner's."""
+    destination = _application()["spec"]["destination"]["namespace"]
+    roles = {
+        (o["metadata"]["namespace"], o["metadata"]["name"]): o
+        for p in MANIFEST_FILES
+        for o in objects(p)
+        if o["kind"] == "Role"
+    }
+    bindings = [o for p in MANIFEST_FILES for o in objects(p) if o["kind"] == "RoleBinding"]
+
+    def can(subject: tuple[str, str], verb: str, resource: str, namespace: str) -> bool:
+        for binding in bindings:
+            if binding["metadata"]["namespace"] != namespace:
+                continue
+            if not any((s["namespace"], s["name"]) == subject for s in binding["subjects"]):
+                continue
+            role = roles.get((namespace, binding["roleRef"]["name"]))
+            if role and any(
+                "argoproj.io" in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+                for r in role["rules"]
+            ):
+                return True
+        return False
+
+    workflow = ("argo-events", find("WorkflowTemplate", "ggufship-release")["spec"]["serviceAccountName"])
+    kfp_runner = ("kubeflow-user-example-com", "default-editor")
+    for subject in (workflow, kfp_runner):
+        for verb in ("get", "list", "watch"):
+            assert can(subject, verb, "rollouts", destination), (subject, verb)
+    assert can(kfp_runner, "patch", "rollouts", destination)
+    assert not can(workflow, "patch", "rollouts", destination)
+    # nothing grants Rollout access in a namespace where there is no Rollout
+    assert not any(
+        "rollouts" in r["resources"]
+        for (ns, _), role in roles.items()
+        if ns != destination
+        for r in role["rules"]
+    )
+    # the workflow's await steps read the Rollout in the namespace its parameter names (default ml)
+    params = {
+        p["name"]: p for p in find("WorkflowTemplate", "ggufship-release")["spec"]["arguments"]["parameters"]
+    }
+    assert params["rollout-namespace"].get("value") == destination
+
+
+def test_eventbus_for_the_sensors_and_eventsource() -> None:
+    """Issue 14 item 9: EventSources and Sensors need an EventBus in their namespace, named
+    `default` unless they name one (argo-events docs/eventbus/eventbus.md)."""
+    bus = find("EventBus", "default")
+    assert bus["metadata"]["namespace"] == "argo-events"
+    assert bus["spec"]["jetstream"]["version"] != "latest"
+    for kind, name in (
+        ("EventSource", "ggufship-releases"),
+        ("Sensor", "ggufship-release"),
+        ("Sensor", "ggufship-release-kfp"),
+    ):
+        obj = find(kind, name)
+        assert obj["metadata"]["namespace"] == bus["metadata"]["namespace"]
+        assert obj["spec"].get("eventBusName", "default") == bus["metadata"]["name"]

@@ -64,3 +64,19 @@ class ManifestError(IntegrityError):
     """manifest.json is missing or cannot be parsed."""
 
     exit_code = 9
+
+
+class UnsafePathError(ManifestError):
+    """A file name from untrusted input (a manifest entry, an OCI layer title, an S3 key) is not a
+    relative, normalised path inside its root (absolute, ``..``, ``.``, empty segment, backslash,
+    control character), or a symlink would lead it outside. The message names the source and the
+    problem."""
+
+    exit_code = 9
+
+
+class UnlistedFileError(IntegrityError):
+    """Files arrived or were signed that ``manifest.json`` does not list (an extra OCI layer; a
+    signature whose file set is not the manifest's). ``problems`` names each file."""
+
+    exit_code = 8

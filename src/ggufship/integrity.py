@@ -8,13 +8,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ggufship.errors import IntegrityError, ManifestError
+from ggufship.errors import IntegrityError, ManifestError, UnsafePathError
+from ggufship.layout import SIDECAR_SUFFIX, confined_join
 from ggufship.manifest import MANIFEST_NAME, Manifest
 
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 4 * 1024 * 1024
-SIDECAR_SUFFIX = ".sha256"
 
 ProgressFn = Callable[[int], None]
 
@@ -86,14 +86,17 @@ def verify_export(out_dir: Path, *, raise_on_error: bool = True) -> VerifyReport
     Checks size and SHA256 of each listed file, and that each ``.sha256``
     sidecar agrees with the manifest. Reports every mismatch, not just the
     first; raises :class:`IntegrityError` naming all of them unless
-    ``raise_on_error`` is false.
+    ``raise_on_error`` is false. A listed path that is not confined to
+    ``out_dir`` (see :func:`ggufship.layout.confined_join`) is never read: the
+    manifest model refuses it, and :class:`UnsafePathError` is raised here too.
     """
     out_dir = Path(out_dir)
-    manifest = Manifest.load(out_dir / MANIFEST_NAME)
+    manifest_path = out_dir / MANIFEST_NAME
+    manifest = Manifest.load(manifest_path)
     problems: list[str] = []
     checked: list[str] = []
-    for entry in manifest.files:
-        path = out_dir / entry.path
+    for index, entry in enumerate(manifest.files):
+        path = confined_join(out_dir, entry.path, what=f"{manifest_path}: files[{index}].path")
         checked.append(entry.path)
         if not path.is_file():
             problems.append(f"{entry.path}: missing")
@@ -105,7 +108,9 @@ def verify_export(out_dir: Path, *, raise_on_error: bool = True) -> VerifyReport
         digest, _ = sha256_file(path)
         if digest != entry.sha256:
             problems.append(f"{entry.path}: sha256 {digest} != manifest {entry.sha256}")
-        sidecar = out_dir / (entry.path + SIDECAR_SUFFIX)
+        sidecar = confined_join(
+            out_dir, entry.path + SIDECAR_SUFFIX, what=f"{manifest_path}: sidecar of files[{index}]"
+        )
         if sidecar.exists():
             side_digest, side_name = parse_sidecar(sidecar)
             if side_digest != entry.sha256 or side_name != Path(entry.path).name:
@@ -123,6 +128,7 @@ __all__ = [
     "SIDECAR_SUFFIX",
     "IntegrityError",
     "ManifestError",
+    "UnsafePathError",
     "VerifyReport",
     "parse_sidecar",
     "sha256_file",

@@ -6,16 +6,22 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ggufship.errors import ManifestError
+from ggufship.layout import MANIFEST_NAME, file_set_problems, path_problem
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "ggufship.manifest/v1"
+
+__all__ = ["MANIFEST_NAME", "MANIFEST_SCHEMA", "Manifest", "ManifestFile", "SourceInfo"]
 
 
 class ManifestFile(BaseModel):
-    """One output file: its path relative to the export directory, digest and size."""
+    """One output file: its path relative to the export directory, digest and size.
+
+    ``path`` is untrusted when the manifest comes from a bucket or a registry: it must
+    be a relative, normalised POSIX path (see :mod:`ggufship.layout`).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -24,6 +30,14 @@ class ManifestFile(BaseModel):
     size: int = Field(ge=0)
     kind: Literal["gguf", "model-card"]
     quantization: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _relative_normalised(cls, value: str) -> str:
+        problem = path_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class TensorRemap(BaseModel):
@@ -76,6 +90,25 @@ class Manifest(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     toolchain: dict[str, str] = Field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+
+    @field_validator("name", "version")
+    @classmethod
+    def _one_segment(cls, value: str) -> str:
+        # name and version become S3 key segments and GitOps file names
+        problem = path_problem(value)
+        if problem is None and "/" in value:
+            problem = "contains '/' (must be one path segment)"
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _one_directory(cls, files: tuple[ManifestFile, ...]) -> tuple[ManifestFile, ...]:
+        problems = file_set_problems(f.path for f in files)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return files
 
     def gguf_files(self) -> tuple[ManifestFile, ...]:
         return tuple(f for f in self.files if f.kind == "gguf")

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ggufship.errors import IntegrityError
 from ggufship.integrity import sha256_file, verify_export
+from ggufship.layout import export_files
 from ggufship.manifest import MANIFEST_NAME, Manifest
 from ggufship.progress import Reporter
 from ggufship.publish._errors import (
@@ -51,6 +52,7 @@ from ggufship.publish._s3 import (
     publish_s3,
     pull_s3,
 )
+from ggufship.sign import check_signed_files
 
 if TYPE_CHECKING:
     from ggufship.sign import VerificationPolicy
@@ -142,6 +144,8 @@ def publish(export_dir: Path, request: PublishRequest, *, reporter: Reporter | N
         raise PublishError(f"{export_dir}: not an export directory")
     verify_export(export_dir)  # raises IntegrityError naming every mismatch: never publish bad bytes
     manifest = Manifest.load(export_dir / MANIFEST_NAME)
+    # a signature over other files than the published ones could never verify: refuse it
+    check_signed_files(export_dir, export_files(export_dir, manifest))
     manifest_sha256, _ = sha256_file(export_dir / MANIFEST_NAME)
     reporter = reporter or Reporter(enabled=False)
     s3_result = oci_result = gitops_result = None

@@ -30,18 +30,26 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ggufship.errors import GgufshipError, IntegrityError, OutputError
+from ggufship.errors import (
+    GgufshipError,
+    IntegrityError,
+    ManifestError,
+    OutputError,
+    UnlistedFileError,
+    UnsafePathError,
+)
 from ggufship.integrity import SIDECAR_SUFFIX, sha256_file, verify_export
+from ggufship.layout import check_relpath, confined_join, export_files
 from ggufship.manifest import MANIFEST_NAME, Manifest
 from ggufship.publish import _modelpack as mp
+from ggufship.sign import check_signed_files
 
 logger = logging.getLogger(__name__)
 
@@ -427,20 +435,17 @@ def _layer_files(export_dir: Path, manifest: Manifest) -> list[mp.LayerFile]:
                 kind="gguf",
             )
         )
+    others = [entry for entry in manifest.files if entry.kind != "gguf"]
     for entry in ggufs:
-        sidecar = export_dir / (entry.path + SIDECAR_SUFFIX)
-        if sidecar.is_file():
-            digest, size = sha256_file(sidecar)
-            layers.append(
-                mp.LayerFile(sidecar.name, mp.MEDIA_TYPE_DOC_RAW, f"sha256:{digest}", size, kind="checksum")
+        _add_sidecar(layers, export_dir, entry.path)
+    for entry in others:
+        layers.append(
+            mp.LayerFile(
+                entry.path, mp.MEDIA_TYPE_DOC_RAW, f"sha256:{entry.sha256}", entry.size, kind=entry.kind
             )
-    for entry in manifest.files:
-        if entry.kind != "gguf":
-            layers.append(
-                mp.LayerFile(
-                    entry.path, mp.MEDIA_TYPE_DOC_RAW, f"sha256:{entry.sha256}", entry.size, kind=entry.kind
-                )
-            )
+        )
+    for entry in others:  # after the files, so an export without these sidecars keeps its digest
+        _add_sidecar(layers, export_dir, entry.path)
     digest, size = sha256_file(export_dir / MANIFEST_NAME)
     layers.append(
         mp.LayerFile(
@@ -451,6 +456,16 @@ def _layer_files(export_dir: Path, manifest: Manifest) -> list[mp.LayerFile]:
     for extra in sorted(p.name for p in export_dir.iterdir() if p.name not in known):
         logger.warning("%s: not part of the export's manifest; not pushed", export_dir / extra)
     return layers
+
+
+def _add_sidecar(layers: list[mp.LayerFile], export_dir: Path, path: str) -> None:
+    """The ``.sha256`` sidecar of one listed file as a layer, if the export has one (the path is the
+    listed one plus the suffix, like the sidecar's name in S3 and on pull)."""
+    name = path + SIDECAR_SUFFIX
+    sidecar = confined_join(export_dir, name, what=f"{export_dir / MANIFEST_NAME}: sidecar of {path}")
+    if sidecar.is_file():
+        digest, size = sha256_file(sidecar)
+        layers.append(mp.LayerFile(name, mp.MEDIA_TYPE_DOC_RAW, f"sha256:{digest}", size, kind="checksum"))
 
 
 def release_tags(manifest: Manifest) -> tuple[str, ...]:
@@ -474,6 +489,7 @@ def push_export(export_dir: Path, target: OciTarget, *, force: bool = False) -> 
     export_dir = Path(export_dir)
     verify_export(export_dir)
     manifest = Manifest.load(export_dir / MANIFEST_NAME)
+    check_signed_files(export_dir, export_files(export_dir, manifest))
     tags = release_tags(manifest)
     layers = _layer_files(export_dir, manifest)
     manifest_layer = next(layer for layer in layers if layer.path == MANIFEST_NAME)
@@ -500,7 +516,8 @@ def push_export(export_dir: Path, target: OciTarget, *, force: bool = False) -> 
             for tag, old in conflicts.items():
                 logger.warning("force: moving %s:%s from %s to %s", where, tag, old, doc.digest)
             for layer in layers:
-                _upload_file(client, export_dir / layer.path, layer.media_type, layer.digest, layer.size)
+                path = confined_join(export_dir, layer.path, what=f"{export_dir}: layer {layer.path}")
+                _upload_file(client, path, layer.media_type, layer.digest, layer.size)
             _upload_bytes(client, config, scratch)
             for tag in tags:
                 _put_manifest(client, doc, tag)
@@ -565,14 +582,78 @@ def _referrers(client: Any, subject_digest: str, artifact_type: str) -> list[dic
         logger.debug("referrers API answered %s; reading the referrers tag", response.status_code)
         index = _get_manifest(client, mp.referrers_tag(subject_digest), accept=mp.INDEX_MEDIA_TYPE)
         found = list(index.json().get("manifests") or []) if index is not None else []
-    return [d for d in found if d.get("artifactType") == artifact_type]
+    return [d for d in found if isinstance(d, dict) and d.get("artifactType") == artifact_type]
 
 
-def _safe_relpath(name: str, layer_digest: str) -> str:
-    path = PurePosixPath(name)
-    if not name or path.is_absolute() or ".." in path.parts or name.startswith("~"):
-        raise OciError(f"layer {layer_digest}: unsafe file path {name!r}")
-    return path.as_posix()
+@dataclass(frozen=True)
+class _Layer:
+    """A layer descriptor of a pulled model manifest, checked: its file name is a confined relative path."""
+
+    title: str
+    digest: str
+    size: int
+
+
+def _titled_layers(body: Any, where: str) -> list[_Layer]:
+    """The layers of a ModelPack manifest, each with a safe, unique file name (``filepath`` or ``title``).
+
+    Everything in ``body`` is untrusted: a malformed descriptor is an :class:`OciError`, a title
+    that is not a relative, normalised path an :class:`UnsafePathError`, both naming the layer.
+    """
+    raw = body.get("layers") if isinstance(body, dict) else None
+    if not isinstance(raw, list):
+        raise OciError(f"{where}: the OCI manifest has no 'layers' list")
+    layers: list[_Layer] = []
+    seen: dict[str, str] = {}
+    for index, layer in enumerate(raw):
+        if not isinstance(layer, dict):
+            raise OciError(f"{where}: layers[{index}] is not a descriptor object")
+        digest, size = layer.get("digest"), layer.get("size")
+        if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+            raise OciError(f"{where}: layers[{index}]: digest {digest!r} is not sha256:<64 hex digits>")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise OciError(f"{where}: layers[{index}] ({digest}): size {size!r} is not a byte count")
+        annotations = layer.get("annotations") or {}
+        if not isinstance(annotations, dict):
+            raise OciError(f"{where}: layers[{index}] ({digest}): annotations are not an object")
+        name = annotations.get(mp.ANNOTATION_FILEPATH) or annotations.get(mp.ANNOTATION_TITLE)
+        what = f"{where}: layers[{index}] ({digest}) title"
+        title = check_relpath(name, what)
+        if title in seen:
+            raise UnsafePathError(f"{what}: {title!r}: a second layer with this file name")
+        seen[title] = digest
+        layers.append(_Layer(title, digest, size))
+    return layers
+
+
+def _fetch_listed_layers(client: Any, layers: list[_Layer], staging: Path, where: str) -> None:
+    """``manifest.json`` first; then exactly the layers it lists (and their ``.sha256`` sidecars).
+
+    A layer ``manifest.json`` does not list (an executable ``run.sh``, ``sub/dir/evil.gguf``)
+    is refused with :class:`UnlistedFileError` before any of them is downloaded.
+    """
+    by_title = {layer.title: layer for layer in layers}
+    head = by_title.get(MANIFEST_NAME)
+    if head is None:
+        raise ManifestError(f"{where}: no layer titled {MANIFEST_NAME} (not a ggufship export)")
+    _download(client, head.digest, head.size, staging / MANIFEST_NAME)
+    manifest = Manifest.load(staging / MANIFEST_NAME)
+    listed = {entry.path for entry in manifest.files}
+    allowed = listed | {path + SIDECAR_SUFFIX for path in listed}
+    unlisted = sorted(title for title in by_title if title != MANIFEST_NAME and title not in allowed)
+    if unlisted:
+        problems = [
+            f"{title}: layer {by_title[title].digest} is not listed in {MANIFEST_NAME}" for title in unlisted
+        ]
+        raise UnlistedFileError(
+            f"{where}: {len(unlisted)} layer(s) not listed in {MANIFEST_NAME}, refused: "
+            + "; ".join(problems),
+            problems,
+        )
+    for layer in layers:
+        if layer.title != MANIFEST_NAME:
+            out = confined_join(staging, layer.title, what=f"{where}: layer {layer.digest} title")
+            _download(client, layer.digest, layer.size, out)
 
 
 def _download(client: Any, digest: str, size: int | None, out: Path) -> None:
@@ -649,21 +730,18 @@ def pull_export(reference: str, dest: Path, target_auth: OciTarget | None = None
     where = f"{registry}/{repository}"
     if doc is None:
         raise OciError(f"{where}: {ref} not found")
-    body = doc.json()
+    body = _json_object(doc, f"{where}:{ref}")
     if body.get("mediaType", doc.media_type) != mp.MANIFEST_MEDIA_TYPE:
         raise OciError(f"{where}:{ref}: is a {body.get('mediaType')}, not an OCI image manifest")
     if body.get("artifactType") != mp.ARTIFACT_TYPE_MODEL:
         raise OciError(
             f"{where}:{ref}: artifactType {body.get('artifactType')!r} is not {mp.ARTIFACT_TYPE_MODEL}"
         )
+    layers = _titled_layers(body, f"{where}@{doc.digest}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
     try:
-        for layer in body.get("layers", []):
-            annotations: Mapping[str, str] = layer.get("annotations") or {}
-            name = annotations.get(mp.ANNOTATION_FILEPATH) or annotations.get(mp.ANNOTATION_TITLE) or ""
-            relpath = _safe_relpath(name, str(layer.get("digest")))
-            _download(client, str(layer["digest"]), int(layer["size"]), staging / relpath)
+        _fetch_listed_layers(client, layers, staging, f"{where}@{doc.digest}")
         verify_export(staging)
         signatures = _referrers(client, doc.digest, mp.ARTIFACT_TYPE_SIGNATURE)
         if signatures:
@@ -671,7 +749,7 @@ def pull_export(reference: str, dest: Path, target_auth: OciTarget | None = None
                 logger.warning(
                     "%d signatures refer to %s; taking the last listed", len(signatures), doc.digest
                 )
-            _pull_signature(client, str(signatures[-1]["digest"]), doc.digest, staging)
+            _pull_signature(client, str(signatures[-1].get("digest")), doc.digest, staging)
         else:
             logger.warning("%s@%s has no signature referrer", where, doc.digest)
         staging.chmod(0o755)
@@ -686,15 +764,34 @@ def pull_export(reference: str, dest: Path, target_auth: OciTarget | None = None
 
 
 def _pull_signature(client: Any, sig_digest: str, subject_digest: str, staging: Path) -> None:
+    if not _DIGEST_RE.match(sig_digest):
+        raise OciError(f"referrer of {subject_digest}: digest {sig_digest!r} is not sha256:<64 hex digits>")
     sig = _get_manifest(client, sig_digest)
     if sig is None:
         raise OciError(f"signature manifest {sig_digest} is listed as a referrer but missing")
-    body = sig.json()
-    if (body.get("subject") or {}).get("digest") != subject_digest:
+    body = _json_object(sig, f"signature manifest {sig_digest}")
+    subject = body.get("subject")
+    if not isinstance(subject, dict) or subject.get("digest") != subject_digest:
         raise IntegrityError(f"signature manifest {sig_digest}: its subject is not {subject_digest}")
     layers = [
-        layer for layer in body.get("layers", []) if layer.get("mediaType") == mp.ARTIFACT_TYPE_SIGNATURE
+        layer
+        for layer in body.get("layers") or []
+        if isinstance(layer, dict) and layer.get("mediaType") == mp.ARTIFACT_TYPE_SIGNATURE
     ]
     if len(layers) != 1:
         raise OciError(f"signature manifest {sig_digest}: expected one signature layer, found {len(layers)}")
-    _download(client, str(layers[0]["digest"]), int(layers[0]["size"]), staging / mp.SIGNATURE_FILE)
+    digest, size = layers[0].get("digest"), layers[0].get("size")
+    if not isinstance(digest, str) or not _DIGEST_RE.match(digest) or not isinstance(size, int) or size < 0:
+        raise OciError(f"signature manifest {sig_digest}: malformed signature layer descriptor")
+    _download(client, digest, size, staging / mp.SIGNATURE_FILE)
+
+
+def _json_object(doc: mp.Document, where: str) -> dict[str, Any]:
+    """The JSON object of a fetched manifest; anything else is an :class:`OciError` (never a traceback)."""
+    try:
+        body = doc.json()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OciError(f"{where}: the manifest is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise OciError(f"{where}: the manifest is a JSON {type(body).__name__}, not an object")
+    return body

@@ -36,6 +36,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ggufship.integrity import CHUNK_SIZE, SIDECAR_SUFFIX, sha256_file
+from ggufship.layout import confined_join
 from ggufship.manifest import MANIFEST_NAME, Manifest
 from ggufship.progress import Reporter
 from ggufship.publish._errors import (
@@ -55,6 +56,9 @@ SIGNATURE_NAME = "model.sig"
 MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PART_SIZE = 5 * 1024 * 1024 * 1024
 MAX_PARTS = 10_000
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # pull reads these small objects into memory: bounded
+MAX_SIDECAR_BYTES = 64 * 1024
+MAX_SIGNATURE_BYTES = 16 * 1024 * 1024
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _ACCESS_CODES = frozenset(
@@ -656,7 +660,12 @@ def pull_s3(
     """Download ``s3://bucket/prefix/`` (an export: ``manifest.json`` + files) into ``staging``.
 
     Every file is hashed while it streams and compared with the manifest; a
-    mismatch raises :class:`PullError` naming the key and both digests.
+    mismatch raises :class:`PullError` naming the key and both digests. The
+    manifest is untrusted: its model refuses any entry that is not a relative,
+    normalised path (:class:`PullError` naming the key and the field), and every
+    local path is joined with :func:`ggufship.layout.confined_join`. Exactly the
+    listed files, their ``.sha256`` sidecars, ``model.sig`` and ``manifest.json``
+    are fetched, nothing else under the prefix.
     """
     conn = resolve_connection(replace(target, bucket=bucket, prefix=prefix))
     client = client_for(conn)
@@ -665,7 +674,7 @@ def pull_s3(
     with s3_errors(conn, bucket, None, "check bucket"):
         if not client.bucket_exists(bucket):
             raise S3AccessError(f"s3://{bucket}/{base}: bucket {bucket!r} does not exist at {conn.url}")
-    data, meta = _get_bytes(client, conn, bucket, manifest_key)
+    data, meta = _get_bytes(client, conn, bucket, manifest_key, MAX_MANIFEST_BYTES)
     if data is None:
         raise PullError(f"s3://{bucket}/{manifest_key}: no manifest there (not a published export)")
     declared = meta.get("sha256")
@@ -677,31 +686,36 @@ def pull_s3(
         manifest = Manifest.model_validate_json(data)
     except ValidationError as exc:
         raise PullError(f"s3://{bucket}/{manifest_key}: invalid manifest: {exc}") from exc
+    where = f"s3://{bucket}/{manifest_key}"
     reporter = reporter or Reporter(enabled=False)
     with reporter.session():
-        for entry in manifest.files:
+        for index, entry in enumerate(manifest.files):
+            local = confined_join(staging, entry.path, what=f"{where}: files[{index}].path")
             with reporter.task(f"download s3://{bucket}/{base}{entry.path}", total=entry.size) as task:
                 _download(
                     client,
                     conn,
                     bucket,
                     base + entry.path,
-                    staging / entry.path,
+                    local,
                     entry.sha256,
                     entry.size,
                     task.advance,
                 )
-    for name in [f.path + SIDECAR_SUFFIX for f in manifest.files] + [SIGNATURE_NAME]:
-        small, _ = _get_bytes(client, conn, bucket, base + name)
+    extras = [(f.path + SIDECAR_SUFFIX, MAX_SIDECAR_BYTES) for f in manifest.files]
+    for name, limit in [*extras, (SIGNATURE_NAME, MAX_SIGNATURE_BYTES)]:
+        local = confined_join(staging, name, what=f"{where}: sidecar/signature")
+        small, _ = _get_bytes(client, conn, bucket, base + name, limit)
         if small is not None:
-            (staging / name).write_bytes(small)
+            local.write_bytes(small)
     (staging / MANIFEST_NAME).write_bytes(data)
     return manifest
 
 
 def _get_bytes(
-    client: Minio, conn: S3Connection, bucket: str, key: str
+    client: Minio, conn: S3Connection, bucket: str, key: str, limit: int
 ) -> tuple[bytes | None, dict[str, str]]:
+    """A small object (manifest, sidecar, signature) in memory; more than ``limit`` bytes is refused."""
     from minio.error import S3Error
 
     with s3_errors(conn, bucket, key, "download"):
@@ -712,7 +726,10 @@ def _get_bytes(
                 return None, {}
             raise
         try:
-            return response.read(), object_metadata(response.headers)
+            data = response.read(limit + 1)
+            if len(data) > limit:
+                raise PullError(f"s3://{bucket}/{key}: larger than {limit} bytes (not a file ggufship wrote)")
+            return data, object_metadata(response.headers)
         finally:
             response.close()
             response.release_conn()

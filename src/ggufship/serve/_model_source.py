@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ggufship.errors import GgufshipError, IntegrityError
+from ggufship.errors import GgufshipError, IntegrityError, UnsafePathError
 from ggufship.integrity import SIDECAR_SUFFIX, parse_sidecar, sha256_file
+from ggufship.layout import confined_join
 from ggufship.manifest import MANIFEST_NAME, Manifest, ManifestFile
 from ggufship.serve.errors import ModelSourceError, ModelVerificationError, ServeConfigError
 
@@ -134,7 +135,10 @@ def _from_export(export_dir: Path, settings: ServeSettings, *, policy: Any, chec
     if policy is not None:
         _verify_signature(export_dir, policy, checks)
     entry = _pick(manifest, export_dir, settings.quant)
-    path = export_dir / entry.path
+    try:
+        path = confined_join(export_dir, entry.path, what=f"MODEL {export_dir}: {MANIFEST_NAME} entry")
+    except UnsafePathError as exc:
+        raise ModelVerificationError(f"{exc}; refusing to serve it") from exc
     if not path.is_file():
         raise ModelVerificationError(f"MODEL {path}: listed in {MANIFEST_NAME} but missing")
     digest = _check_digest(path, entry.sha256, f"{MANIFEST_NAME} of {export_dir}", settings, checks)

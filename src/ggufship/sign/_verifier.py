@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
-from ggufship.errors import ManifestError
+from ggufship.errors import ManifestError, UnlistedFileError
 from ggufship.integrity import sha256_file, verify_export
+from ggufship.manifest import MANIFEST_NAME
 from ggufship.sign._errors import SignatureMismatchError, SignError, TamperedError, UnsignedExportError
 from ggufship.sign._keys import (
     check_trust_config,
@@ -94,6 +96,38 @@ def _tamper_problems(export_dir: Path, signature: Path) -> list[str]:
             if digest != signed[name]:
                 problems.append(f"{name}: changed after signing (sha256 {digest} != signed {signed[name]})")
     return problems
+
+
+def check_signed_files(export_dir: Path, delivered: Iterable[str]) -> None:
+    """Refuse an export whose ``model.sig`` signs another file set than the one it delivers.
+
+    ``delivered``: the files publish uploads and pull writes (see
+    :func:`ggufship.layout.export_files`). A signed file outside that set would be
+    dropped on the way (the published artifact could never verify); a delivered
+    file the signature does not cover fails verification as "added after
+    signing". Both raise :class:`~ggufship.errors.UnlistedFileError` naming each
+    file. Only the statement's file list is read here; the signature itself is
+    checked by :func:`verify_signed_export`. No ``model.sig``, or one whose
+    statement is not a per-file listing (opaque to this check): nothing to compare.
+    """
+    signature = Path(export_dir) / SIGNATURE_NAME
+    if not signature.is_file():
+        return
+    signed = _signed_resources(signature)
+    if signed is None:
+        logger.warning("%s: no per-file statement in it; its file set is not compared", signature)
+        return
+    names = set(delivered)
+    problems = [
+        f"{name}: signed but not listed in {MANIFEST_NAME} (would not be published)"
+        for name in sorted(set(signed) - names)
+    ] + [f"{name}: delivered but not signed" for name in sorted(names - set(signed))]
+    if problems:
+        raise UnlistedFileError(
+            f"{export_dir}: {SIGNATURE_NAME} and {MANIFEST_NAME} disagree on the files of the export: "
+            + "; ".join(problems),
+            problems,
+        )
 
 
 def check_signature(export_dir: Path, policy: VerificationPolicy) -> SignatureReport:
