@@ -5,9 +5,9 @@
 Starts its own SeaweedFS (``ggufship up --service s3`` in a temporary state dir),
 writes one random file of ``--size-mib`` and measures, best of ``--runs``:
 
-* ours, upload: ``ggufship.publish._s3.upload_file`` — checksummed multipart upload
-  (SHA256 per part, checked by the server; minio also hashes each body for SigV4 over
-  plain HTTP), plus the whole-file SHA256 re-check before completing;
+* ours, upload: ``ggufship.publish._s3_write.upload_file`` — checksummed multipart upload
+  through boto3 (SHA256 per part, checked by the server; botocore also hashes each body
+  for SigV4 over plain HTTP), plus the whole-file SHA256 re-check before completing;
 * ours, download: the pull path (``_s3._download``: streamed, hashed, compared);
 * curl PUT / GET: one raw S3 request of the same bytes with ``--aws-sigv4``
   (no checksums, unsigned payload) — what the server and loopback can do;
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from ggufship.progress import Reporter  # noqa: E402
-from ggufship.publish import S3Target, _s3  # noqa: E402
+from ggufship.publish import S3Target, _s3, _s3_write  # noqa: E402
 from ggufship.services import ServicesSettings, down, load_credentials, load_state, up  # noqa: E402
 
 MIB = 1024 * 1024
@@ -72,7 +72,8 @@ def main() -> int:
         )
         conn = _s3.resolve_connection(target)
         client = _s3.client_for(conn)
-        _s3.ensure_bucket(client, conn, "bench", create=True)
+        writer = _s3_write.write_client(conn)
+        _s3_write.ensure_bucket(writer, conn, "bench", create=True)
 
         src = work / "payload.bin"
         size = args.size_mib * MIB
@@ -83,8 +84,8 @@ def main() -> int:
 
         def ours_up(i: int) -> None:
             key = f"ours/{i}"
-            _s3.upload_file(
-                client,
+            _s3_write.upload_file(
+                writer,
                 conn,
                 "bench",
                 key,

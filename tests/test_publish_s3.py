@@ -36,6 +36,7 @@ from ggufship.publish import (
     S3AccessError,
     S3Target,
     _s3,
+    _s3_write,
     publish,
     pull,
 )
@@ -104,6 +105,11 @@ def s3(services_factory):
     return state_dir, target, _s3.client_for(conn)
 
 
+def _writer(target: S3Target):
+    """A boto3 client (the write side's) for the same endpoint."""
+    return _s3_write.write_client(_s3.resolve_connection(target))
+
+
 def _keys(client, bucket: str) -> list[str]:
     return sorted(o.object_name for o in client.list_objects(bucket, recursive=True))
 
@@ -134,7 +140,7 @@ def test_publish_layout_metadata_idempotent_and_pull(s3, tmp_path, caplog):
     uploads = [r.getMessage() for r in caplog.records if r.getMessage().startswith("upload s3://")]
     assert uploads[-1] == f"upload s3://models/{base}{MANIFEST_NAME} ..."
     assert len(uploads) == len(expected)
-    assert not _s3.incomplete_uploads(client, "models", base)
+    assert not _s3_write.incomplete_uploads(_writer(target()), "models", base)
 
     caplog.clear()
     again = publish(export, PublishRequest(s3=target(prefix="team")))
@@ -175,25 +181,35 @@ def test_same_version_other_digest_refused_unless_force(s3, tmp_path):
 
 
 def test_server_refuses_a_wrong_sha256_checksum(s3):
-    _, _target, client = s3
-    from minio.error import S3Error
+    """What the upload relies on: the server recomputes x-amz-checksum-sha256 (PUT and each part)."""
+    _, target, client = s3
+    from botocore.exceptions import ClientError
 
+    writer = _writer(target())
     client.make_bucket("raw")
+    bad_codes = ("BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest")
     wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
-    with pytest.raises(S3Error) as err:
-        client._put_object("raw", "single", b"payload", {"x-amz-checksum-sha256": wrong})
-    assert err.value.code in ("BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest")
-    upload_id = client._create_multipart_upload("raw", "multi", {"x-amz-checksum-algorithm": "SHA256"})
-    with pytest.raises(S3Error) as err:
-        client._upload_part(
-            "raw", "multi", os.urandom(5 * MIB), {"x-amz-checksum-sha256": wrong}, upload_id, 1
+    with pytest.raises(ClientError) as err:
+        writer.put_object(Bucket="raw", Key="single", Body=b"payload", ChecksumSHA256=wrong)
+    assert err.value.response["Error"]["Code"] in bad_codes
+    upload_id = writer.create_multipart_upload(Bucket="raw", Key="multi", ChecksumAlgorithm="SHA256")[
+        "UploadId"
+    ]
+    with pytest.raises(ClientError) as err:
+        writer.upload_part(
+            Bucket="raw",
+            Key="multi",
+            UploadId=upload_id,
+            PartNumber=1,
+            Body=os.urandom(5 * MIB),
+            ChecksumSHA256=wrong,
         )
-    assert err.value.code in ("BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest")
-    client._abort_multipart_upload("raw", "multi", upload_id)
+    assert err.value.response["Error"]["Code"] in bad_codes
+    writer.abort_multipart_upload(Bucket="raw", Key="multi", UploadId=upload_id)
     assert _keys(client, "raw") == []
     # and the right one is accepted
     right = base64.b64encode(hashlib.sha256(b"payload").digest()).decode()
-    client._put_object("raw", "single", b"payload", {"x-amz-checksum-sha256": right})
+    writer.put_object(Bucket="raw", Key="single", Body=b"payload", ChecksumSHA256=right)
     assert client.get_object("raw", "single").read() == b"payload"
 
 
@@ -361,13 +377,13 @@ def test_interrupted_upload_leaves_no_object_and_rerun_succeeds(s3, tmp_path):
     big_key = base + "syn-1.0.0-F16.gguf"
     visible = _keys(client, "models")
     assert big_key not in visible and base + MANIFEST_NAME not in visible
-    assert [k for k, _ in _s3.incomplete_uploads(client, "models", base)] == [big_key]
+    assert [k for k, _ in _s3_write.incomplete_uploads(_writer(target()), "models", base)] == [big_key]
     with pytest.raises(PullError, match="no manifest"):
         pull("s3://models/" + base, tmp_path / "pulled", s3=target())
 
     result = publish(export, PublishRequest(s3=target()))
     assert result.s3 is not None and not result.s3.skipped
-    assert _s3.incomplete_uploads(client, "models", base) == []
+    assert _s3_write.incomplete_uploads(_writer(target()), "models", base) == []
     dest = pull(result.s3.uri, tmp_path / "pulled", s3=target())
     assert (dest / "syn-1.0.0-F16.gguf").read_bytes() == (export / "syn-1.0.0-F16.gguf").read_bytes()
 

@@ -8,13 +8,21 @@ Public front::
                                                 gitops=GitOpsTarget(url="file:///srv/gitops.git")))
     local = pull(result.s3.uri, Path("cache/tiny-1.0.0"))
 
-Engines (private): ``_s3`` (checksummed multipart uploads through the minio
-SDK, verified downloads), ``_oci`` (ORAS push/pull, another module's work) and
-``_gitops`` (one commit per release, push with fetch/rebase retries). Targets run
-in the order S3 → OCI → GitOps, so the GitOps record can name the S3 URIs and the
-OCI digest. Every target is idempotent (same digests: skipped, and said so) and
-immutable (same version with other digests: :class:`PublishConflictError` unless
-``force``).
+Engines (private): ``_s3`` (settings, verified downloads through the minio SDK),
+``_s3_write`` (checksummed, conditional uploads through boto3, and the publish
+lease), ``_oci`` (ORAS push/pull, another module's work) and ``_gitops`` (one
+commit per release, push with fetch/rebase retries). Targets run in the order
+S3 → OCI → GitOps, so the GitOps record can name the S3 URIs and the OCI digest.
+Every target is idempotent (same digests: skipped, and said so) and immutable
+(same version with other digests: :class:`PublishConflictError` unless ``force``).
+
+Concurrent publishes of one name/version: with an S3 target, the whole publish
+(S3, OCI, GitOps) runs under that version's S3 lease (``_s3_write.PublishLease``,
+an atomic ``If-None-Match: *`` create), so exactly one publisher writes; another
+with other content gets :class:`PublishConflictError` before writing anything, and
+the three stores name one digest. Without an S3 target there is no lease: GitOps
+still refuses a second record (non-force push, conflict on rebase), but OCI tags
+are last-writer-wins (the registry has no compare-and-swap).
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, is_dataclass, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,9 +58,9 @@ from ggufship.publish._s3 import (
     S3Settings,
     S3Target,
     parse_s3_uri,
-    publish_s3,
     pull_s3,
 )
+from ggufship.publish._s3_write import LeasePolicy, PublishLease, publish_s3, s3_lease
 from ggufship.sign import check_signed_files
 
 if TYPE_CHECKING:
@@ -62,6 +71,7 @@ __all__ = [
     "GitOpsError",
     "GitOpsResult",
     "GitOpsTarget",
+    "LeasePolicy",
     "PublishConflictError",
     "PublishError",
     "PublishRequest",
@@ -85,13 +95,16 @@ class PublishRequest:
     """Where to publish; each target is optional, at least one is needed.
 
     ``oci`` is an ``ggufship.publish._oci.OciTarget``. ``force`` replaces a
-    published version whose digests differ (otherwise refused).
+    published version whose digests differ (otherwise refused). ``lease``: the
+    per-version S3 lease's TTL and how long to wait for a concurrent publisher of
+    the same content (see :class:`LeasePolicy`).
     """
 
     s3: S3Target | None = None
     oci: Any | None = None
     gitops: GitOpsTarget | None = None
     force: bool = False
+    lease: LeasePolicy = field(default_factory=LeasePolicy)
 
 
 @dataclass(frozen=True)
@@ -149,27 +162,34 @@ def publish(export_dir: Path, request: PublishRequest, *, reporter: Reporter | N
     manifest_sha256, _ = sha256_file(export_dir / MANIFEST_NAME)
     reporter = reporter or Reporter(enabled=False)
     s3_result = oci_result = gitops_result = None
-    with reporter.session():
-        if request.s3 is not None:
-            s3_result = publish_s3(export_dir, manifest, request.s3, force=request.force, reporter=reporter)
-        if request.oci is not None:
-            from ggufship.publish._oci import push_export
+    with _version_lease(request, manifest, manifest_sha256) as lease:
+        with reporter.session():
+            if request.s3 is not None and lease is not None:
+                s3_result = publish_s3(
+                    export_dir, manifest, request.s3, force=request.force, reporter=reporter, lease=lease
+                )
+            if request.oci is not None:
+                from ggufship.publish._oci import push_export
 
-            oci_result = push_export(export_dir, request.oci, force=request.force)
-            logger.info(
-                "oci: %s (%s)",
-                getattr(oci_result, "reference", "?"),
-                "already there, skipped" if getattr(oci_result, "skipped", False) else "pushed",
+                if lease is not None:
+                    lease.check()
+                oci_result = push_export(export_dir, request.oci, force=request.force)
+                logger.info(
+                    "oci: %s (%s)",
+                    getattr(oci_result, "reference", "?"),
+                    "already there, skipped" if getattr(oci_result, "skipped", False) else "pushed",
+                )
+        if request.gitops is not None:
+            if lease is not None:
+                lease.check()
+            target = replace(request.gitops, force=request.gitops.force or request.force)
+            gitops_result = publish_gitops(
+                manifest,
+                manifest_sha256,
+                target,
+                ReleaseLocations(s3=s3_result, oci=oci_result),
+                _signature_ref(export_dir),
             )
-    if request.gitops is not None:
-        target = replace(request.gitops, force=request.gitops.force or request.force)
-        gitops_result = publish_gitops(
-            manifest,
-            manifest_sha256,
-            target,
-            ReleaseLocations(s3=s3_result, oci=oci_result),
-            _signature_ref(export_dir),
-        )
     return PublishResult(
         name=manifest.name,
         version=manifest.version,
@@ -179,6 +199,25 @@ def publish(export_dir: Path, request: PublishRequest, *, reporter: Reporter | N
         oci=oci_result,
         gitops=gitops_result,
     )
+
+
+@contextlib.contextmanager
+def _version_lease(
+    request: PublishRequest, manifest: Manifest, manifest_sha256: str
+) -> Iterator[PublishLease | None]:
+    """The S3 publish lease of this version, held across all targets; None without an S3 target.
+
+    Why across all targets: S3, OCI and GitOps have no transaction in common. The
+    lease (one atomic create in S3) makes this publisher the only writer of the
+    version until it is done, so the OCI tags and the GitOps record it writes name
+    the digests it wrote to S3, and a concurrent publisher of other content stops
+    with :class:`PublishConflictError` before its first write.
+    """
+    if request.s3 is None:
+        yield None
+        return
+    with s3_lease(request.s3, manifest, manifest_sha256, request.lease) as lease:
+        yield lease
 
 
 # ---------------------------------------------------------------- pull

@@ -1,33 +1,22 @@
-"""The S3 engine: checksummed multipart uploads and verified downloads through the ``minio`` SDK.
+"""The S3 engine's shared half and its reads: settings, connection, verified downloads (``minio`` SDK).
 
 Layout: every file of an export goes to ``[<prefix>/]models/<name>/<version>/<file>``
 with user metadata ``name``, ``version`` and ``sha256``; ``manifest.json`` is
 uploaded last, so a reader that finds a manifest finds every file it lists.
 
-Integrity on the wire: each request carries ``x-amz-checksum-sha256`` (the whole
-object for a single PUT, each part for a multipart upload, with the
-``ChecksumSHA256`` of every part repeated in CompleteMultipartUpload); the server
-recomputes it and refuses a mismatch. minio 7.2.20's ``put_object`` sends no
-checksums, so the upload is driven here with the SDK's request layer
-(``_create_multipart_upload``, ``_upload_part``, ``_execute``: signing, retries,
-error parsing stay the SDK's).
-
-Atomic: a multipart upload that was never completed is invisible to readers.
-Before uploading a key, incomplete uploads of that key left by an interrupted run
-are aborted, so a re-run starts clean and leaves no orphaned parts.
+Writes (checksummed uploads, conditional creates, the per-version publish lease
+that lets exactly one of two concurrent publishers win) are in ``_s3_write``,
+through boto3: minio 7.2.20's public API can send neither per-part SHA256
+checksums nor ``If-None-Match``/``If-Match``. Reads here use minio's public API only.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import logging
 import re
-import threading
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,12 +24,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ggufship.integrity import CHUNK_SIZE, SIDECAR_SUFFIX, sha256_file
+from ggufship.integrity import CHUNK_SIZE, SIDECAR_SUFFIX
 from ggufship.layout import confined_join
 from ggufship.manifest import MANIFEST_NAME, Manifest
 from ggufship.progress import Reporter
 from ggufship.publish._errors import (
-    PublishConflictError,
     PublishError,
     PublishSettingsError,
     PullError,
@@ -353,140 +341,9 @@ class S3PublishResult:
         return f"s3://{self.bucket}/{self.base_key}{filename}"
 
 
-@dataclass(frozen=True)
-class _LocalFile:
-    name: str
-    path: Path
-    sha256: str
-    size: int
-
-
 def base_key(prefix: str, name: str, version: str) -> str:
     head = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
     return f"{head}models/{name}/{version}/"
-
-
-def _b64(hex_digest: str) -> str:
-    return base64.b64encode(bytes.fromhex(hex_digest)).decode("ascii")
-
-
-def _local_files(export_dir: Path, manifest: Manifest) -> tuple[list[_LocalFile], _LocalFile]:
-    """The files to upload (manifest entries, their sidecars, the signature) and the manifest itself."""
-    files: list[_LocalFile] = []
-    for entry in manifest.files:
-        files.append(_LocalFile(entry.path, export_dir / entry.path, entry.sha256, entry.size))
-        sidecar = export_dir / (entry.path + SIDECAR_SUFFIX)
-        if sidecar.is_file():
-            digest, size = sha256_file(sidecar)
-            files.append(_LocalFile(sidecar.name, sidecar, digest, size))
-    signature = export_dir / SIGNATURE_NAME
-    if signature.is_file():
-        digest, size = sha256_file(signature)
-        files.append(_LocalFile(SIGNATURE_NAME, signature, digest, size))
-    digest, size = sha256_file(export_dir / MANIFEST_NAME)
-    return files, _LocalFile(MANIFEST_NAME, export_dir / MANIFEST_NAME, digest, size)
-
-
-# ---------------------------------------------------------------- publish
-
-
-def publish_s3(
-    export_dir: Path,
-    manifest: Manifest,
-    target: S3Target,
-    *,
-    force: bool = False,
-    reporter: Reporter | None = None,
-) -> S3PublishResult:
-    """Upload a verified export; idempotent (same digests: skipped), immutable (other digests: refused).
-
-    ``export_dir`` must already have been verified against ``manifest``.
-    """
-    reporter = reporter or Reporter(enabled=False)
-    conn = resolve_connection(target)
-    client = client_for(conn)
-    bucket = target.bucket
-    check_bucket_name(bucket, f"s3://{bucket}")
-    base = base_key(target.prefix, manifest.name, manifest.version)
-    files, manifest_file = _local_files(export_dir, manifest)
-    ensure_bucket(client, conn, bucket, create=target.create_bucket)
-
-    remote_manifest = _remote_sha256(client, conn, bucket, base + MANIFEST_NAME)
-    if remote_manifest is not None and remote_manifest != manifest_file.sha256:
-        where = f"s3://{bucket}/{base}{MANIFEST_NAME}"
-        if not force:
-            raise PublishConflictError(
-                f"{where}: {manifest.name} {manifest.version} is already published with other content "
-                f"(remote manifest sha256 {remote_manifest}, this export's {manifest_file.sha256}); "
-                "publish a new version, or replace it with --force"
-            )
-        logger.warning("%s: replacing the published %s %s (--force)", where, manifest.name, manifest.version)
-        # Readers must not see the old manifest next to new files: take it away first.
-        with s3_errors(conn, bucket, base + MANIFEST_NAME, "delete"):
-            client.remove_object(bucket, base + MANIFEST_NAME)
-
-    meta = {"name": manifest.name, "version": manifest.version}
-    objects: list[S3Object] = []
-    for local in [*files, manifest_file]:
-        key = base + local.name
-        remote = _remote_sha256(client, conn, bucket, key)
-        if remote == local.sha256:
-            logger.info("s3://%s/%s: already there with sha256 %s, skipped", bucket, key, local.sha256[:12])
-            objects.append(S3Object(key, local.sha256, local.size, skipped=True))
-            continue
-        if remote is not None:
-            logger.info(
-                "s3://%s/%s: replacing an object with other content (no manifest refers to it)", bucket, key
-            )
-        abort_incomplete_uploads(client, conn, bucket, key)
-        upload_file(client, conn, bucket, key, local.path, local.sha256, local.size, {**meta}, reporter)
-        objects.append(S3Object(key, local.sha256, local.size, skipped=False))
-    result = S3PublishResult(
-        endpoint=conn.url,
-        bucket=bucket,
-        base_key=base,
-        objects=tuple(objects),
-        manifest_sha256=manifest_file.sha256,
-    )
-    if result.skipped:
-        logger.info(
-            "%s: %s %s already published with the same digests; nothing uploaded",
-            result.uri,
-            manifest.name,
-            manifest.version,
-        )
-    else:
-        logger.info("published %s %s to %s", manifest.name, manifest.version, result.uri)
-    return result
-
-
-def ensure_bucket(client: Minio, conn: S3Connection, bucket: str, *, create: bool) -> None:
-    with s3_errors(conn, bucket, None, "check bucket"):
-        exists = client.bucket_exists(bucket)
-    if exists:
-        return
-    if not create:
-        raise S3AccessError(
-            f"s3://{bucket}: bucket {bucket!r} does not exist at {conn.url}; "
-            "create it, or pass --create-bucket"
-        )
-    with s3_errors(conn, bucket, None, "create bucket"):
-        client.make_bucket(bucket, location=conn.region) if conn.region else client.make_bucket(bucket)
-    logger.info("created bucket s3://%s at %s", bucket, conn.url)
-
-
-def _remote_sha256(client: Minio, conn: S3Connection, bucket: str, key: str) -> str | None:
-    """The ``sha256`` metadata of an object, ``""`` if it has none, ``None`` if there is no object."""
-    from minio.error import S3Error
-
-    with s3_errors(conn, bucket, key, "stat"):
-        try:
-            stat = client.stat_object(bucket, key)
-        except S3Error as exc:
-            if _is_missing(exc):
-                return None
-            raise
-    return object_metadata(stat.metadata).get("sha256", "")
 
 
 def object_metadata(headers: Any) -> dict[str, str]:
@@ -497,158 +354,6 @@ def object_metadata(headers: Any) -> dict[str, str]:
         if low.startswith("x-amz-meta-"):
             out[low[len("x-amz-meta-") :]] = str(value)
     return out
-
-
-def abort_incomplete_uploads(client: Minio, conn: S3Connection, bucket: str, key: str) -> int:
-    """Abort every unfinished multipart upload of exactly ``key`` (left by an interrupted run)."""
-    aborted = 0
-    with s3_errors(conn, bucket, key, "list incomplete uploads of"):
-        uploads = [
-            u for u in client._list_multipart_uploads(bucket, prefix=key).uploads if u.object_name == key
-        ]
-        for upload in uploads:
-            client._abort_multipart_upload(bucket, key, str(upload.upload_id))
-            aborted += 1
-    if aborted:
-        logger.info(
-            "s3://%s/%s: aborted %d incomplete upload(s) left by an earlier run", bucket, key, aborted
-        )
-    return aborted
-
-
-def incomplete_uploads(client: Minio, bucket: str, prefix: str) -> list[tuple[str, str]]:
-    """``(key, upload id)`` of every unfinished multipart upload under ``prefix``."""
-    result = client._list_multipart_uploads(bucket, prefix=prefix)
-    return [(u.object_name, str(u.upload_id)) for u in result.uploads]
-
-
-def upload_file(
-    client: Minio,
-    conn: S3Connection,
-    bucket: str,
-    key: str,
-    path: Path,
-    sha256: str,
-    size: int,
-    metadata: dict[str, str],
-    reporter: Reporter,
-) -> None:
-    """One object: a single checksummed PUT up to the part size, else a checksummed multipart upload."""
-    headers = {f"x-amz-meta-{k}": v for k, v in {**metadata, "sha256": sha256}.items()}
-    headers["Content-Type"] = "application/json" if path.suffix == ".json" else "application/octet-stream"
-    part_size = max(conn.part_size, -(-size // MAX_PARTS))
-    with reporter.task(f"upload s3://{bucket}/{key}", total=size) as task:
-        if size <= part_size:
-            data = path.read_bytes()
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != sha256:
-                raise PublishError(f"{path}: changed while publishing (sha256 {digest} != {sha256})")
-            headers["x-amz-checksum-sha256"] = _b64(sha256)
-            with s3_errors(conn, bucket, key, "upload"):
-                client._put_object(bucket, key, data, headers)
-            task.advance(size)
-        else:
-            _multipart(client, conn, bucket, key, path, sha256, size, part_size, headers, task)
-
-
-def _multipart(
-    client: Minio,
-    conn: S3Connection,
-    bucket: str,
-    key: str,
-    path: Path,
-    sha256: str,
-    size: int,
-    part_size: int,
-    headers: dict[str, str],
-    task: Any,
-) -> None:
-    count = -(-size // part_size)
-    with s3_errors(conn, bucket, key, "start multipart upload of"):
-        upload_id = client._create_multipart_upload(
-            bucket, key, {**headers, "x-amz-checksum-algorithm": "SHA256"}
-        )
-    logger.debug(
-        "s3://%s/%s: multipart upload %s, %d parts of %d bytes", bucket, key, upload_id, count, part_size
-    )
-    # The parts are read here, in order, so the whole-file SHA256 is computed over exactly the
-    # bytes sent (no second pass over the file); workers hash each part for its checksum header
-    # and send it. At most ``parallel`` parts are in memory at once.
-    whole = hashlib.sha256()
-    digests: dict[int, tuple[str, str]] = {}
-    lock = threading.Lock()
-
-    def send(number: int, data: bytes) -> tuple[int, int]:
-        checksum = base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
-        etag = client._upload_part(bucket, key, data, {"x-amz-checksum-sha256": checksum}, upload_id, number)
-        with lock:
-            digests[number] = (etag, checksum)
-        return number, len(data)
-
-    try:
-        with (
-            path.open("rb") as fh,
-            s3_errors(conn, bucket, key, "upload part of"),
-            ThreadPoolExecutor(conn.parallel) as pool,
-        ):
-            pending: set[Future[tuple[int, int]]] = set()
-            next_part = 1
-            while next_part <= count or pending:
-                while next_part <= count and len(pending) < conn.parallel:
-                    length = min(part_size, size - (next_part - 1) * part_size)
-                    data = fh.read(length)
-                    if len(data) != length:
-                        raise PublishError(f"{path}: shorter than {size} bytes (changed while publishing)")
-                    whole.update(data)
-                    pending.add(pool.submit(send, next_part, data))
-                    next_part += 1
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    number, length = fut.result()
-                    logger.debug("s3://%s/%s: part %d/%d uploaded", bucket, key, number, count)
-                    task.advance(length)
-            if fh.read(1):
-                raise PublishError(f"{path}: longer than {size} bytes (changed while publishing)")
-        if whole.hexdigest() != sha256:
-            raise PublishError(f"{path}: changed while publishing (sha256 {whole.hexdigest()} != {sha256})")
-        _complete(client, conn, bucket, key, upload_id, [(n, *digests[n]) for n in range(1, count + 1)])
-    except BaseException:
-        with contextlib.suppress(Exception):
-            client._abort_multipart_upload(bucket, key, upload_id)
-        raise
-
-
-def _complete(
-    client: Minio,
-    conn: S3Connection,
-    bucket: str,
-    key: str,
-    upload_id: str,
-    parts: list[tuple[int, str, str]],
-) -> None:
-    from minio.helpers import md5sum_hash
-    from minio.xml import Element, SubElement, getbytes
-
-    element = Element("CompleteMultipartUpload")
-    for number, etag, checksum in parts:
-        tag = SubElement(element, "Part")
-        SubElement(tag, "PartNumber", str(number))
-        SubElement(tag, "ETag", f'"{etag}"')
-        SubElement(tag, "ChecksumSHA256", checksum)
-    body = getbytes(element)
-    headers = {"Content-Type": "application/xml", "Content-MD5": str(md5sum_hash(body))}
-    with s3_errors(conn, bucket, key, "complete multipart upload of"):
-        response = client._execute(
-            "POST", bucket, key, body=body, headers=headers, query_params={"uploadId": upload_id}
-        )
-    # S3 may answer 200 with an <Error> body to a CompleteMultipartUpload.
-    root = ET.fromstring(response.data.decode() or "<empty/>")
-    if root.tag.rsplit("}", 1)[-1] == "Error":
-        code = root.findtext("Code") or root.findtext("{*}Code")
-        message = root.findtext("Message") or root.findtext("{*}Message")
-        raise PublishError(
-            f"complete multipart upload of s3://{bucket}/{key} at {conn.url} failed: {code}: {message}"
-        )
 
 
 # ---------------------------------------------------------------- pull
