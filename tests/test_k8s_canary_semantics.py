@@ -551,3 +551,29 @@ def test_gate_queries_select_by_hash_and_namespace() -> None:
 
     with pytest.raises(GateConfigError, match="label name"):
         selector("x", track_label="bad-label")
+
+
+def test_gate_cli_and_server_take_track_label_and_namespace() -> None:
+    """The options the chart passes: `ggufship gate --track-label --namespace` and the web
+    provider's URL parameters; a label that is not a Prometheus label name is refused."""
+    import argparse
+
+    from ggufship.cli import gate as gate_cli
+    from ggufship.gate import GateConfigError, GateRequest, request_from_query
+
+    parser = argparse.ArgumentParser()
+    gate_cli.register(parser.add_subparsers())
+    args = parser.parse_args(
+        ["gate", "--track-label", HASH_LABEL, "--namespace", NAMESPACE, "--stable-track", STABLE_HASH,
+         "--canary-track", CANARY_HASH, "--prometheus", "http://127.0.0.1:9"]
+    )  # fmt: skip
+    request = gate_cli.build_request(args)
+    assert (request.track_label, request.namespace) == (HASH_LABEL, NAMESPACE)
+    assert (request.stable_track, request.canary_track) == (STABLE_HASH, CANARY_HASH)
+    served = request_from_query(
+        GateRequest(track_label=HASH_LABEL, namespace=NAMESPACE),
+        f"stable_track={STABLE_HASH}&canary_track={CANARY_HASH}",
+    )
+    assert (served.track_label, served.namespace, served.canary_track) == (HASH_LABEL, NAMESPACE, CANARY_HASH)
+    with pytest.raises(GateConfigError, match="track_label"):
+        request_from_query(GateRequest(), "track_label=bad-label")

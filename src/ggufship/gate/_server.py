@@ -6,7 +6,10 @@ the AnalysisTemplate maps ``result.outcome`` to pass/fail, and anything else is
 inconclusive. Query parameters override the defaults given at start: ``window``
 (``5m``, ``300``), ``model``, ``endpoint``, ``matcher`` (repeatable), ``analyses``
 (planned analyses), ``alpha``, ``min_samples``, ``metrics`` (comma list),
-``method``, ``max_p99``, ``max_error_ratio``. A bad parameter → ``400`` with
+``method``, ``max_p99``, ``max_error_ratio``, ``min_ks_d``, ``min_median_shift``,
+``two_sided``, ``stable_track``, ``canary_track``, ``track_label``, ``namespace`` (in a
+cluster the tracks are pod-template hashes under ``rollouts_pod_template_hash``). A bad
+parameter → ``400`` with
 ``{"error": ...}``. ``GET /healthz`` → ``{"status": "ok"}``.
 
 Standard library ``ThreadingHTTPServer``; binds 127.0.0.1 unless told otherwise.
