@@ -66,6 +66,20 @@ def test_bad_steps_name_the_field(steps: tuple[int, ...], message: str) -> None:
     assert info.value.errors()[0]["loc"] == ("steps",)
 
 
+def test_default_plan_is_the_charts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """One plan, two executors: without overrides the local rollout runs the chart's values."""
+    from ggufship.rollout import find_chart_values, load_plan
+
+    monkeypatch.chdir(tmp_path)  # found through the checkout, not the working directory
+    chart = load_plan(find_chart_values())
+    plan = RolloutSettings().canary_plan()
+    assert plan == chart and plan.source.endswith("charts/ggufship-api/values.yaml")
+    overlay = tmp_path / "values.yaml"
+    overlay.write_text("rollout: {canary: {steps: [{weight: 20}, {weight: 60, pause: 30s}]}}\n")
+    mine = RolloutSettings(plan_files=(find_chart_values(), overlay)).canary_plan()
+    assert mine.weights == (20, 60, 100) and mine.analysis == chart.analysis
+
+
 def test_settings_bounds_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValidationError) as info:
         RolloutSettings(analysis_count=0)
@@ -225,7 +239,7 @@ def test_live_display_renders_every_phase() -> None:
 
 def test_one_rollout_per_state_dir(tmp_path: Path, tiny_export_dir: Path) -> None:
     from ggufship.rollout import RolloutBusyError
-    from ggufship.rollout._steps import _exclusive
+    from ggufship.rollout._supervisor import exclusive as _exclusive
 
     state = tmp_path / "state"
     with _exclusive(state), pytest.raises(RolloutBusyError, match=r"state: another rollout is running there"):

@@ -50,12 +50,15 @@ pytestmark = [
 
 # Short windows for a 2-core machine shared with other work: the tiny model may serve only a few
 # requests a second here, so the plans start at 50% and the gate needs few samples.
+# The plan is the chart's (charts/ggufship-api/values.yaml) with the overlay
+# tests/fixtures/rollout-e2e-values.yaml: times in seconds, first step 50%.
+ROOT = Path(__file__).resolve().parents[1]
+PLAN = (
+    ROOT / "charts" / "ggufship-api" / "values.yaml",
+    ROOT / "tests" / "fixtures" / "rollout-e2e-values.yaml",
+)
 FAST: dict[str, Any] = {
-    "steps": (50, 100),
-    "analysis_window_s": 120.0,  # capped at the step's age: each analysis sees the whole step
-    "analysis_delay_s": 12.0,
-    "analysis_interval_s": 3.0,
-    "analysis_count": 1,
+    "plan_files": PLAN,
     "pause_timeout_s": 120.0,
     "settle_s": 2.0,
     "load_concurrency": 4,
@@ -245,7 +248,7 @@ def test_error_regression_fails_threshold_and_aborts(tiny_export: Path, state_di
         tiny_export,
         state_dir,
         {"GGUFSHIP_SERVE_FAULT_ABORT_STATUS": "500", "GGUFSHIP_SERVE_FAULT_ABORT_FRACTION": "0.02"},
-        settings=settings(analysis_delay_s=8.0),
+        settings=settings(analysis_window_s=8.0, analysis_delay_s=8.0),
     )
     assert status.phase == "Degraded" and status.aborted and not status.promoted, status.message
     failed = status.analyses[-1]
@@ -273,6 +276,10 @@ def test_sparse_traffic_is_inconclusive_and_pauses_cli(tiny_export: Path, state_
         "--auto-promote",
         "--rate",
         "1",
+        "--plan",
+        str(PLAN[0]),
+        "--plan",
+        str(PLAN[1]),
         "--steps",
         "20,100",
         "--stable-env",
@@ -280,7 +287,7 @@ def test_sparse_traffic_is_inconclusive_and_pauses_cli(tiny_export: Path, state_
         "--canary-env",
         "GGUFSHIP_SERVE_N_THREADS=1",
         "--analysis-window",
-        "8",
+        "6",
         "--analysis-delay",
         "6",
         "--analysis-interval",

@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="canary rollout of CANARY against STABLE on this machine (nginx + Prometheus + gate)",
         description="ggufship rollout STABLE CANARY [options]: start both API servers, Prometheus "
         "scraping them and an nginx proxy splitting traffic; send load through it and walk the "
-        "steps setWeight 5 → analysis → pause → 50 → analysis → 100. A failed analysis aborts "
+        "canary plan of the chart's values (default setWeight 5 → analysis → pause → 50 → analysis "
+        "→ 100). A failed analysis aborts "
         "(traffic back to the stable, exit 61); an inconclusive one pauses (never promotes). "
         "ggufship rollout promote | abort | status [--state-dir DIR] controls a running rollout.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -44,11 +45,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", action="store_true", help="print the (final) status as JSON")
     run = p.add_argument_group("rollout options (environment: GGUFSHIP_ROLLOUT_<FIELD>)")
     run.add_argument("--auto-promote", action="store_true", help="do not wait at the pause for `promote`")
-    run.add_argument("--steps", metavar="W,W,...", help="canary weights in percent (default 5,50,100)")
-    run.add_argument("--analysis-window", type=float, metavar="S", help="gate window, seconds (60)")
-    run.add_argument("--analysis-delay", type=float, metavar="S", help="wait before the first analysis (60)")
-    run.add_argument("--analysis-interval", type=float, metavar="S", help="between analyses, seconds (30)")
-    run.add_argument("--analysis-count", type=int, metavar="N", help="analyses per analysis step (2)")
+    run.add_argument(
+        "--plan",
+        type=Path,
+        action="append",
+        metavar="VALUES",
+        help="chart values file(s) with the canary plan, merged like helm -f (default: "
+        "charts/ggufship-api/values.yaml); the options below override it",
+    )
+    run.add_argument("--steps", metavar="W,W,...", help="canary weights in percent, e.g. 5,50,100")
+    run.add_argument("--analysis-window", type=float, metavar="S", help="gate window, seconds")
+    run.add_argument("--analysis-delay", type=float, metavar="S", help="wait before the first measurement")
+    run.add_argument("--analysis-interval", type=float, metavar="S", help="between measurements, seconds")
+    run.add_argument("--analysis-count", type=int, metavar="N", help="measurements per analysis")
+    run.add_argument("--failure-limit", type=int, metavar="N", help="abort when more measurements fail")
+    run.add_argument(
+        "--inconclusive-limit", type=int, metavar="N", help="pause when more measurements are inconclusive"
+    )
     run.add_argument("--pause-timeout", type=float, metavar="S", help="end Paused if not promoted (3600)")
     run.add_argument("--concurrency", type=int, metavar="N", help="concurrent load requests (4)")
     run.add_argument("--rate", type=float, metavar="RPS", help="pace the load (default: as fast as possible)")
@@ -100,6 +113,8 @@ def _settings(args: argparse.Namespace) -> Any:
         ("analysis_delay", "analysis_delay_s"),
         ("analysis_interval", "analysis_interval_s"),
         ("analysis_count", "analysis_count"),
+        ("failure_limit", "failure_limit"),
+        ("inconclusive_limit", "inconclusive_limit"),
         ("pause_timeout", "pause_timeout_s"),
         ("concurrency", "load_concurrency"),
         ("rate", "load_rate_per_s"),
@@ -110,6 +125,8 @@ def _settings(args: argparse.Namespace) -> Any:
             overrides[field] = value
     if args.no_reports:
         overrides["analysis_reports"] = False
+    if args.plan:
+        overrides["plan_files"] = tuple(args.plan)
     try:
         base = RolloutSettings()
         if args.min_samples is not None:

@@ -5,14 +5,19 @@ Public front:
 * :func:`run_rollout` (:class:`RolloutRequest` → :class:`RolloutStatus`) — start the
   stable and canary API servers (``ggufship serve``), have the local Prometheus
   scrape them, put nginx in front (weights, ``x-canary`` header, trace-id routing),
-  drive load through it, and walk the chart's steps (setWeight 5 → analysis → pause
-  → 50 → analysis → 100) with the gate deciding at each analysis.
+  drive load through it, and walk the canary plan of the chart's values file
+  (``charts/ggufship-api/values.yaml``: ``rollout.canary.steps`` and ``analysis.*``; by
+  default setWeight 5 → analysis → pause → 50 → analysis → 100) with the gate taking
+  each measurement — the plan the cluster's Rollout runs.
 * :func:`promote`, :func:`abort` — control a running rollout (from another process);
   :func:`rollout_status` — read its status file.
 
-The engines are private: ``_steps`` (the step machine), ``_proxy`` (nginx),
-``_load`` (the load generator), ``_tracks`` (API processes), ``_status`` (status
-file, control files, live display), ``_errors`` (exit codes 60–69).
+The engines are private: ``_plan`` (the plan from the chart's values), ``_policy``
+(the step policy, a pure function of state and event), ``_steps`` (the loop driving
+the policy), ``_supervisor`` (starting/stopping Prometheus, the API servers, nginx and
+the load), ``_proxy`` (nginx), ``_load`` (the load generator), ``_tracks`` (API
+processes), ``_status`` (status file, control files, live display), ``_errors`` (exit
+codes 60–69).
 """
 
 from __future__ import annotations
@@ -37,6 +42,13 @@ from ggufship.rollout._errors import (
     RolloutServerError,
 )
 from ggufship.rollout._load import DEFAULT_PROMPTS, LoadSpec, LoadSummary, RequestRecord, read_records
+from ggufship.rollout._plan import (
+    CanaryPlan,
+    RolloutPlanError,
+    find_chart_values,
+    load_plan,
+    override_plan,
+)
 from ggufship.rollout._proxy import CANARY_HEADER, TRACK_HEADER, trace_id
 from ggufship.rollout._status import (
     AnalysisRecord,
@@ -65,6 +77,7 @@ __all__ = [
     "AnalysisRecord",
     "AnalysisResult",
     "Analyzer",
+    "CanaryPlan",
     "LoadSummary",
     "RequestRecord",
     "RolloutAborted",
@@ -73,6 +86,7 @@ __all__ = [
     "RolloutMetricsError",
     "RolloutNotRunningError",
     "RolloutPaused",
+    "RolloutPlanError",
     "RolloutProxyError",
     "RolloutRequest",
     "RolloutServerError",
@@ -81,7 +95,9 @@ __all__ = [
     "StepRecord",
     "TrackRecord",
     "abort",
+    "find_chart_values",
     "gate_analyzer",
+    "load_plan",
     "load_records",
     "plan_steps",
     "promote",
@@ -105,25 +121,34 @@ class RolloutSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GGUFSHIP_ROLLOUT_", frozen=True, extra="forbid")
 
-    steps: tuple[int, ...] = Field(
-        default=(5, 50, 100),
-        description="canary weights in percent; the first is followed by analysis + pause, the others "
-        "below 100 by analysis; the last must be 100",
+    plan_files: tuple[Path, ...] = Field(
+        default=(),
+        description="chart values files holding the canary plan (rollout.canary.steps, analysis.*), "
+        "merged in order like helm -f; empty: the chart's own charts/ggufship-api/values.yaml",
     )
-    analysis_window_s: float = Field(
-        default=60.0, ge=2, le=86_400, description="the gate's look-back window (capped at the step's age)"
+    steps: tuple[int, ...] | None = Field(
+        default=None,
+        description="override of the plan's steps: canary weights in percent, the last 100; the first "
+        "is followed by analysis + manual pause, the others below 100 by analysis",
     )
-    analysis_delay_s: float = Field(
-        default=60.0, ge=0, le=86_400, description="wait after a weight change before the first analysis"
+    analysis_window_s: float | None = Field(
+        default=None, ge=1, le=86_400, description="override of analysis.window (capped at the step's age)"
     )
-    analysis_interval_s: float = Field(
-        default=30.0, gt=0, le=86_400, description="between analyses of one step, and of background analyses"
+    analysis_delay_s: float | None = Field(
+        default=None, ge=0, le=86_400, description="override of analysis.initialDelay (>= the window)"
     )
-    analysis_count: int = Field(
-        default=2, ge=1, le=100, description="analyses per analysis step (all must pass)"
+    analysis_interval_s: float | None = Field(
+        default=None, gt=0, le=86_400, description="override of analysis.interval (also background)"
     )
-    background_analysis: bool = Field(
-        default=True, description="keep analysing while paused; a failed background analysis aborts"
+    analysis_count: int | None = Field(
+        default=None, ge=1, le=100, description="override of analysis.count (limits capped below it)"
+    )
+    failure_limit: int | None = Field(default=None, ge=0, le=100, description="override of failureLimit")
+    inconclusive_limit: int | None = Field(
+        default=None, ge=0, le=100, description="override of inconclusiveLimit"
+    )
+    background_analysis: bool | None = Field(
+        default=None, description="override of analysis.background (measure while paused; failures abort)"
     )
     pause_timeout_s: float = Field(
         default=3600.0,
@@ -164,12 +189,28 @@ class RolloutSettings(BaseSettings):
 
     @field_validator("steps")
     @classmethod
-    def _steps_valid(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+    def _steps_valid(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is None:
+            return value
         try:
             plan_steps(value)
         except RolloutError as exc:
             raise ValueError(str(exc)) from None
         return value
+
+    def canary_plan(self) -> CanaryPlan:
+        """The plan this rollout runs: the chart values' plan with these settings' overrides."""
+        return override_plan(
+            load_plan(*self.plan_files),
+            weights=self.steps,
+            window_s=self.analysis_window_s,
+            initial_delay_s=self.analysis_delay_s,
+            interval_s=self.analysis_interval_s,
+            count=self.analysis_count,
+            failure_limit=self.failure_limit,
+            inconclusive_limit=self.inconclusive_limit,
+            background=self.background_analysis,
+        )
 
 
 class RolloutRequest(BaseModel):
@@ -270,19 +311,28 @@ def run_rollout(request: RolloutRequest, analyzer: Analyzer | None = None) -> Ro
     state_dir.mkdir(parents=True, exist_ok=True)
     # Both tracks answer to the same model id (the stable's), as behind one production Service.
     served = {SERVED_NAME_ENV: load.model or stable.stem}
+    canary_plan = s.canary_plan()
+    logger.info(
+        "canary plan from %s: weights %s, analysis every %gs after %gs, count %d, limits %d/%d",
+        canary_plan.source,
+        list(canary_plan.weights),
+        canary_plan.analysis.interval_s,
+        canary_plan.analysis.initial_delay_s,
+        canary_plan.analysis.count,
+        canary_plan.analysis.failure_limit,
+        canary_plan.analysis.inconclusive_limit,
+    )
+    gate_options = dict(s.gate)
+    if canary_plan.analysis.min_samples is not None:
+        gate_options.setdefault("min_samples", canary_plan.analysis.min_samples)
     plan = Plan(
         state_dir=state_dir.resolve(),
         stable_model=stable,
         canary_model=canary,
         stable_env={**served, **request.stable_env},
         canary_env={**served, **request.canary_env},
-        weights=s.steps,
+        canary_plan=canary_plan,
         auto_promote=request.auto_promote,
-        analysis_window_s=s.analysis_window_s,
-        analysis_delay_s=s.analysis_delay_s,
-        analysis_interval_s=s.analysis_interval_s,
-        analysis_count=s.analysis_count,
-        background_analysis=s.background_analysis,
         pause_timeout_s=s.pause_timeout_s,
         settle_s=s.settle_s,
         poll_s=s.poll_s,
@@ -291,7 +341,7 @@ def run_rollout(request: RolloutRequest, analyzer: Analyzer | None = None) -> Ro
         scrape_timeout_s=s.scrape_timeout_s,
         prometheus_scrape_interval_s=s.prometheus_scrape_interval_s,
         load=load,
-        gate_options=dict(s.gate),
+        gate_options=gate_options,
         analysis_reports=s.analysis_reports,
         live=request.live,
     )
