@@ -342,8 +342,10 @@ def test_oci_manifest_listing_an_absolute_path_is_refused(raw_registry: RawRegis
     target = str(outside / "pwned.gguf")
     manifest = _manifest_bytes((target, PAYLOAD))
     raw_registry.push("evil/abs", "1", [(MANIFEST_NAME, manifest), ("pwned.gguf", PAYLOAD)])
-    with pytest.raises(ManifestError, match="absolute path"):
+    with pytest.raises(ManifestError, match="absolute path") as err:
         pull_export(f"{raw_registry.host}/evil/abs:1", tmp_path / "work" / "d")
+    assert f"{raw_registry.host}/evil/abs@sha256:" in str(err.value) and "files.0.path" in str(err.value)
+    assert ".pull-" not in str(err.value)  # names the artifact, not the staging directory
     assert _entries(outside) == [] and _entries(tmp_path / "work") == []
 
 

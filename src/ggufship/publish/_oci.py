@@ -637,7 +637,13 @@ def _fetch_listed_layers(client: Any, layers: list[_Layer], staging: Path, where
     if head is None:
         raise ManifestError(f"{where}: no layer titled {MANIFEST_NAME} (not a ggufship export)")
     _download(client, head.digest, head.size, staging / MANIFEST_NAME)
-    manifest = Manifest.load(staging / MANIFEST_NAME)
+    try:
+        manifest = Manifest.load(staging / MANIFEST_NAME)
+    except ManifestError as exc:  # name the artifact, not the staging directory
+        message = str(exc).replace(
+            str(staging / MANIFEST_NAME), f"{where}: layer {head.digest} ({MANIFEST_NAME})"
+        )
+        raise type(exc)(message) from exc
     listed = {entry.path for entry in manifest.files}
     allowed = listed | {path + SIDECAR_SUFFIX for path in listed}
     unlisted = sorted(title for title in by_title if title != MANIFEST_NAME and title not in allowed)
