@@ -4,7 +4,13 @@ input series — including the 5xx ratio that must be 0, not empty, for a track 
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +136,149 @@ def test_analysis_template_queries(promtool: str, rendered: list[dict[str, Any]]
     test_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     result = run_tool([promtool, "test", "rules", test_file])
     assert "SUCCESS" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- the ServiceMonitor on a real Prometheus
+
+
+def _monitor_scrape_config(monitor: dict[str, Any], targets_file: Path) -> dict[str, Any]:
+    """The scrape config the Prometheus Operator generates from a ServiceMonitor endpoint, for the
+    parts this chart uses (honorLabels, relabelings, metricRelabelings: camelCase → snake_case),
+    with file_sd standing in for Kubernetes service discovery (the same __meta_kubernetes_* labels)."""
+    (endpoint,) = monitor["spec"]["endpoints"]
+
+    def relabel(rule: dict[str, Any]) -> dict[str, Any]:
+        keys = {
+            "sourceLabels": "source_labels",
+            "targetLabel": "target_label",
+            "action": "action",
+            "regex": "regex",
+        }
+        return {keys[k]: v for k, v in rule.items()}
+
+    return {
+        "job_name": "servicemonitor",
+        "scrape_interval": "1s",
+        "metrics_path": endpoint["path"],
+        "honor_labels": endpoint["honorLabels"],
+        "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "1s"}],
+        "relabel_configs": [relabel(r) for r in endpoint["relabelings"]],
+        "metric_relabel_configs": [relabel(r) for r in endpoint["metricRelabelings"]],
+    }
+
+
+class _Exposition(BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _pod_server(track: str, requests: int) -> ThreadingHTTPServer:
+    """A stand-in for one API pod's /metrics: it reports the `track` it was started with."""
+    body = (
+        f'ggufship_requests_total{{model="support-bot",version="1.5.0",track="{track}",'
+        f'endpoint="/v1/chat/completions",code="200"}} {requests}\n'
+    ).encode()
+    handler = type("Pod", (_Exposition,), {"body": body})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_servicemonitor_relabeling_on_a_real_prometheus(
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """Issue 14 item 2 on Debian's Prometheus: after a promotion Argo relabels a running pod without
+    restarting it (argo-rollouts rollout/ephemeralmetadata.go), so a pod started as the canary keeps
+    reporting track="canary" while it is the stable. With the ServiceMonitor's relabelings, the series
+    carry the pod-template hash and namespace from the pod's labels and no `track`; the chart's query
+    for the canary hash counts the canary pod only, and another namespace's pod of the same hash not."""
+    prometheus = which_or_skip("prometheus")
+    monitor = next(o for o in rendered if o["kind"] == "ServiceMonitor")
+    pods = {
+        # (namespace, hash): (what the app says, requests)
+        ("ml", STABLE): _pod_server("canary", 1000),  # promoted canary: still says "canary"
+        ("ml", CANARY): _pod_server("canary", 70),
+        ("staging", CANARY): _pod_server("canary", 5000),
+    }
+    try:
+        targets = tmp_path / "targets.json"
+        targets.write_text(
+            json.dumps(
+                [
+                    {
+                        "targets": [f"127.0.0.1:{server.server_address[1]}"],
+                        "labels": {
+                            "__meta_kubernetes_namespace": namespace,
+                            "__meta_kubernetes_pod_label_rollouts_pod_template_hash": pod_hash,
+                            "__meta_kubernetes_pod_name": f"api-{pod_hash}-{namespace}",
+                        },
+                    }
+                    for (namespace, pod_hash), server in pods.items()
+                ]
+            )
+        )
+        config = tmp_path / "prometheus.yml"
+        config.write_text(yaml.safe_dump({"scrape_configs": [_monitor_scrape_config(monitor, targets)]}))
+        port = _free_port()
+        proc = subprocess.Popen(
+            [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            from ggufship.gate import PrometheusClient
+
+            with PrometheusClient(f"http://127.0.0.1:{port}", timeout_s=5) as client:
+                deadline = time.monotonic() + 60
+                series: list[dict[str, Any]] = []
+                while time.monotonic() < deadline:
+                    try:
+                        series = client.query("ggufship_requests_total", time.time()).get("result", [])
+                    except Exception:  # not up yet
+                        series = []
+                    if len(series) == len(pods):
+                        break
+                    time.sleep(0.2)
+                assert len(series) == len(pods), series
+                labels = {
+                    (s["metric"]["namespace"], s["metric"]["rollouts_pod_template_hash"]) for s in series
+                }
+                assert labels == set(pods)
+                assert all("track" not in s["metric"] for s in series)
+                assert all(s["metric"]["endpoint"] == "/v1/chat/completions" for s in series)  # honorLabels
+                (traffic,) = [
+                    o
+                    for o in rendered
+                    if o["kind"] == "AnalysisTemplate" and o["metadata"]["name"].endswith("-traffic")
+                ]
+                canary_metric = next(m for m in traffic["spec"]["metrics"] if m["name"] == "canary-samples")
+                query = (
+                    canary_metric["provider"]["prometheus"]["query"]
+                    .replace("{{args.model}}", "support-bot")
+                    .replace("{{args.namespace}}", "ml")
+                    .replace("{{args.canary-hash}}", CANARY)
+                )
+                selector_only = query.split("increase(", 1)[1].rsplit("[", 1)[0]  # the raw counter
+                (answer,) = client.query(selector_only, time.time())["result"]
+                assert float(answer["value"][1]) == 70
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    finally:
+        for server in pods.values():
+            server.shutdown()
