@@ -96,8 +96,13 @@ def write_client(conn: S3Connection) -> Any:
     """A boto3 S3 client for ``conn``: path-style, bounded retries and timeouts, explicit credentials."""
     import boto3
     from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
 
-    session = boto3.session.Session()  # not the module's default session: this runs in threads
+    try:
+        # a session of its own, not boto3's module default: publishers run in threads
+        session = boto3.session.Session()
+    except BotoCoreError as exc:  # e.g. AWS_PROFILE names a profile that does not exist
+        raise PublishSettingsError(f"S3 client for {conn.url}: {exc}") from exc
     return session.client(
         "s3",
         endpoint_url=conn.url,
@@ -353,7 +358,9 @@ class PublishLease:
                 raise PublishConflictError(
                     f"{self.where}: {self._record['name']} {self._record['version']} is being published "
                     f"right now with other content (manifest sha256 {record.get('manifest_sha256')}, this "
-                    f"export's {self._record['manifest_sha256']}) by {holder}; publish a new version"
+                    f"export's {self._record['manifest_sha256']}) by {holder}; publish a new version "
+                    f"(if that publisher died, its lease expires {record.get('ttl_s', '?')} s after its "
+                    "last renewal, then a publish takes it over)"
                 )
             if self._stale(record, age_s):
                 logger.warning(
