@@ -138,10 +138,10 @@ def export_to_canary(
             force=force,
             create_bucket=create_bucket,
         ).set_display_name("publish")
-        # Publishing has side effects: never served from cache; retried (it is idempotent).
-        published.set_caching_options(False).set_retry(
-            num_retries=3, backoff_duration="30s", backoff_factor=2.0
-        )
+        # Publishing has side effects: never served from cache. No KFP retry: KFP retries every
+        # failure alike, and a conflict (this version published with other content) never resolves —
+        # it cost minutes of backoff. The step retries what may pass (S3/registry unreachable) itself.
+        published.set_caching_options(False)
         _with_secrets(published, s3=True, oci=True, git=True)
         kubernetes.set_timeout(published, 3600)
 

@@ -266,6 +266,20 @@ def deploy_and_await(
     return verdict
 
 
+#: Attempts of the publish task for failures that may pass (endpoint unreachable), and the waits between.
+PUBLISH_ATTEMPTS = 3
+PUBLISH_BACKOFF_S: tuple[float, ...] = (5.0, 20.0)
+
+
+def _may_pass(exc: Exception) -> bool:
+    """An unreachable registry, or an S3 endpoint that did not answer (not one that refused access)."""
+    import urllib3
+
+    from ggufship.publish._oci import OciUnavailableError
+
+    return isinstance(exc, OciUnavailableError) or isinstance(exc.__cause__, urllib3.exceptions.HTTPError)
+
+
 def publish_outputs(
     *,
     export_dir: str,
@@ -277,16 +291,38 @@ def publish_outputs(
     create_bucket: bool = False,
 ) -> tuple[str, str, str, str]:
     """:func:`publish` for the KFP component: ``(s3_uri, oci_reference, gitops_commit, model_uri)``;
-    ``model_uri`` is what the deploy step serves (the OCI reference if published there, else S3)."""
-    out = publish(
-        export_dir=export_dir,
-        s3=s3,
-        oci=oci,
-        gitops=gitops,
-        environment=environment,
-        force=force,
-        create_bucket=create_bucket,
-    )
+    ``model_uri`` is what the deploy step serves (the OCI reference if published there, else S3).
+
+    The task has no KFP retry policy (KFP retries every failure alike, and a conflict — the
+    version already published with other content — never resolves: it only cost minutes of
+    backoff). Instead the failures that may pass, an unreachable S3 endpoint or registry,
+    are retried here (:data:`PUBLISH_ATTEMPTS` attempts, :data:`PUBLISH_BACKOFF_S` apart);
+    everything else — a conflict, a bad export, refused credentials — fails at once.
+    Publishing is idempotent, so a retry after a partial publish is safe.
+    """
+    from ggufship.publish import S3AccessError
+    from ggufship.publish._oci import OciUnavailableError
+
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        try:
+            out = publish(
+                export_dir=export_dir,
+                s3=s3,
+                oci=oci,
+                gitops=gitops,
+                environment=environment,
+                force=force,
+                create_bucket=create_bucket,
+            )
+            break
+        except (S3AccessError, OciUnavailableError) as exc:
+            if attempt == PUBLISH_ATTEMPTS or not _may_pass(exc):
+                raise
+            delay = PUBLISH_BACKOFF_S[min(attempt, len(PUBLISH_BACKOFF_S)) - 1]
+            logger.warning(
+                "publish attempt %d/%d: %s; retrying in %gs", attempt, PUBLISH_ATTEMPTS, exc, delay
+            )
+            time.sleep(delay)
     s3_uri, oci_ref = out.get("s3_uri", ""), out.get("oci_reference", "")
     model_uri = f"oci://{oci_ref}" if oci_ref else s3_uri
     return s3_uri, oci_ref, out.get("gitops_commit", ""), model_uri
