@@ -20,6 +20,7 @@ from ggufship.cli import rollout as rollout_cmd
 from ggufship.cli import serve as serve_cmd
 from ggufship.cli import services as services_cmd
 from ggufship.cli import sign as sign_cmd
+from ggufship.cli.paths import absolute_paths
 from ggufship.errors import GgufshipError
 
 logger = logging.getLogger("ggufship")
@@ -73,7 +74,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = absolute_paths(parser.parse_args(argv))
     _setup_logging(args.verbose, args.quiet)
     # `kill -USR1 PID` prints every thread's stack to stderr: for a command that seems stuck.
     # (Skipped when stderr has no file descriptor, e.g. main() called under a capturing harness.)

@@ -109,9 +109,11 @@ def run_compile(args: argparse.Namespace) -> int:
 
 
 def run_local_cmd(args: argparse.Namespace) -> int:
+    from ggufship.cli.paths import pipeline_params
     from ggufship.pipeline import embedded_targets, run_local
 
-    params = parse_params(args.param)
+    # The tasks run as subprocesses under the pipeline root: local paths must not stay relative.
+    params = pipeline_params(parse_params(args.param))
     missing = [k for k in ("checkpoint", "name", "version") if k not in params]
     if missing:
         raise UsageError(

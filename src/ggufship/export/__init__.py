@@ -199,10 +199,11 @@ def export_checkpoint(req: ExportRequest, reporter: Reporter | None = None) -> E
     _check_output(out_dir, req.force)
     spec = _load_spec(req)
     toolchain = find_toolchain()
+    # Absolute: the converter runs in a scratch working directory (a relative path would point there).
     info = inspect_checkpoint(
-        Path(req.checkpoint),
+        Path(req.checkpoint).absolute(),
         supported_architectures(toolchain),
-        adapter=req.adapter,
+        adapter=Path(req.adapter).absolute() if req.adapter is not None else None,
         base_model_hint=spec.base_model,
     )
     warnings = list(info.warnings)

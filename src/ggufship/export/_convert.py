@@ -33,6 +33,8 @@ def convert_to_f16(
     ``metadata_override`` goes through the converter's own ``--metadata``
     mechanism (``general.*``); ``extra_kv`` adds ``ggufship.*`` strings.
     """
+    # The converter runs with ``work`` as its cwd: every path it gets is absolute.
+    checkpoint, outfile, work = checkpoint.absolute(), outfile.absolute(), work.absolute()
     meta_path = work / "metadata-override.json"
     meta_path.write_text(json.dumps(metadata_override, sort_keys=True, indent=2), encoding="utf-8")
     extra_path = work / "extra-kv.json"

@@ -62,7 +62,7 @@ class TrackServer:
             "-m",
             "ggufship.cli.main",
             "serve",
-            str(self.model),
+            str(self.model.absolute()),  # the process runs with cwd=log.parent
             "--host",
             LOOPBACK,
             "--port",
