@@ -318,3 +318,22 @@ def test_a_live_holder_stalled_mid_upload_is_never_aborted(stack, tmp_path):
     assert _s3_write.incomplete_uploads(writer, "models", base) == []
     dest = pull("s3://models/" + base, tmp_path / "pulled", s3=S3Target(bucket="x", state_dir=state_dir))
     assert _files(dest) == _files(export)
+
+
+def test_gitops_alone_also_has_one_winner(services_factory, tmp_path):
+    """Without S3 there is no lease; the non-force push decides (rebase conflict → record check)."""
+    state_dir, _ = services_factory(services=("git",))
+    git_dir = load_state(state_dir).services["git"].endpoint.removeprefix("file://")
+    target = GitOpsTarget(url=f"file://{git_dir}", backoff_s=0.05, max_attempts=10)
+    for trial in range(10):
+        version = f"6.0.{trial}"
+        exports = [
+            make_export(tmp_path / f"t{trial}-{who}", version=version, big=4096, seed=3 * trial + n)
+            for n, who in enumerate(("a", "b"))
+        ]
+        outcomes = _race(*(lambda e=e: publish(e, PublishRequest(gitops=target)) for e in exports))
+        winners = [o for o in outcomes if not isinstance(o, Exception)]
+        losers = [o for o in outcomes if isinstance(o, Exception)]
+        assert len(winners) == 1 and len(losers) == 1, outcomes
+        assert isinstance(losers[0], PublishConflictError) and losers[0].exit_code == 41, losers
+        assert _record(git_dir, version)["manifest_sha256"] == winners[0].manifest_sha256
