@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,18 +19,18 @@ from ggufship.serve._auth import KeyRing
 from ggufship.serve._conversations import ConversationStore
 from ggufship.serve._engine import Engine
 from ggufship.serve._metrics import MetricLabels, ServeMetrics
-from ggufship.serve._middleware import RequestMiddleware
+from ggufship.serve._middleware import DIFY_PATHS, RequestMiddleware
 from ggufship.serve._model_source import ModelSource, resolve_model
 from ggufship.serve._state import ServerState, server_state
 from ggufship.serve.errors import (
     APIError,
     AuthenticationError,
-    GenerationError,
+    InternalError,
     InvalidRequestError,
     NotFoundError,
     QueueFullError,
 )
-from ggufship.serve.protocol.errors import error_body
+from ggufship.serve.protocol.errors import error_json
 from ggufship.serve.settings import ServeSettings
 
 logger = logging.getLogger("ggufship.serve")
@@ -92,20 +93,31 @@ def build_state(settings: ServeSettings, source: ModelSource) -> ServerState:
     )
 
 
-def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [p for p in loc if p not in ("body", "query", "header", "path")]
-    if not parts:
-        return None
-    out = str(parts[0])
-    for p in parts[1:]:
-        out += f"[{p}]" if isinstance(p, int) else f".{p}"
-    return out
+#: What pydantic puts in an error's location for a member of a union (``str``, ``list[int]``...).
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|literal\[.*\])$")
+
+
+def _param(loc: tuple[Any, ...], body: Any = None) -> str | None:
+    """``messages[0].content`` for the location ``("body", "messages", 0, "content", "str")``: the
+    union member tags pydantic adds are left out (a part is a tag when the document has no such key
+    there), so ``param`` names the parameter as the client sent it."""
+    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "header", "path") else loc)
+    out = ""
+    node = body
+    for p in parts:
+        in_list = isinstance(p, int) and isinstance(node, list) and 0 <= p < len(node)
+        if in_list or (isinstance(p, str) and isinstance(node, dict) and p in node):
+            node = node[p]  # type: ignore[index]
+        elif isinstance(p, str) and _UNION_TAG.match(p) and out:
+            continue
+        else:
+            node = None
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or None
 
 
 def _error_response(request: Request, exc: APIError) -> JSONResponse:
-    body = error_body(exc)
-    if request.url.path in _routes_dify.DIFY_PATHS:  # Dify clients read these top-level fields
-        body.update(code=exc.code, message=exc.message, status=exc.status_code)
+    body = error_json(exc, dify=request.url.path in DIFY_PATHS)  # Dify clients read top-level fields
     headers = {"retry-after": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
     if isinstance(exc, AuthenticationError):
         headers = {"www-authenticate": "Bearer"}
@@ -121,7 +133,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
         first = errors[0] if errors else {}
-        param = _param(tuple(first.get("loc", ())))
+        param = _param(
+            tuple(first.get("loc", ())), exc.body if isinstance(exc, RequestValidationError) else None
+        )
         text = first.get("msg", "invalid request")
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         message = f"{param}: {text}{more}" if param else f"{text}{more}"
@@ -141,7 +155,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", request.url.path)
-        return _error_response(request, GenerationError(f"internal error: {type(exc).__name__}"))
+        return _error_response(request, InternalError(f"internal error: {type(exc).__name__}"))
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
@@ -182,6 +196,11 @@ def create_app(
         summary="OpenAI- and Dify-compatible inference on llama.cpp",
         version=state.version,
         lifespan=lifespan,
+        # the API's description: off with docs=False; behind the API key when keys are configured
+        # (RequestMiddleware checks it for these paths)
+        openapi_url="/openapi.json" if settings.docs else None,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
     )
     app.state.ggufship = state
     _install_error_handlers(app)

@@ -9,6 +9,7 @@ a raw completion prompt loses its oldest tokens (the BOS token is kept).
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -123,26 +124,55 @@ class ContextWindow:
             return Prompt(tuple(tokens), self._budget(len(tokens), requested))
         if self.policy != "truncate":
             raise self._exceeded(len(tokens), requested, "messages")
-        kept = list(messages)
-        last_user = max((i for i, m in enumerate(kept) if m.role == "user"), default=len(kept) - 1)
-        droppable = [i for i, m in enumerate(kept[:last_user]) if m.role not in ("system", "developer")]
-        original = len(tokens)
-        for dropped in range(1, len(droppable) + 1):
-            gone = set(droppable[:dropped])
-            tokens = self.chat_tokens([m for i, m in enumerate(kept) if i not in gone])
+        return self._truncated(messages, requested, len(tokens))
+
+    def _truncated(self, messages: Sequence[Message], requested: int | None, original: int) -> Prompt:
+        """Keep the newest ``k`` droppable messages for the largest ``k`` that fits.
+
+        Only whole rendered prompts are measured (a template may join messages in any way), but
+        never once per dropped message: ``k`` = 0, 1, 2, 4, ... until one does not fit, then a binary
+        search between the last two — O(log k) renders of at most the kept messages (which fit in
+        n_ctx) plus the always-kept ones, instead of one render of everything per dropped message."""
+        last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=len(messages) - 1)
+        droppable = [i for i in range(last_user) if messages[i].role not in ("system", "developer")]
+        fixed = [i for i in range(last_user) if messages[i].role in ("system", "developer")]
+        tail = list(range(last_user, len(messages)))
+
+        def attempt(k: int) -> list[int]:
+            newest = droppable[len(droppable) - k :] if k else []
+            return self.chat_tokens([messages[i] for i in [*heapq.merge(fixed, newest), *tail]])
+
+        best = attempt(0)
+        if not self._fits(len(best), requested):
+            raise self._exceeded(
+                len(best),
+                requested,
+                "messages",
+                " (even with every message but the system message(s) and the latest user turn dropped)",
+            )
+        fits, too_many = 0, len(droppable)  # attempt(len(droppable)) is the whole prompt: it did not fit
+        step = 1
+        while step < too_many:
+            tokens = attempt(step)
+            if not self._fits(len(tokens), requested):
+                too_many = step
+                break
+            fits, best = step, tokens
+            step *= 2
+        while too_many - fits > 1:
+            mid = (fits + too_many) // 2
+            tokens = attempt(mid)
             if self._fits(len(tokens), requested):
-                logger.info("context: dropped the %d oldest message(s) to fit n_ctx %d", dropped, self.n_ctx)
-                return Prompt(
-                    tuple(tokens),
-                    self._budget(len(tokens), requested),
-                    messages_dropped=dropped,
-                    tokens_dropped=original - len(tokens),
-                )
-        raise self._exceeded(
-            len(tokens),
-            requested,
-            "messages",
-            " (even with every message but the system message(s) and the latest user turn dropped)",
+                fits, best = mid, tokens
+            else:
+                too_many = mid
+        dropped = len(droppable) - fits
+        logger.info("context: dropped the %d oldest message(s) to fit n_ctx %d", dropped, self.n_ctx)
+        return Prompt(
+            tuple(best),
+            self._budget(len(best), requested),
+            messages_dropped=dropped,
+            tokens_dropped=original - len(best),
         )
 
     def text_prompt(self, prompt: str | Sequence[int], requested: int | None) -> Prompt:

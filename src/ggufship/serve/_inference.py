@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -36,10 +37,11 @@ class Job:
 
 def log_unknown_fields(model: BaseModel, where: str) -> None:
     """Unknown fields are accepted (clients send vendor extras) but never silently dropped."""
-    extra = sorted((model.model_extra or {}).keys())
-    if extra:
-        shown = ", ".join(repr(name[:40]) for name in extra[:10])
-        more = f" (+{len(extra) - 10} more)" if len(extra) > 10 else ""
+    names = (model.model_extra or {}).keys()
+    if names:
+        extra = heapq.nsmallest(10, names)  # linear: a body may carry many thousands of them
+        shown = ", ".join(repr(name[:40]) for name in extra)
+        more = f" (+{len(names) - 10} more)" if len(names) > 10 else ""
         logger.warning("%s: ignoring unknown field(s): %s%s", where, shown, more)
 
 
@@ -113,15 +115,29 @@ class Inference:
         self.context = context
         self.settings = settings
 
-    def chat_job(self, req: Any, messages: Sequence[Message]) -> Job:
+    # --- cheap checks, on the event loop: a bad parameter is a 400 even when every instance is busy ---
+
+    def check(self, req: Any) -> None:
+        """Validate what costs nothing to validate (everything but the prompt)."""
+        self._params(req)
+        if getattr(req, "echo", None):
+            raise InvalidRequestError("echo is not supported by this server", param="echo")
+
+    def _params(self, req: Any) -> tuple[int | None, SamplingParams]:
         reject_unsupported(req)
         requested = requested_max_tokens(req)
-        params = sampling(req, self.settings, 1)  # validates before the (costly) tokenization
+        return requested, sampling(req, self.settings, 1)
+
+    # --- prompt building: rendering and tokenization, in a worker thread under a reserved slot ---------
+
+    def chat_job(self, req: Any, messages: Sequence[Message]) -> Job:
+        requested, params = self._params(req)
         prompt = self.context.chat_prompt(messages, requested)
         return Job(prompt, _with_max(params, prompt.max_tokens))
 
     def completion_job(self, req: Any) -> Job:
-        reject_unsupported(req)
+        self.check(req)
+        requested, params = self._params(req)  # (cheap; the values for the job)
         prompt_in = req.prompt
         if isinstance(prompt_in, list):
             if prompt_in and all(isinstance(x, str) for x in prompt_in):
@@ -137,10 +153,6 @@ class Inference:
                 bad = [t for t in prompt_in if not isinstance(t, int) or t < 0 or t >= vocab]
                 if bad:
                     raise InvalidRequestError(f"prompt: token id(s) out of range: {bad[:5]}", param="prompt")
-        if req.echo:
-            raise InvalidRequestError("echo is not supported by this server", param="echo")
-        requested = requested_max_tokens(req)
-        params = sampling(req, self.settings, 1)
         prompt = self.context.text_prompt(prompt_in, requested)
         if not prompt.tokens:
             raise InvalidRequestError("prompt: empty", param="prompt")
@@ -154,6 +166,19 @@ class Inference:
     async def reserve(self) -> Slot:
         """A llama instance for one request (waits in the queue; 429 when it is full)."""
         return await self.engine.acquire()
+
+    async def prepare(self, build: Callable[[], Job]) -> tuple[Job, Slot]:
+        """Reserve an instance (the queue's limit and its 429 apply), then ``build`` the job — render and
+        tokenize the prompt — in a worker thread, so that neither a huge prompt nor a slow template ever
+        blocks the event loop and at most ``parallel`` prompts are built at once. The slot is freed
+        again if building fails."""
+        slot = await self.reserve()
+        try:
+            job = await asyncio.to_thread(build)
+        except BaseException:
+            slot.release_unused()
+            raise
+        return job, slot
 
     @contextlib.asynccontextmanager
     async def run(
@@ -172,6 +197,7 @@ class Inference:
     async def complete(
         self,
         job: Job,
+        slot: Slot,
         *,
         endpoint: str,
         started: float,
@@ -180,8 +206,8 @@ class Inference:
     ) -> Finished:
         """Run ``job`` to the end (a non-streaming answer). ``disconnected`` is polled every
         :data:`DISCONNECT_POLL_SECONDS` while waiting; when the client is gone the generation
-        stops (within one token) and :class:`ClientGoneError` is raised."""
-        slot = await self.reserve()
+        stops (within one token) and :class:`ClientGoneError` is raised. ``slot`` comes from
+        :meth:`prepare` and is freed on return."""
         async with self.run(job, slot, endpoint=endpoint, started=started, fault=fault) as events:
             it = aiter(events)
             check_at = time.monotonic() + DISCONNECT_POLL_SECONDS

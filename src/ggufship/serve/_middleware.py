@@ -1,5 +1,6 @@
 """Per-request bookkeeping around every route (pure ASGI, so streams are timed to the last byte):
-request id, W3C trace context, fault injection, metrics, request log, audit log."""
+request id, W3C trace context, the request body's limits and checks, the docs' API key, fault
+injection, metrics, request log, audit log."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ggufship.serve import _body
 from ggufship.serve._engine import TokenFault
-from ggufship.serve.errors import InjectedFaultError
-from ggufship.serve.protocol.errors import error_body
+from ggufship.serve.errors import APIError, AuthenticationError, InjectedFaultError
+from ggufship.serve.protocol.errors import error_json
 
 if TYPE_CHECKING:
     from ggufship.serve._state import ServerState
@@ -26,7 +28,15 @@ logger = logging.getLogger("ggufship.serve.access")
 INFERENCE_ENDPOINTS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/chat-messages", "/v1/completion-messages"}
 )
+#: Routes answering in Dify's error shape too (top-level ``code``, ``message``, ``status``).
+DIFY_PATHS = frozenset({"/v1/chat-messages", "/v1/completion-messages"})
 MEASURED_ENDPOINTS = INFERENCE_ENDPOINTS | {"/v1/models"}
+#: The API's description; behind the API key when keys are configured.
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+#: Where the middleware leaves the checked JSON body for the routes (see ``_routes.CheckedRoute``).
+PARSED_BODY = "ggufship_json"
+#: Request bodies parsed at once (each in a worker thread); more wait, holding only their bytes.
+PARSE_CONCURRENCY = 2
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
@@ -46,6 +56,9 @@ class RequestMiddleware:
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
         self.state = state
+        s = state.settings
+        self.limits = _body.BodyLimits(s.max_request_bytes, s.max_json_values, s.max_messages)
+        self._parsing = asyncio.Semaphore(PARSE_CONCURRENCY)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,8 +85,24 @@ class RequestMiddleware:
             await send(message)
 
         try:
-            faulty = path in INFERENCE_ENDPOINTS and scope["method"] == "POST"
-            if faulty and await self._fault(send_with_id, req_state):
+            inference = path in INFERENCE_ENDPOINTS and scope["method"] == "POST"
+            try:
+                if path in DOCS_PATHS:
+                    self.state.keys.check(headers.get("authorization"))
+                _body.check_size(_content_length(headers), self.limits)
+                if inference and await self._fault(send_with_id, req_state):
+                    return
+                if inference:
+                    body = await self._read_body(receive)
+                    if body is None:  # the client went away while sending it
+                        status = 499
+                        return
+                    if body:
+                        async with self._parsing:
+                            req_state[PARSED_BODY] = await asyncio.to_thread(_body.parse, body, self.limits)
+                    receive = _replay(body, receive)
+            except APIError as exc:
+                await _send_error(send_with_id, path, exc)
                 return
             await self.app(scope, receive, send_with_id)
         finally:
@@ -109,6 +138,22 @@ class RequestMiddleware:
                 except Exception:
                     logger.exception("audit log: cannot append")
 
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, refused (413) as soon as it grows past the limit; ``None``: disconnected."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limits.max_bytes:
+                raise _body.too_large(size, self.limits)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
     async def _fault(self, send: Send, req_state: dict[str, Any]) -> bool:
         """Istio-style fault injection: delay, then maybe abort. Returns whether it answered.
         Otherwise picks the token-level faults of the generation (``ggufship_token_fault``)."""
@@ -117,19 +162,7 @@ class RequestMiddleware:
         if s.fault_delay_fraction > 0 and rnd.random() < s.fault_delay_fraction:
             await asyncio.sleep(s.fault_delay_seconds)
         if s.fault_abort_fraction > 0 and rnd.random() < s.fault_abort_fraction:
-            exc = InjectedFaultError(s.fault_abort_status)
-            body = json.dumps(error_body(exc)).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": exc.status_code,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await _send_error(send, "", InjectedFaultError(s.fault_abort_status))
             return True
         fault = TokenFault(
             delay_seconds=s.fault_token_delay_seconds
@@ -142,3 +175,34 @@ class RequestMiddleware:
         if fault.active:
             req_state["ggufship_token_fault"] = fault
         return False
+
+
+def _content_length(headers: dict[str, str]) -> int | None:
+    value = headers.get("content-length")
+    if value is None or not value.isdigit():
+        return None  # absent or malformed: the server's HTTP parser decides; the body is counted anyway
+    return int(value)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` for the app: the body read already, then the connection's own messages
+    (``http.disconnect``)."""
+    pending = True
+
+    async def replay() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _send_error(send: Send, path: str, exc: APIError) -> None:
+    body = json.dumps(error_json(exc, dify=path in DIFY_PATHS)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if isinstance(exc, AuthenticationError):
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

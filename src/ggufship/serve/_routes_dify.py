@@ -15,7 +15,7 @@ from ggufship.serve._context import Message
 from ggufship.serve._conversations import Conversation
 from ggufship.serve._engine import Finished, Slot, TextDelta
 from ggufship.serve._inference import Job, log_unknown_fields
-from ggufship.serve._routes_openai import Authorized
+from ggufship.serve._routes_openai import Authorized, CheckedRoute
 from ggufship.serve._sse import SlotStreamingResponse
 from ggufship.serve._state import ServerState, audit_info, request_started, stream_failed, token_fault
 from ggufship.serve.errors import APIError, GenerationError, InvalidRequestError
@@ -33,9 +33,7 @@ from ggufship.serve.protocol.errors import ERROR_RESPONSES
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(responses=ERROR_RESPONSES)
-
-DIFY_PATHS = frozenset({"/v1/chat-messages", "/v1/completion-messages"})
+router = APIRouter(responses=ERROR_RESPONSES, route_class=CheckedRoute)
 
 
 def _metadata(done: Finished, started: float) -> DifyMetadata:
@@ -68,11 +66,11 @@ async def chat_messages(body: ChatMessagesRequest, request: Request, state: Auth
     for query, answer in conv.turns if conv else ():
         messages += [Message("user", query), Message("assistant", answer)]
     messages.append(Message("user", body.query))
-    job = inference.dify_job(messages)
+    job, slot = await inference.prepare(lambda: inference.dify_job(messages))
     if conv is None:
         conv = store.create(body.user)
     audit_info(request).update(user=body.user, conversation_id=conv.id)
-    return await _answer(request, state, job, "chat", body.response_mode, conv, body.query)
+    return await _answer(request, state, job, slot, "chat", body.response_mode, conv, body.query)
 
 
 @router.post("/v1/completion-messages", response_model=ChatMessagesResponse)
@@ -82,15 +80,17 @@ async def completion_messages(body: CompletionMessagesRequest, request: Request,
     query = body.inputs.get("query")
     if not isinstance(query, str) or not query:
         raise InvalidRequestError("inputs.query: a non-empty string is required", param="inputs.query")
-    job = inference.dify_job([*_system(body.inputs), Message("user", query)])
+    messages = [*_system(body.inputs), Message("user", query)]
+    job, slot = await inference.prepare(lambda: inference.dify_job(messages))
     audit_info(request).update(user=body.user)
-    return await _answer(request, state, job, "completion", body.response_mode, None, query)
+    return await _answer(request, state, job, slot, "completion", body.response_mode, None, query)
 
 
 async def _answer(
     request: Request,
     state: ServerState,
     job: Job,
+    slot: Slot,
     mode: Literal["chat", "completion"],
     response_mode: str,
     conv: Conversation | None,
@@ -103,6 +103,7 @@ async def _answer(
     if response_mode == "blocking":
         done = await inference.complete(
             job,
+            slot,
             endpoint=endpoint,
             started=started,
             disconnected=request.is_disconnected,
@@ -121,7 +122,6 @@ async def _answer(
             metadata=_metadata(done, started),
             created_at=int(time.time()),
         )
-    slot = await inference.reserve()
     events = _stream(request, state, job, slot, conv, query, task_id, message_id, started)
     return SlotStreamingResponse(
         _sse.with_pings(events, state.settings.ping_interval_seconds),

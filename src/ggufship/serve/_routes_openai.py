@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 
 from ggufship.serve import _sse
+from ggufship.serve._context import to_messages
 from ggufship.serve._engine import Finished, Slot, TextDelta
 from ggufship.serve._inference import Job, log_unknown_fields
+from ggufship.serve._middleware import PARSED_BODY
 from ggufship.serve._sse import SlotStreamingResponse
 from ggufship.serve._state import (
     ServerState,
@@ -56,7 +59,30 @@ def authorized(request: Request) -> ServerState:
 
 Authorized = Annotated[ServerState, Depends(authorized)]
 
-router = APIRouter(responses=ERROR_RESPONSES)
+
+class _CheckedRequest(Request):
+    async def json(self) -> Any:
+        parsed = self.scope.get("state", {}).get(PARSED_BODY, _UNPARSED)
+        return await super().json() if parsed is _UNPARSED else parsed
+
+
+_UNPARSED = object()
+
+
+class CheckedRoute(APIRoute):
+    """A route whose JSON body the middleware already parsed and checked off the event loop
+    (``_body.parse``): the route validates that document instead of parsing the bytes again."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            return await handler(_CheckedRequest(request.scope, request.receive))
+
+        return checked
+
+
+router = APIRouter(responses=ERROR_RESPONSES, route_class=CheckedRoute)
 
 
 def _check_model(state: ServerState, model: str) -> None:
@@ -126,15 +152,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     log_unknown_fields(body, "/v1/chat/completions")
     _check_model(state, body.model)
     inference = state.require_inference()
-    from ggufship.serve._context import to_messages
-
-    job = inference.chat_job(body, to_messages(body.messages))
+    inference.check(body)
+    job, slot = await inference.prepare(lambda: inference.chat_job(body, to_messages(body.messages)))
     started = request_started(request)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        slot = await inference.reserve()
         return SlotStreamingResponse(
             _chat_stream(request, state, job, slot, rid, created, include_usage, started),
             slot=slot,
@@ -142,6 +166,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         )
     done = await inference.complete(
         job,
+        slot,
         endpoint="/v1/chat/completions",
         started=started,
         disconnected=request.is_disconnected,
@@ -196,13 +221,13 @@ async def completions(body: CompletionRequest, request: Request, state: Authoriz
     log_unknown_fields(body, "/v1/completions")
     _check_model(state, body.model)
     inference = state.require_inference()
-    job = inference.completion_job(body)
+    inference.check(body)
+    job, slot = await inference.prepare(lambda: inference.completion_job(body))
     started = request_started(request)
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        slot = await inference.reserve()
         return SlotStreamingResponse(
             _completion_stream(request, state, job, slot, rid, created, include_usage, started),
             slot=slot,
@@ -210,6 +235,7 @@ async def completions(body: CompletionRequest, request: Request, state: Authoriz
         )
     done = await inference.complete(
         job,
+        slot,
         endpoint="/v1/completions",
         started=started,
         disconnected=request.is_disconnected,

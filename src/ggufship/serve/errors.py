@@ -66,6 +66,13 @@ class ContextLengthExceededError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request body exceeds ``max_request_bytes``."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
 class AuthenticationError(APIError):
     status_code = 401
     error_type = "authentication_error"
@@ -124,3 +131,11 @@ class GenerationError(APIError):
     status_code = 500
     error_type = "server_error"
     code = "generation_failed"
+
+
+class InternalError(APIError):
+    """A bug or fault of the server (never the request's doing): 500."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "internal_error"

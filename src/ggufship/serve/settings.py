@@ -74,6 +74,21 @@ class ServeSettings(BaseSettings):
     )
     max_stop_sequences: int = Field(default=4, ge=0, le=64, description="most stop sequences per request")
     max_stop_length: int = Field(default=128, ge=1, le=4096, description="longest stop sequence (chars)")
+    max_request_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="largest request body (bytes, counted while reading, chunked too); beyond: 413",
+    )
+    max_json_values: int = Field(
+        default=262_144,
+        ge=64,
+        le=16_777_216,
+        description="most JSON values (strings, numbers, items, objects...) in one request body; beyond: 400",
+    )
+    max_messages: int = Field(
+        default=2048, ge=1, le=1_000_000, description="most chat messages per request; beyond: 400"
+    )
     refusal_patterns: tuple[str, ...] = Field(
         default=(
             r"(?i)\bI(?:'m| am) sorry\b",
@@ -86,6 +101,10 @@ class ServeSettings(BaseSettings):
     # --- auth ---
     api_keys: tuple[SecretStr, ...] = Field(default=(), description="accepted Bearer keys (none: no auth)")
     api_keys_file: Path | None = Field(default=None, description="file with one accepted key per line")
+    docs: bool = Field(
+        default=True,
+        description="serve /docs, /redoc, /openapi.json (behind the API key when keys are configured)",
+    )
 
     # --- Dify conversations, SSE ---
     max_conversations: int = Field(default=1000, ge=1, le=1_000_000, description="kept (LRU)")
