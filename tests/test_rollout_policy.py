@@ -151,6 +151,11 @@ def test_overrides_keep_no_data_from_succeeding() -> None:
         override_plan(chart, weights=(5, 50))
     with pytest.raises(RolloutPlanError, match="inconclusiveLimit 2"):
         override_plan(chart, count=2, inconclusive_limit=2)
+    two = override_plan(chart, count=2)  # chart limits 1 + 1 = 2: capped to keep the sum below 2
+    assert (two.analysis.failure_limit, two.analysis.inconclusive_limit) == (1, 0)
+    # Each limit below count is not enough: 2 failed + 1 inconclusive of 3 would end Successful.
+    with pytest.raises(RolloutPlanError, match=r"\(2 \+ 1\) must be below count \(3\)"):
+        override_plan(chart, count=3, failure_limit=2, inconclusive_limit=1)
 
 
 # ---------------------------------------------------------------- the policy, table-tested

@@ -134,6 +134,12 @@ def check_plan(plan: CanaryPlan) -> CanaryPlan:
                 f"{src}: analysis.{name} {limit} must be in 0..count-1 ({a.count - 1}); with a limit "
                 f">= count an analysis whose every measurement is {name[:-5].lower()} would succeed"
             )
+    if a.failure_limit + a.inconclusive_limit >= a.count:
+        raise RolloutPlanError(
+            f"{src}: analysis.failureLimit + analysis.inconclusiveLimit ({a.failure_limit} + "
+            f"{a.inconclusive_limit}) must be below count ({a.count}): else `count` measurements "
+            "without one success (no data) could end Successful"
+        )
     if a.initial_delay_s < a.window_s:
         raise RolloutPlanError(
             f"{src}: analysis.initialDelay ({a.initial_delay_s:g}s) is shorter than analysis.window "
@@ -257,8 +263,9 @@ def override_plan(
     """The plan with explicit settings (CLI flags, ``GGUFSHIP_ROLLOUT_*``) in place of the file's.
 
     ``weights`` (the last must be 100) gives a manual pause after the first step's analysis,
-    as the chart's default does. A ``count`` below a limit the file sets caps that limit at
-    ``count - 1`` (the rule that no data never succeeds), unless the limit is given too.
+    as the chart's default does. A ``count`` too small for the file's limits caps them
+    (failureLimit at ``count - 1``, then inconclusiveLimit so that their sum stays below
+    ``count``: no data never succeeds), unless the limits are given too.
     """
     steps = plan.steps
     source = plan.source
@@ -276,7 +283,10 @@ def override_plan(
         interval_s=a.interval_s if interval_s is None else interval_s,
         count=new_count,
         failure_limit=min(a.failure_limit, new_count - 1) if failure_limit is None else failure_limit,
-        inconclusive_limit=min(a.inconclusive_limit, new_count - 1)
+    )
+    a = replace(
+        a,
+        inconclusive_limit=min(a.inconclusive_limit, max(0, new_count - 1 - a.failure_limit))
         if inconclusive_limit is None
         else inconclusive_limit,
     )
