@@ -101,6 +101,7 @@ GARBAGE: list[tuple[str, Answers, str]] = [
     ("sample-a-scalar", _replace(buckets=matrix(with_bad_sample("7"))), "pair"),
     ("sample-time-abc", _replace(buckets=matrix(with_bad_sample(["abc", "7"]))), "abc"),
     ("sample-value-bool", _replace(buckets=matrix(with_bad_sample([T0 + 30, True]))), "True"),
+    ("sample-time-huge-int", _replace(buckets=matrix(with_bad_sample([10**400, "200"]))), "not a number"),
     ("sample-time-backwards", _replace(buckets=matrix(with_bad_sample([T0 - 5, "200"]))), "increasing"),
     (
         "values-not-a-list",
@@ -327,3 +328,79 @@ def _first_call_raises(real: Callable[..., Any], fault: Callable[..., Any]) -> C
         return fault(*args, **kwargs) if len(calls) == 1 else real(*args, **kwargs)
 
     return wrapper
+
+
+# ---------------------------------------------------------------- property: any JSON answer
+
+
+def _json() -> Any:
+    from hypothesis import strategies as st
+
+    big = st.integers(min_value=10**308, max_value=10**400)  # beyond any float
+    scalars = st.none() | st.booleans() | st.integers() | big | st.floats() | st.text(max_size=8)
+    samples = st.lists(scalars, max_size=3) | scalars
+    return st.recursive(
+        scalars | samples,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=20,
+    )
+
+
+def _answers() -> Any:
+    """Answers shaped roughly like Prometheus' (past the parsers' first checks), with hostile leaves."""
+    from hypothesis import strategies as st
+
+    big = st.integers(min_value=10**308, max_value=10**400)
+    label_values = st.sampled_from(["+Inf", "0.1", "1", "NaN", "abc", "-1", ""]) | st.text(max_size=6)
+    value = st.sampled_from(["1", "0", "NaN", "+Inf", "-Inf", "-3", "abc", "1e400"]) | _json()
+    sample = st.lists(st.floats() | st.integers() | big | st.text(max_size=4), min_size=2, max_size=2).map(
+        lambda pair: [pair[0], pair[1]]
+    ) | st.tuples(st.floats(allow_nan=False, allow_infinity=False, min_value=0, max_value=2e9), value).map(
+        list
+    )
+    series = st.fixed_dictionaries(
+        {
+            "metric": st.dictionaries(st.sampled_from(["le", "__name__", "x"]), label_values, max_size=2)
+            | _json()
+        },
+        optional={"values": st.lists(sample, max_size=4) | _json(), "value": sample | _json()},
+    )
+    result = st.lists(series, max_size=4) | _json()
+    kind = st.sampled_from(["matrix", "vector", "scalar", "string"]) | _json()
+    return st.fixed_dictionaries({"resultType": kind, "result": result})
+
+
+def test_parsers_raise_only_answer_errors_on_any_answer() -> None:
+    """Whatever Prometheus sends, the parsers return clean values or raise PrometheusAnswerError."""
+    from hypothesis import HealthCheck, given, settings
+
+    from ggufship.gate import PrometheusAnswerError
+    from ggufship.gate._prometheus import _counter_series, _histogram, _scalar, _series_values
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_answers())
+    def check(data: dict[str, Any]) -> None:
+        import math
+
+        try:
+            raw = _counter_series(data, "q")
+            hist = _histogram(raw, "q")
+        except PrometheusAnswerError:
+            pass
+        else:
+            assert all(math.isfinite(v) and v >= 0 for s in raw for v in s.values)
+            assert hist is None or any(math.isfinite(b) for b in hist.bounds)
+        try:
+            value = _scalar(data, "q")
+        except PrometheusAnswerError:
+            pass
+        else:
+            assert value is None or isinstance(value, float)
+        try:
+            values = _series_values(data, "q")
+        except PrometheusAnswerError:
+            pass
+        else:
+            assert all(math.isfinite(v) for v in values)
+
+    check()

@@ -185,8 +185,8 @@ def _number(raw: object, what: str) -> float:
         raise PrometheusAnswerError(f"{what}: value {raw!r} is not a number")
     try:
         return float(raw)
-    except ValueError:
-        raise PrometheusAnswerError(f"{what}: value {raw!r} is not a number") from None
+    except (ValueError, OverflowError):  # "abc"; an integer beyond any float
+        raise PrometheusAnswerError(f"{what}: value {str(raw)[:40]!r} is not a number") from None
 
 
 def _sample(raw: object, what: str) -> tuple[float, float]:
