@@ -4,6 +4,8 @@
 #
 #   bash components/build-image.sh             # build + smoke (components/smoke_image.py)
 #   bash components/build-image.sh --no-smoke  # build only
+#   --no-cache       rebuild every layer (buildah --no-cache); the cached wheel is still used
+#   --rebuild-wheel  compile llama-cpp-python again even when its wheel is cached
 #
 # Environment (all optional):
 #   IMAGE            tag of the result                (localhost/ggufship:<version>)
@@ -27,11 +29,15 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${GGUFSHIP_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ggufship/image}"
 SDE="${SOURCE_DATE_EPOCH:-1795392000}"
 SMOKE=1
+NO_CACHE=()
+REBUILD_WHEEL=0
 for arg in "$@"; do
   case "$arg" in
     --no-smoke) SMOKE=0 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
-    *) echo "build-image.sh: unknown argument $arg (known: --no-smoke)" >&2; exit 2 ;;
+    --no-cache) NO_CACHE=(--no-cache) ;;
+    --rebuild-wheel) REBUILD_WHEEL=1 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    *) echo "build-image.sh: unknown argument $arg (known: --no-smoke --no-cache --rebuild-wheel)" >&2; exit 2 ;;
   esac
 done
 log() { printf '[build-image %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -145,9 +151,11 @@ wkey="$( { sed '/^# === end of the llama-wheel stages/q' "$dockerfile"; \
 wheel_dir="$CACHE/llama-wheel-$wkey"
 common=("${pull[@]}" --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "SOURCE_DATE_EPOCH=$SDE"
         "${pip_args[@]}" -f "$dockerfile")
-if ! ls "$wheel_dir"/wheels/llama_cpp_python-*.whl >/dev/null 2>&1; then
+if [ "$REBUILD_WHEEL" = 1 ] || ! ls "$wheel_dir"/wheels/llama_cpp_python-*.whl >/dev/null 2>&1; then
   log "compiling the portable llama-cpp-python wheel (20+ minutes on 2 cores; cached in $wheel_dir)"
-  "${BUD[@]}" "${common[@]}" --target llama-wheel -t "localhost/ggufship-llama-wheel:$wkey" "$ROOT" >&2
+  rebuild=()
+  [ "$REBUILD_WHEEL" = 1 ] && rebuild=(--no-cache)
+  "${BUD[@]}" "${common[@]}" "${rebuild[@]}" --target llama-wheel -t "localhost/ggufship-llama-wheel:$wkey" "$ROOT" >&2
   ctr="$(buildah from "localhost/ggufship-llama-wheel:$wkey")"
   mnt="$(buildah mount "$ctr")"
   rm -rf "$wheel_dir.tmp" && mkdir -p "$wheel_dir.tmp"
@@ -159,7 +167,7 @@ log "llama-cpp-python wheel: $(ls "$wheel_dir"/wheels/)"
 
 # --- the image ------------------------------------------------------------------------
 log "building $IMAGE"
-"${BUD[@]}" "${common[@]}" --build-context "llama-wheel=$wheel_dir" --target runtime \
+"${BUD[@]}" "${common[@]}" "${NO_CACHE[@]}" --build-context "llama-wheel=$wheel_dir" --target runtime \
   -t "$IMAGE" "$ROOT" >&2
 digest="$(buildah inspect --type image --format '{{.FromImageDigest}}' "$IMAGE")"
 size="$(buildah images --format '{{.Size}}' --filter "reference=$IMAGE" | head -1)"

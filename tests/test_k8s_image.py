@@ -112,44 +112,59 @@ def test_llama_wheel_stage_builds_llama_cpp_portable_from_the_pinned_sdist() -> 
     )
     assert args["LLAMA_CPP_PYTHON_VERSION"] == pin.split("==")[1].split()[0]
     assert re.fullmatch(r"[0-9a-f]{64}", args["LLAMA_CPP_PYTHON_SHA256"])
-    runs = " ".join(rest for word, rest in wheel if word == "RUN")
+    runs = " ".join(" ".join(rest.split()) for word, rest in wheel if word == "RUN")
     assert "--hash=sha256:${LLAMA_CPP_PYTHON_SHA256}" in runs
     assert "--no-binary :all: --require-hashes -r /build/llama-sdist.txt" in runs
     # Fixed source and build paths: __FILE__ and the CMake tree land in the binaries.
     assert "--no-build-isolation" in runs and "--config-settings=build-dir=/build/cmake" in runs
     assert "gguf-py" in runs and "convert_hf_to_gguf.py" in runs
-    builder = " ".join(rest for word, rest in stages()["builder"] if word == "RUN")
-    assert "--require-hashes -r /build/requirements.lock" in builder
+    builder = " ".join(" ".join(rest.split()) for word, rest in stages()["builder"] if word == "RUN")
+    assert "--only-binary :all: --require-hashes -r /build/binary.txt" in builder
     assert "libggml-cpu-*.so" in builder
 
 
 def test_every_wheel_build_uses_the_locked_build_tools() -> None:
-    runs = [rest for word, rest in instructions() if word == "RUN"]
-    wheel_builds = [r for r in runs if "pip wheel" in r]
-    assert len(wheel_builds) == 2, wheel_builds  # llama-cpp-python, ggufship
-    for run in wheel_builds:
-        assert "/opt/build/bin/pip wheel --no-deps --no-build-isolation" in run, run
-    tools = " ".join(rest for word, rest in stages()["build-tools"] if word == "RUN")
+    runs = [" ".join(rest.split()) for word, rest in instructions() if word == "RUN"]
+    wheel_builds = [m.group(0) for r in runs for m in re.finditer(r"\S*pip wheel [^&]*", r)]
+    # llama-cpp-python, the sdist-only locked packages, gguf-py, ggufship
+    assert len(wheel_builds) == 4, wheel_builds
+    for cmd in wheel_builds:
+        assert cmd.startswith("/opt/build/bin/pip wheel --no-deps --no-build-isolation"), cmd
+    tools = " ".join(" ".join(rest.split()) for word, rest in stages()["build-tools"] if word == "RUN")
     assert "--require-hashes -r /build/build-requirements.lock" in tools
+    pure = " ".join(" ".join(rest.split()) for word, rest in stages()["ggufship-wheel"] if word == "RUN")
+    assert "--require-hashes -r /build/pure-build-requirements.lock" in pure
+    assert "--no-binary :all: --require-hashes -r /build/sdist-only.txt" in pure
     for run in runs:  # nothing resolved from an index without hashes
-        for m in re.finditer(r"pip (install|download)([^&]*)", run):
+        for m in re.finditer(r"pip (install|download|wheel)([^&]*)", run):
             cmd = m.group(2)
             assert "--no-deps" in cmd, run
             assert " -r " not in cmd or "--require-hashes" in cmd, run
+    sdist_only = {rest for word, rest in instructions() if word == "ARG" and rest.startswith("SDIST_ONLY=")}
+    assert len(sdist_only) == 1, sdist_only  # the same list where it is built and where it is skipped
+    pins = lock_pins()
+    for name in next(iter(sdist_only)).split("=", 1)[1].strip('"').split():
+        assert name in pins, f"SDIST_ONLY names {name}, which components/requirements.lock does not pin"
 
 
-def test_build_lock_is_hashed_and_matches_its_input() -> None:
-    lock = (ROOT / "components" / "build-requirements.lock").read_text()
-    source = (ROOT / "components" / "build-requirements.in").read_bytes()
+@pytest.mark.parametrize("name", ["build-requirements", "pure-build-requirements"])
+def test_build_locks_are_hashed_and_match_their_input(name: str) -> None:
+    lock = (ROOT / "components" / f"{name}.lock").read_text()
+    source = (ROOT / "components" / f"{name}.in").read_bytes()
     m = re.search(r"^# input-sha256: ([0-9a-f]{64})$", lock, re.M)
     assert m and m.group(1) == hashlib.sha256(source).hexdigest(), (
-        "components/build-requirements.lock is stale; run: bash components/lock-build.sh"
+        f"components/{name}.lock is stale; run: bash components/lock-build.sh"
     )
     pins = {n.lower(): v for n, v in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", lock, re.M)}
     wanted = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)$", source.decode(), re.M))
-    assert {"scikit-build-core", "cmake", "ninja", "setuptools", "wheel"} <= set(wanted)
-    for name, version in wanted.items():
-        assert pins.get(name.lower()) == version, name
+    expected = (
+        {"scikit-build-core", "cmake", "ninja", "setuptools", "wheel"}
+        if name == "build-requirements"
+        else {"poetry-core"}
+    )
+    assert expected <= set(wanted)
+    for package, version in wanted.items():
+        assert pins.get(package.lower()) == version, package
     for entry in re.split(r"\n(?=[A-Za-z0-9])", lock):
         if "==" in entry.split("\n")[0]:
             assert "--hash=sha256:" in entry, entry.split("\n")[0]
