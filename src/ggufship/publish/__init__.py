@@ -21,8 +21,9 @@ Concurrent publishes of one name/version: with an S3 target, the whole publish
 an atomic ``If-None-Match: *`` create), so exactly one publisher writes; another
 with other content gets :class:`PublishConflictError` before writing anything, and
 the three stores name one digest. Without an S3 target there is no lease: GitOps
-still refuses a second record (non-force push, conflict on rebase), but OCI tags
-are last-writer-wins (the registry has no compare-and-swap).
+still refuses a second record (non-force push, conflict on rebase) and pins the OCI
+artifact by digest, but OCI tags are last-writer-wins (the registry has no
+compare-and-swap), so a tag may name the loser's artifact.
 """
 
 from __future__ import annotations
