@@ -289,6 +289,13 @@ def test_oci_unlisted_layers_are_refused(raw_registry: RawRegistry, tmp_path: Pa
         pull(f"oci://{raw_registry.host}/evil/extra:1.0.0", dest)
     assert _entries(work) == []
 
+    # a listed file without a layer: missing, the pull fails the same way
+    both = _manifest_bytes(("model.gguf", PAYLOAD), ("other.gguf", b"GGUF other"))
+    raw_registry.push("evil/extra", "short", [(MANIFEST_NAME, both), ("model.gguf", PAYLOAD)])
+    with pytest.raises(IntegrityError, match=r"other\.gguf: missing"):
+        pull_export(f"oci://{raw_registry.host}/evil/extra:short", dest)
+    assert _entries(work) == []
+
     # the listed files alone: delivered exactly, nothing else
     raw_registry.push("evil/extra", "clean", [(MANIFEST_NAME, manifest), ("model.gguf", PAYLOAD)])
     pull_export(f"oci://{raw_registry.host}/evil/extra:clean", dest)
