@@ -21,12 +21,19 @@ REQUEST_DURATION: Final = "ggufship_request_duration_seconds"  # end-to-end, per
 TIME_TO_FIRST_TOKEN: Final = "ggufship_time_to_first_token_seconds"
 INTER_TOKEN_LATENCY: Final = "ggufship_inter_token_latency_seconds"  # one observation per token gap
 COMPLETION_LENGTH: Final = "ggufship_completion_length_tokens"  # tokens generated per request
+#: Mean negative log-likelihood (nats per token) of each answer under the serving model's own
+#: next-token distribution (raw logits, before sampling): an uncertainty proxy, not a detector.
+ANSWER_SURPRISAL: Final = "ggufship_answer_surprisal_nats"
 
 # Counters; labels BASE_LABELS + ("endpoint",) (+ "code" for REQUESTS).
 REQUESTS: Final = "ggufship_requests_total"  # labels + endpoint, code (HTTP status as a string)
 PROMPT_TOKENS: Final = "ggufship_prompt_tokens_total"
 COMPLETION_TOKENS: Final = "ggufship_completion_tokens_total"
-REFUSALS: Final = "ggufship_refusals_total"  # responses matching the refusal pattern list
+REFUSALS: Final = "ggufship_refusals_total"  # answers matching the refusal pattern list
+ANSWERS: Final = "ggufship_answers_total"  # finished answers (not cancelled): the rates' denominator
+BAD_ANSWERS: Final = "ggufship_bad_answers_total"  # + label reason: empty | loop | length
+#: ``reason`` values of BAD_ANSWERS; an answer counts once, under the first that applies.
+BAD_ANSWER_REASONS: Final = ("empty", "loop", "length")
 
 # Gauges; labels BASE_LABELS.
 IN_FLIGHT: Final = "ggufship_requests_in_flight"
@@ -39,6 +46,13 @@ HISTOGRAMS: Final = {
     "ttft": TIME_TO_FIRST_TOKEN,
     "itl": INTER_TOKEN_LATENCY,
     "completion_length": COMPLETION_LENGTH,
+    "surprisal": ANSWER_SURPRISAL,
+}
+
+#: The answer rates the gate can test (events / ANSWERS), by short name.
+RATES: Final = {
+    "refusal": REFUSALS,
+    "bad_answer": BAD_ANSWERS,
 }
 
 
@@ -64,3 +78,9 @@ def inter_token_buckets() -> tuple[float, ...]:
 def token_count_buckets() -> tuple[float, ...]:
     """Completion lengths: 24 log-spaced bounds from 1 to 8192 tokens."""
     return tuple(sorted({float(math.ceil(b)) for b in log_buckets(1.0, 8192.0, 24)}))
+
+
+def surprisal_buckets() -> tuple[float, ...]:
+    """30 log-spaced bounds from 0.01 to 20 nats per token (ln of a 32k vocabulary is 10.4;
+    a fluent answer of a small model sits around 0.3-3)."""
+    return log_buckets(0.01, 20.0, 30)

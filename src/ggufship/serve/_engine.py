@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from ggufship.runtime import cpu_budget
 from ggufship.serve._metrics import ServeMetrics
+from ggufship.serve._quality import token_nll
 from ggufship.serve.errors import (
     APIError,
     GenerationError,
@@ -103,6 +106,8 @@ class _Run:
     ttft: float | None = None
     gaps: list[float] = field(default_factory=list)
     last: float | None = None
+    token_ids: list[int] = field(default_factory=list)
+    nlls: list[float] = field(default_factory=list)  # per generated token, under the raw logits
 
 
 def stop_cut(text: str, sent: int, stops: Sequence[str]) -> tuple[str, bool]:
@@ -206,6 +211,8 @@ class Engine:
         self.metadata = dict(first.metadata)
         self._vocab = first._model.vocab
         self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._logits_ith = llama_cpp.llama_get_logits_ith
+        self._n_vocab = int(first.n_vocab())
 
     @property
     def loaded(self) -> bool:
@@ -410,6 +417,8 @@ class Engine:
                     reason = "stop"
                     break
                 run.tokens += 1
+                run.token_ids.append(token)
+                self._record_nll(inst, token, run)
                 if run.last is None:
                     run.ttft = now - started
                 else:
@@ -454,5 +463,24 @@ class Engine:
                 ttft=run.ttft,
                 gaps=run.gaps,
                 text=run.text,
+                finish_reason=reason,
+                tokens=run.token_ids,
+                nlls=run.nlls,
             )
         emit(Finished(reason, run.prompt_tokens, run.tokens, run.text[: run.sent], run.ttft, refused))
+
+    def _record_nll(self, inst: Any, token: int, run: _Run) -> None:
+        """The sampled token's NLL from the logits it was sampled from.
+
+        ``Llama.generate`` yields a token right after sampling it from the last position's
+        logits (``Llama.sample`` with ``idx`` → ``ridx = -1``) and evaluates it only when asked
+        for the next one, so the context's last logits (``llama_get_logits_ith(ctx, -1)``, the
+        public C API on the public ``Llama.ctx``) are still those of this token's position.
+        """
+        if self._metrics is None:
+            return
+        try:
+            row = np.ctypeslib.as_array(self._logits_ith(inst.ctx, -1), shape=(self._n_vocab,))
+            run.nlls.append(token_nll(row, token))
+        except (ValueError, TypeError) as exc:  # no logits for this position: skip the token
+            logger.debug("no logits for token %d: %s", token, exc)

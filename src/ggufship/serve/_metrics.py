@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ggufship import metrics as m
+from ggufship.serve._quality import answer_surprisal, bad_answer_reason
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,14 @@ class ServeMetrics:
             buckets=m.token_count_buckets(),
             registry=r,
         )
+        self.surprisal = Histogram(
+            m.ANSWER_SURPRISAL,
+            "Mean negative log-likelihood per token of each answer under the serving model (nats); "
+            "an uncertainty proxy, not a hallucination detector",
+            ep,
+            buckets=m.surprisal_buckets(),
+            registry=r,
+        )
         self.requests = Counter(
             m.REQUESTS.removesuffix("_total"),
             "Requests by endpoint and HTTP status code",
@@ -72,7 +81,20 @@ class ServeMetrics:
             m.COMPLETION_TOKENS.removesuffix("_total"), "Completion tokens generated", ep, registry=r
         )
         self.refusals = Counter(
-            m.REFUSALS.removesuffix("_total"), "Responses matching a refusal pattern", ep, registry=r
+            m.REFUSALS.removesuffix("_total"), "Answers matching a refusal pattern", ep, registry=r
+        )
+        self.answers = Counter(
+            m.ANSWERS.removesuffix("_total"),
+            "Finished answers (not cancelled by the client): the denominator of the answer rates",
+            ep,
+            registry=r,
+        )
+        self.bad_answers = Counter(
+            m.BAD_ANSWERS.removesuffix("_total"),
+            "Bad answers by reason: empty, loop (a repeated n-gram tail), length (cut off); "
+            "each answer counts once",
+            [*ep, "reason"],
+            registry=r,
         )
         self.in_flight = Gauge(m.IN_FLIGHT, "Generations running now", base, registry=r)
         self.queued = Gauge(m.QUEUED, "Requests waiting for a llama instance", base, registry=r)
@@ -103,8 +125,19 @@ class ServeMetrics:
         ttft: float | None,
         gaps: Sequence[float],
         text: str,
+        finish_reason: str | None = None,
+        tokens: Sequence[int] = (),
+        nlls: Sequence[float] = (),
     ) -> bool:
-        """Record one finished generation; return whether its text counts as a refusal."""
+        """Record one finished generation; return whether its text counts as a refusal.
+
+        Quality signals (engines pass them; see :mod:`ggufship.serve._quality`):
+        ``finish_reason`` (``stop``, ``length``, ``cancelled``), ``tokens`` (the generated
+        token ids, for the loop check) and ``nlls`` (one :func:`~ggufship.serve._quality.token_nll`
+        per generated token). A ``cancelled`` generation (client gone) is not an answer: no
+        refusal, answer, bad-answer or surprisal observation. Without ``finish_reason``
+        (an engine that does not report quality) only the refusal counter is kept.
+        """
         b = {**self.labels.base(), "endpoint": endpoint}
         self.prompt_tokens.labels(**b).inc(prompt_tokens)
         self.completion_tokens.labels(**b).inc(completion_tokens)
@@ -114,7 +147,20 @@ class ServeMetrics:
         itl = self.itl.labels(**b)
         for gap in gaps:
             itl.observe(gap)
+        if finish_reason == "cancelled":
+            return False
         refused = any(p.search(text) for p in self._refusal)
+        refusals = self.refusals.labels(**b)  # the series exists at 0: a rate of 0, not no data
         if refused:
-            self.refusals.labels(**b).inc()
+            refusals.inc()
+        if finish_reason is not None:
+            self.answers.labels(**b).inc()
+            for reason in m.BAD_ANSWER_REASONS:
+                self.bad_answers.labels(**b, reason=reason)
+            bad = bad_answer_reason(text, tokens, finish_reason)
+            if bad is not None:
+                self.bad_answers.labels(**b, reason=bad).inc()
+            mean_nll = answer_surprisal(nlls)
+            if mean_nll is not None:
+                self.surprisal.labels(**b).observe(mean_nll)
         return refused

@@ -1,0 +1,103 @@
+"""Online quality signals of one answer: pure functions, shared by every serving engine.
+
+* :func:`token_nll` — the negative log-likelihood (nats) of the sampled token under the
+  model's own next-token distribution: ``logsumexp(logits) - logits[token]`` on the raw
+  logits llama.cpp computed for that position (before temperature, top-k/p, penalties),
+  so it does not depend on the request's sampling parameters.
+* :func:`answer_surprisal` — the mean of those over an answer's tokens (nats per token).
+  High surprisal means the model found its own answer unlikely: a cheap *proxy* for
+  uncertainty (and so for a raised risk of hallucination), **not** a hallucination
+  detector — a confident wrong answer has low surprisal, and sampling at a high
+  temperature raises it for any model. Compare tracks under the same traffic, never
+  absolute values across models.
+* :func:`is_looping` — the answer ends in a repeated n-gram: see its docstring.
+* :func:`bad_answer_reason` — ``empty`` / ``loop`` / ``length`` (cut off at max_tokens or
+  the context), or None.
+
+Engines call them per generated token / per finished answer and report through
+:meth:`ggufship.serve._metrics.ServeMetrics.observe_generation`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+#: :func:`is_looping`: the repeated tail must cover at least this many tokens …
+LOOP_MIN_TOKENS = 24
+#: … and repeat its block at least this many times …
+LOOP_MIN_REPEATS = 3
+#: … for blocks of 1 to this many tokens.
+LOOP_MAX_PERIOD = 32
+
+
+def token_nll(logits: npt.ArrayLike, token: int) -> float:
+    """``-log softmax(logits)[token]`` in nats (float64 arithmetic; ≥ 0).
+
+    ``logits``: the raw next-token logits of one position (shape ``(n_vocab,)``).
+    Raises ValueError for a token outside the vocabulary, an empty or non-1-D array, or
+    logits that are not all finite.
+    """
+    row = np.asarray(logits, dtype=np.float64)
+    if row.ndim != 1 or row.size == 0:
+        raise ValueError(f"logits: expected a non-empty 1-D array, got shape {row.shape}")
+    if not 0 <= token < row.size:
+        raise ValueError(f"token {token} is outside the vocabulary (0..{row.size - 1})")
+    top = float(row.max())
+    if not math.isfinite(top) or not np.isfinite(row).all():
+        raise ValueError("logits: not all finite")
+    lse = top + math.log(float(np.exp(row - top).sum()))
+    return max(0.0, lse - float(row[token]))
+
+
+def answer_surprisal(nlls: Sequence[float]) -> float | None:
+    """Mean NLL per token of one answer (nats); None for an answer without tokens."""
+    if not nlls:
+        return None
+    return math.fsum(nlls) / len(nlls)
+
+
+def is_looping(
+    tokens: Sequence[int],
+    *,
+    min_tokens: int = LOOP_MIN_TOKENS,
+    min_repeats: int = LOOP_MIN_REPEATS,
+    max_period: int = LOOP_MAX_PERIOD,
+) -> bool:
+    """Whether the answer *ends* in a loop: for some block length ``p`` (1 ≤ p ≤ ``max_period``)
+    its last ``L`` tokens are the same ``p`` tokens over and over (``tokens[i] == tokens[i - p]``
+    throughout the tail), with ``L ≥ min_tokens`` and ``L ≥ min_repeats · p``.
+
+    Defaults: a tail of ≥ 24 tokens made of ≥ 3 copies of a block of 1-32 tokens (e.g. the
+    same token 24 times, a 5-token phrase 5 times, a 16-token sentence 3 times). A partial
+    last copy counts (generation was cut mid-block). Repetition earlier in the answer that
+    the model then left is not a loop.
+    """
+    n = len(tokens)
+    for p in range(1, min(max_period, n // 2) + 1):
+        run = 0  # tail positions i with tokens[i] == tokens[i - p]
+        i = n - 1
+        while i - p >= 0 and tokens[i] == tokens[i - p]:
+            run += 1
+            i -= 1
+        tail = run + p
+        if tail >= min_tokens and tail >= min_repeats * p:
+            return True
+    return False
+
+
+def bad_answer_reason(text: str, tokens: Sequence[int], finish_reason: str) -> str | None:
+    """Why a finished answer is bad, or None. One reason per answer, the first that applies:
+    ``empty`` (no visible text: nothing, or only whitespace), ``loop`` (:func:`is_looping`
+    on its tokens), ``length`` (cut off by max_tokens or the context window: ``finish_reason``
+    ``"length"``)."""
+    if not text.strip():
+        return "empty"
+    if is_looping(tokens):
+        return "loop"
+    if finish_reason == "length":
+        return "length"
+    return None
