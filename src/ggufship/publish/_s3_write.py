@@ -344,12 +344,21 @@ class PublishLease:
         deadline = time.monotonic() + self.policy.wait_s
         delay = 0.1
         waited_for: str | None = None
+        retries = 0
         while True:
             if self._try_put(if_match=None):
+                self._check_conditional_writes()
                 break
             current = self._read()
-            if current is None:
-                continue  # released between our attempt and the read: try again at once
+            if current is None:  # released between our attempt and the read: try again soon
+                retries += 1
+                if retries > 50 or time.monotonic() >= deadline:
+                    raise PublishError(
+                        f"{self.where}: could not take the publish lease: the store refuses the "
+                        "conditional create but shows no lease"
+                    )
+                time.sleep(0.05 * random.uniform(0.5, 1.0))
+                continue
             record, etag, age_s = current
             holder = f"{record.get('owner', '?')} on {record.get('host', '?')} pid {record.get('pid', '?')}"
             if record.get("manifest_sha256") != self._record["manifest_sha256"] and not self._stale(
@@ -372,6 +381,9 @@ class PublishLease:
                 )
                 if self._try_put(if_match=etag):
                     break
+                retries += 1
+                if retries > 50:
+                    raise PublishError(f"{self.where}: could not take over the publish lease after 50 tries")
                 continue  # another publisher took it over first
             if waited_for != record.get("owner"):
                 waited_for = record.get("owner")
@@ -387,6 +399,20 @@ class PublishLease:
         self._thread = threading.Thread(target=self._keep_alive, name=f"lease {self.key}", daemon=True)
         self._thread.start()
         logger.info("%s: lease acquired (owner %s)", self.where, self.owner)
+
+    def _check_conditional_writes(self) -> None:
+        """A second ``If-None-Match: *`` create of the lease we now hold must be refused.
+
+        A store that ignores the header would let every publisher "win": fail loudly
+        instead of publishing without protection.
+        """
+        if self._try_put(if_match=None):
+            with contextlib.suppress(Exception):
+                self.client.delete_object(Bucket=self.bucket, Key=self.key)
+            raise PublishSettingsError(
+                f"{self.where}: the S3 store at {self.conn.url} ignores If-None-Match (conditional "
+                "writes); publishing needs them to let exactly one of two concurrent publishers win"
+            )
 
     def _stale(self, record: dict[str, Any], age_s: float) -> bool:
         ttl = record.get("ttl_s")
