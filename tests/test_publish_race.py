@@ -337,3 +337,32 @@ def test_gitops_alone_also_has_one_winner(services_factory, tmp_path):
         assert len(winners) == 1 and len(losers) == 1, outcomes
         assert isinstance(losers[0], PublishConflictError) and losers[0].exit_code == 41, losers
         assert _record(git_dir, version)["manifest_sha256"] == winners[0].manifest_sha256
+
+
+def test_without_s3_the_gitops_winner_alone_moves_the_oci_tags(services_factory, tmp_path):
+    """OCI + GitOps, no S3 lease: the artifact goes up by digest, GitOps picks the winner, it tags."""
+    from ggufship.publish._oci import OciTarget
+
+    state_dir, _ = services_factory(services=("registry", "git"))
+    state = load_state(state_dir)
+    registry = state.services["registry"].endpoint.removeprefix("http://")
+    git_dir = state.services["git"].endpoint.removeprefix("file://")
+    request = PublishRequest(
+        oci=OciTarget(registry=registry, repository="models/syn"),
+        gitops=GitOpsTarget(url=f"file://{git_dir}", backoff_s=0.05, max_attempts=10),
+    )
+    for trial in range(10):
+        version = f"7.0.{trial}"
+        exports = [
+            make_export(tmp_path / f"t{trial}-{who}", version=version, big=4096, seed=5 * trial + n)
+            for n, who in enumerate(("a", "b"))
+        ]
+        outcomes = _race(*(lambda e=e: publish(e, request) for e in exports))
+        winners = [i for i, o in enumerate(outcomes) if not isinstance(o, Exception)]
+        assert len(winners) == 1, outcomes
+        loser = outcomes[1 - winners[0]]
+        assert isinstance(loser, PublishConflictError) and loser.exit_code == 41, loser
+        winner = outcomes[winners[0]]
+        assert _record(git_dir, version)["sources"]["oci"] == winner.oci.reference
+        pulled = pull(f"oci://{registry}/models/syn:{version}", tmp_path / f"oci-{trial}")
+        assert _files(pulled) == _files(exports[winners[0]])

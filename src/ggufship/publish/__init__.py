@@ -21,9 +21,10 @@ Concurrent publishes of one name/version: with an S3 target, the whole publish
 an atomic ``If-None-Match: *`` create), so exactly one publisher writes; another
 with other content gets :class:`PublishConflictError` before writing anything, and
 the three stores name one digest. Without an S3 target there is no lease: GitOps
-still refuses a second record (non-force push, conflict on rebase) and pins the OCI
-artifact by digest, but OCI tags are last-writer-wins (the registry has no
-compare-and-swap), so a tag may name the loser's artifact.
+still has one winner (non-force push, conflict on rebase), so with GitOps the OCI
+artifact goes up by digest first and only the GitOps winner moves the tags after
+its commit. OCI alone has no linearization point (a registry has no
+compare-and-swap on tags): concurrent OCI-only publishes are last-writer-wins.
 """
 
 from __future__ import annotations
@@ -164,6 +165,9 @@ def publish(export_dir: Path, request: PublishRequest, *, reporter: Reporter | N
     reporter = reporter or Reporter(enabled=False)
     s3_result = oci_result = gitops_result = None
     with _version_lease(request, manifest, manifest_sha256) as lease:
+        # No S3 lease: GitOps' non-force push picks the one winner, and only the winner
+        # moves the OCI tags (after its commit; the record pins the artifact by digest).
+        deferred_tags = lease is None and request.gitops is not None
         with reporter.session():
             if request.s3 is not None and lease is not None:
                 s3_result = publish_s3(
@@ -174,7 +178,9 @@ def publish(export_dir: Path, request: PublishRequest, *, reporter: Reporter | N
 
                 if lease is not None:
                     lease.check()
-                oci_result = push_export(export_dir, request.oci, force=request.force)
+                oci_result = push_export(
+                    export_dir, request.oci, force=request.force, apply_tags=not deferred_tags
+                )
                 logger.info(
                     "oci: %s (%s)",
                     getattr(oci_result, "reference", "?"),
@@ -191,6 +197,10 @@ def publish(export_dir: Path, request: PublishRequest, *, reporter: Reporter | N
                 ReleaseLocations(s3=s3_result, oci=oci_result),
                 _signature_ref(export_dir),
             )
+        if deferred_tags and oci_result is not None:
+            from ggufship.publish._oci import tag_release
+
+            tag_release(request.oci, oci_result, force=request.force)
     return PublishResult(
         name=manifest.name,
         version=manifest.version,

@@ -478,13 +478,19 @@ def release_tags(manifest: Manifest) -> tuple[str, ...]:
     return tuple(dict.fromkeys(tags))
 
 
-def push_export(export_dir: Path, target: OciTarget, *, force: bool = False) -> OciPushResult:
+def push_export(
+    export_dir: Path, target: OciTarget, *, force: bool = False, apply_tags: bool = True
+) -> OciPushResult:
     """Push an export directory as one ModelPack artifact, tag it, attach ``model.sig`` as a referrer.
 
     The export is verified against ``manifest.json`` first (:class:`IntegrityError`
     otherwise). Idempotent: every tag already on this manifest → ``skipped=True``
     (the signature referrer is still added if it is missing). A tag on another
     digest → :class:`OciConflictError` before anything is uploaded, unless ``force``.
+    ``apply_tags=False``: the manifest goes up by digest only, and :func:`tag_release`
+    moves the tags later (publish does so once GitOps has chosen the one winner of
+    concurrent publishers, when no S3 lease serializes them: tags have no
+    compare-and-swap).
     """
     export_dir = Path(export_dir)
     verify_export(export_dir)
@@ -519,9 +525,13 @@ def push_export(export_dir: Path, target: OciTarget, *, force: bool = False) -> 
                 path = confined_join(export_dir, layer.path, what=f"{export_dir}: layer {layer.path}")
                 _upload_file(client, path, layer.media_type, layer.digest, layer.size)
             _upload_bytes(client, config, scratch)
-            for tag in tags:
-                _put_manifest(client, doc, tag)
-            logger.info("pushed %s@%s as %s", where, doc.digest, ", ".join(tags))
+            if apply_tags:
+                for tag in tags:
+                    _put_manifest(client, doc, tag)
+                logger.info("pushed %s@%s as %s", where, doc.digest, ", ".join(tags))
+            else:
+                _put_manifest(client, doc, doc.digest)
+                logger.info("pushed %s@%s (tags %s follow later)", where, doc.digest, ", ".join(tags))
         signature_digest = _push_signature(client, export_dir, manifest, doc, scratch)
     return OciPushResult(
         reference=f"{where}@{doc.digest}",
@@ -530,6 +540,32 @@ def push_export(export_dir: Path, target: OciTarget, *, force: bool = False) -> 
         signature_digest=signature_digest,
         skipped=skipped,
     )
+
+
+def tag_release(target: OciTarget, result: OciPushResult, *, force: bool = False) -> None:
+    """Point ``result.tags`` at ``result.digest`` (pushed by ``push_export(..., apply_tags=False)``).
+
+    A tag already there is left alone; one on another digest is
+    :class:`OciConflictError` unless ``force``.
+    """
+    client = _make_client(target)
+    where = f"{target.registry}/{target.repository}"
+    doc: mp.Document | None = None
+    for tag in result.tags:
+        current = _head_manifest(client, tag)
+        if current == result.digest:
+            continue
+        if current is not None and not force:
+            raise OciConflictError(
+                f"{where}:{tag} is {current}; this export is {result.digest}. A published version is "
+                "immutable: bump the version, or pass force to move the tag(s)"
+            )
+        if doc is None:
+            doc = _get_manifest(client, result.digest)
+            if doc is None:
+                raise OciError(f"{where}@{result.digest}: the pushed manifest is gone; publish again")
+        _put_manifest(client, doc, tag)
+    logger.info("tagged %s@%s as %s", where, result.digest, ", ".join(result.tags))
 
 
 def _push_signature(
