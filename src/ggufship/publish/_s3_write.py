@@ -37,8 +37,9 @@ Tested on SeaweedFS 4.48: concurrent ``PutObject`` with ``If-None-Match``/``If-M
 has exactly one winner, but concurrent ``CompleteMultipartUpload`` with
 ``If-None-Match`` can let several through — that is why the linearization point is
 the small lease object, never a multipart completion. Publishes without an S3
-target take no lease (an OCI registry has no compare-and-swap on tags; GitOps
-alone serializes through its non-force push).
+target take no lease: GitOps alone serializes through its non-force push, and
+the publish orchestration then lets only the GitOps winner move the OCI tags (a
+registry has no compare-and-swap on tags).
 """
 
 from __future__ import annotations
