@@ -8,17 +8,24 @@ import sys
 from pathlib import Path
 
 
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+def test_demo_runs_end_to_end_twice(tmp_path: Path) -> None:
     """export → sign → publish (KFP pipeline under kfp.local), a canary that promotes, and a
-    regressed canary that the gate rolls back; every service stopped at the end."""
+    regressed canary that the gate rolls back; every service stopped at the end. Twice in the
+    same workdir: a re-run starts clean (it used to retry its publish for ~4 minutes, then fail
+    with exit 70: the GitOps record of 1.0.0 held the first run's signature)."""
     workdir = tmp_path / "demo"
+    for run in (1, 2):
+        _check_run(workdir, run)
+
+
+def _check_run(workdir: Path, run: int) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ggufship.cli.main", "-q", "demo", "--workdir", str(workdir)],
         capture_output=True,
         text=True,
         timeout=1200,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, f"run {run}: " + proc.stderr[-4000:]
     out = proc.stdout
     assert "release 1.0.0 (pipeline: export → sign → publish)" in out
     assert "s3_uri: s3://ggufship-models/models/tiny-llama-demo/1.0.0/" in out

@@ -12,6 +12,15 @@
    request, the server's documented, default-off setting) — the gate fails it and the
    rollout aborts back to the stable;
 6. stop the services and print the reports' paths.
+
+Every run starts clean: the services a previous run left (``--keep-services``, or one that
+was killed) are stopped and the demo's state — S3 objects, the OCI registry, the GitOps
+repository, Prometheus data, pulled models, rollout state, pipeline outputs — is wiped
+before the services start again. The releases are re-published each run: the exports are
+byte-identical, but a signature is not (ECDSA signs with a fresh random nonce), so the
+signed release of a second run *is* other content for the same version, which publish
+rightly refuses. Kept across runs: the generated checkpoint and LoRA adapter (seeded) and
+the signing key pair.
 """
 
 from __future__ import annotations
@@ -141,7 +150,7 @@ def run_demo(
         private_key, _ = generate_keypair(keys)
     pipeline_root = workdir / "kfp"
     shutil.rmtree(pipeline_root, ignore_errors=True)
-    shutil.rmtree(state_dir / "rollout", ignore_errors=True)
+    _start_clean(state_dir)
 
     lines: list[str] = []
     logger.info("starting the local services in %s", state_dir)
@@ -197,6 +206,22 @@ def run_demo(
         if not keep_services:
             down(state_dir)
     return "\n".join(lines) + "\n"
+
+
+def _start_clean(state_dir: Path) -> None:
+    """Stop what a previous run left running under ``state_dir`` and remove all its state."""
+    from ggufship.services import down
+
+    if not state_dir.exists():
+        return
+    logger.info("removing the previous demo run's services and data in %s", state_dir)
+    still_running = down(state_dir, purge=True)
+    if still_running:
+        logger.info("stopped leftover services of a previous run: %s", ", ".join(still_running))
+    try:
+        shutil.rmtree(state_dir)
+    except OSError as exc:
+        raise DemoError(f"cannot remove the previous demo run's state {state_dir}: {exc}") from exc
 
 
 def _regressed_rollout(state_dir: Path, pulled_from: Path) -> dict[str, Any]:
