@@ -279,3 +279,24 @@ def test_promote_and_stray_events_outside_their_wait_are_ignored() -> None:
     assert decide(c, state, PromoteRequested(1)) == (state, [])
     assert isinstance(decide(c, PolicyState(finished=True), Tick(1))[1], list)
     assert Promote() == Promote()
+
+
+def test_local_window_override_is_capped_at_the_time_since_the_weight_change() -> None:
+    """Locally a window longer than the delay is allowed (the executor caps every measurement's
+    window at the step's age, so none reaches back before the weight change); a values file
+    must keep the chart's rule initialDelay >= window."""
+    chart = load_plan(CHART / "values.yaml")
+    plan = override_plan(chart, window_s=120, initial_delay_s=10, interval_s=5, count=1)
+    c = cfg(plan, pause_timeout_s=1000.0)
+    state, acts = run(c, to_analysis(c))
+    assert acts[-1] == ["measure 10s"]  # 10 s after the weight: the window is those 10 s
+    state, acts = decide(c, state, Measured(10, "inconclusive"))
+    assert names(acts) == ["pause"]
+    state, acts = decide(c, state, Tick(15))
+    assert acts == [Measure(15.0, 0, background=True)]  # grows with the pause
+    state, acts = decide(c, state, Measured(15, "pass", background=True))
+    state, acts = decide(c, state, Tick(105))
+    assert acts == [Measure(105.0, 1, background=True)]
+    state, acts = decide(c, state, Measured(105, "pass", background=True))
+    state, acts = decide(c, state, Tick(200))
+    assert acts == [Measure(120.0, 2, background=True)]  # up to the configured window

@@ -50,9 +50,9 @@ NAME = "tiny-llama-demo"
 #: +0.5 s on a ~20 ms request is far above them).
 ROLLOUT_ENV = {
     "GGUFSHIP_ROLLOUT_STEPS": "[5, 50, 100]",
-    # The plan is the chart's values' (steps, limits); its windows scaled to seconds here. A
-    # measurement's window may not be longer than the wait before it (analysis.initialDelay).
-    "GGUFSHIP_ROLLOUT_ANALYSIS_WINDOW_S": "25",
+    # The chart's plan (steps, limits), its times scaled to seconds. The window (capped at the
+    # time since the weight change) grows while a pause's background measurements run.
+    "GGUFSHIP_ROLLOUT_ANALYSIS_WINDOW_S": "120",
     "GGUFSHIP_ROLLOUT_ANALYSIS_DELAY_S": "25",
     "GGUFSHIP_ROLLOUT_ANALYSIS_INTERVAL_S": "3",
     "GGUFSHIP_ROLLOUT_ANALYSIS_COUNT": "1",

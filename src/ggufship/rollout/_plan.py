@@ -114,8 +114,13 @@ def find_chart_values(root: Path | None = None) -> Path:
     raise RolloutPlanError(f"chart values not found (looked at {looked}); give the plan file explicitly")
 
 
-def check_plan(plan: CanaryPlan) -> CanaryPlan:
-    """Raise :class:`RolloutPlanError` (naming the source and field) unless the plan is runnable."""
+def check_plan(plan: CanaryPlan, *, delay_covers_window: bool = True) -> CanaryPlan:
+    """Raise :class:`RolloutPlanError` (naming the source and field) unless the plan is runnable.
+
+    ``delay_covers_window``: the chart's rule ``initialDelay >= window`` (a measurement never
+    reaches back before its weight change). Local overrides may relax it: the local executor
+    caps every measurement's window at the time since the weight change, which keeps the
+    same guarantee while a pause lets the window grow."""
     src = plan.source
     weights = [s.weight for s in plan.steps]
     if not weights:
@@ -140,7 +145,7 @@ def check_plan(plan: CanaryPlan) -> CanaryPlan:
             f"{a.inconclusive_limit}) must be below count ({a.count}): else `count` measurements "
             "without one success (no data) could end Successful"
         )
-    if a.initial_delay_s < a.window_s:
+    if delay_covers_window and a.initial_delay_s < a.window_s:
         raise RolloutPlanError(
             f"{src}: analysis.initialDelay ({a.initial_delay_s:g}s) is shorter than analysis.window "
             f"({a.window_s:g}s): the first measurement would see less than a window of traffic"
@@ -298,5 +303,6 @@ def override_plan(
             analysis=a,
             background=plan.background if background is None else background,
             source=source,
-        )
+        ),
+        delay_covers_window=window_s is None,
     )

@@ -213,7 +213,9 @@ def _advance(cfg: PolicyConfig, state: PolicyState, now: float) -> tuple[PolicyS
                 reason = f"{state.pause_reason}; not promoted within {cfg.pause_timeout_s:g}s"
                 return replace(state, finished=True), [*actions, EndNotPromoted(reason)]
             if cfg.background and state.next_background_at is not None and now >= state.next_background_at:
-                actions.append(Measure(cfg.analysis.window_s, state.background_taken, background=True))
+                since = state.weight_at if state.weight_at is not None else now
+                window = min(cfg.analysis.window_s, max(1.0, now - since))
+                actions.append(Measure(window, state.background_taken, background=True))
                 return replace(state, waiting_for="measurement"), actions
             return state, actions
         if state.step >= len(cfg.steps):
