@@ -199,8 +199,19 @@ def url_of(server: _Server) -> str:
     return f"http://{host}:{port}"
 
 
-OPTIONS = {"metrics": ("latency",), "min_samples": 20, "window_s": 30.0, "timeout_s": 5.0}
-CLI_OPTIONS = ["--metrics", "latency", "--min-samples", "20", "--window", "30s", "--timeout", "5"]
+OPTIONS = {"metrics": ("latency",), "rates": (), "min_samples": 20, "window_s": 30.0, "timeout_s": 5.0}
+CLI_OPTIONS = [
+    "--metrics",
+    "latency",
+    "--rates",
+    "",
+    "--min-samples",
+    "20",
+    "--window",
+    "30s",
+    "--timeout",
+    "5",
+]
 
 
 def run_cli(args: list[str]) -> tuple[int, str]:

@@ -177,6 +177,7 @@ def request_for(stack: Stack, model: str, started: float, **policy: object) -> G
         model=model,
         window_s=float(window),
         metrics=("latency", "ttft"),
+        rates=(),  # the synthetic exporter has no answer counters
         **policy,
     )
 
@@ -292,6 +293,8 @@ def test_cli_exit_codes_json_and_report(
             window,
             "--metrics",
             "latency,ttft",
+            "--rates",
+            "",
             "--json",
             "--out",
             str(out_dir),
@@ -312,7 +315,9 @@ def test_cli_exit_codes_json_and_report(
 
 def test_cli_uses_the_state_dirs_prometheus(stack: Stack, scenarios: dict[str, float]) -> None:
     window = f"{math.ceil(time.time() - scenarios['aa']) + 3}s"
-    rc, stdout = run_cli(["gate", "--state-dir", str(stack.state_dir), "--model", "aa", "--window", window])
+    rc, stdout = run_cli(
+        ["gate", "--state-dir", str(stack.state_dir), "--model", "aa", "--window", window, "--rates", ""]
+    )
     assert rc == 0, stdout
     assert stdout.startswith("PASS")
 
@@ -360,7 +365,7 @@ def argo_measurement(body: dict[str, object]) -> str:
 
 
 def test_gate_serve(stack: Stack, scenarios: dict[str, float]) -> None:
-    base = make_request(None, prometheus_url=stack.url, metrics=("latency", "ttft"))
+    base = make_request(None, prometheus_url=stack.url, metrics=("latency", "ttft"), rates=())
     server = make_server(base, "127.0.0.1", 0)
     thread = serve_in_thread(server)
     try:

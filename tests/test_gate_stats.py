@@ -44,6 +44,8 @@ def lognormal(rng: np.random.Generator, median: float, n: int, sigma: float = 0.
 
 
 def request(**policy: object) -> GateRequest:
+    # The histogram tables measure no answer rates: rates off unless a test asks (tests/test_gate_rates.py).
+    policy.setdefault("rates", ())
     return make_request(None, model="m", prometheus_url="http://127.0.0.1:9", **policy)
 
 

@@ -77,7 +77,19 @@ def _analysis_options(p: argparse.ArgumentParser) -> None:
     pol.add_argument(
         "--metrics",
         metavar="LIST",
-        help="comma list of latency, ttft, itl, completion_length; first is primary (all four)",
+        help="comma list of latency, ttft, itl, completion_length, surprisal; first is primary (all five)",
+    )
+    pol.add_argument(
+        "--rates",
+        metavar="LIST",
+        help="comma list of answer rates to test: refusal, bad_answer (both); '' for none",
+    )
+    pol.add_argument(
+        "--min-rate-increase", type=float, metavar="R", help="effect floor of a rate test (0.02 = 2 points)"
+    )
+    pol.add_argument("--max-refusal-rate", type=float, metavar="R", help="canary refusal rate limit (none)")
+    pol.add_argument(
+        "--max-bad-answer-rate", type=float, metavar="R", help="canary bad-answer rate limit (none)"
     )
     pol.add_argument(
         "--method",
@@ -186,6 +198,12 @@ def build_request(args: argparse.Namespace) -> Any:
         "min_median_shift": args.min_median_shift,
         "two_sided": args.two_sided,
         "metrics": tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else None,
+        "rates": tuple(r.strip() for r in args.rates.split(",") if r.strip())
+        if args.rates is not None
+        else None,
+        "min_rate_increase": args.min_rate_increase,
+        "max_refusal_rate": args.max_refusal_rate,
+        "max_bad_answer_rate": args.max_bad_answer_rate,
         "method": args.method,
         "series_quantile": args.quantile,
         "series_step_s": parse_duration(args.step) if args.step else None,

@@ -46,7 +46,15 @@ from ggufship.gate._prometheus import (
 )
 from ggufship.gate._report import ReportFiles, write_report
 from ggufship.gate._server import GateHTTPServer, make_server, request_from_query, serve_in_thread
-from ggufship.gate._stats import CounterSeries, Histogram, Measurement, evaluate
+from ggufship.gate._stats import (
+    CounterSeries,
+    Histogram,
+    Measurement,
+    RateCounts,
+    evaluate,
+    proportion_pvalue,
+    rate_check,
+)
 
 __all__ = [
     "SCHEMA",
@@ -65,6 +73,7 @@ __all__ = [
     "PrometheusClient",
     "PrometheusUnavailableError",
     "QueryRecord",
+    "RateCounts",
     "ReportFiles",
     "Series",
     "Verdict",
@@ -77,7 +86,9 @@ __all__ = [
     "measure",
     "p99_query",
     "parse_duration",
+    "proportion_pvalue",
     "quantile_query",
+    "rate_check",
     "request_from_query",
     "selector",
     "serve_in_thread",

@@ -18,7 +18,8 @@ from ggufship.metrics import HISTOGRAMS
 SCHEMA = "ggufship.gate/v1"
 Outcome = Literal["pass", "fail", "inconclusive"]
 CheckOutcome = Literal["pass", "fail", "inconclusive", "skipped"]
-MetricName = Literal["latency", "ttft", "itl", "completion_length"]
+MetricName = Literal["latency", "ttft", "itl", "completion_length", "surprisal"]
+RateName = Literal["refusal", "bad_answer"]
 Method = Literal["buckets", "quantile-series"]
 #: Metrics where "worse" has no direction: always tested two-sided.
 TWO_SIDED_METRICS: frozenset[str] = frozenset({"completion_length"})
@@ -86,8 +87,25 @@ class GatePolicy(BaseModel):
         default=False, description="fail on any difference, not only when the canary is slower"
     )
     metrics: tuple[MetricName, ...] = Field(
-        default=("latency", "ttft", "itl", "completion_length"),
+        default=("latency", "ttft", "itl", "completion_length", "surprisal"),
         description="histograms to test; the first is primary (it must have data)",
+    )
+    rates: tuple[RateName, ...] = Field(
+        default=("refusal", "bad_answer"),
+        description="answer rates to test (events / answers, canary vs stable: one-sided Fisher exact "
+        "test in the Holm family); fewer than min_samples answers on a track → inconclusive",
+    )
+    min_rate_increase: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="effect-size floor of a rate test: canary rate − stable rate (0.02 = 2 points)",
+    )
+    max_refusal_rate: float | None = Field(
+        default=None, ge=0, le=1, description="canary refusal rate above this fails (None: no threshold)"
+    )
+    max_bad_answer_rate: float | None = Field(
+        default=None, ge=0, le=1, description="canary bad-answer rate above this fails (None: no threshold)"
     )
     method: Method = Field(
         default="buckets",
@@ -105,6 +123,13 @@ class GatePolicy(BaseModel):
             raise ValueError("at least one metric")
         if len(set(value)) != len(value):
             raise ValueError("metrics repeat")
+        return value
+
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("rates repeat")
         return value
 
     @property
@@ -193,7 +218,7 @@ class Check(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    kind: Literal["precondition", "threshold", "ks", "quantile-series"]
+    kind: Literal["precondition", "threshold", "ks", "quantile-series", "proportion"]
     outcome: CheckOutcome
     metric: str | None = None
     value: float | None = None

@@ -14,6 +14,9 @@ Queries (``S`` = the track's selector, ``W`` = the window):
   and keeps it empty (→ inconclusive) when there is none. Tested with ``promtool test rules``.
 * quantile series — ``histogram_quantile(q, sum by (le) (rate(<hist>_bucket{S}[STEP])))``
   over ``query_range`` with that step.
+* answer rates — ``<counter>{S}[W]`` for ``ggufship_answers_total`` and each rate's event
+  counter (refusals, bad answers): raw samples, reset-aware increases summed over the
+  track's series (exact counts, like the buckets). No answers series → no data.
 
 ``rate()`` needs two samples in its window, and Prometheus discovers a new target
 about 5-6 s after it appears: start scraping before traffic and before the first analysis.
@@ -36,8 +39,15 @@ from ggufship.gate._model import (
     PrometheusUnavailableError,
     QueryRecord,
 )
-from ggufship.gate._stats import CounterSeries, Histogram, Measurement, parse_le
-from ggufship.metrics import HISTOGRAMS, REQUEST_DURATION, REQUESTS
+from ggufship.gate._stats import (
+    CounterSeries,
+    Histogram,
+    Measurement,
+    RateCounts,
+    counter_increase,
+    parse_le,
+)
+from ggufship.metrics import ANSWERS, HISTOGRAMS, RATES, REQUEST_DURATION, REQUESTS
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +267,33 @@ def _counter_series(data: dict[str, Any], what: str = "bucket samples") -> list[
     return out
 
 
+def counter_samples_query(counter: str, sel: str, window_s: float) -> str:
+    return f"{counter}{{{sel}}}[{duration(window_s)}]"
+
+
+def _counter_total(data: dict[str, Any], what: str) -> tuple[int, float | None]:
+    """(series, summed increase over the window) of a plain counter's raw samples; the sum is
+    None without any series. Values must be finite counts ≥ 0 in time order."""
+    total: float | None = None
+    result = _result(data, ("matrix",), what)
+    for item in result:
+        raw_values = item.get("values")
+        if not isinstance(raw_values, list):
+            raise PrometheusAnswerError(f"{what}: 'values' is not a list of samples")
+        values: list[float] = []
+        last_ts = -math.inf
+        for raw in raw_values:
+            ts, value = _sample(raw, what)
+            if not math.isfinite(value) or value < 0:
+                raise PrometheusAnswerError(f"{what}: counter value {raw[1]!r} is not a finite count ≥ 0")
+            if ts <= last_ts:
+                raise PrometheusAnswerError(f"{what}: sample times are not increasing")
+            last_ts = ts
+            values.append(value)
+        total = (total or 0.0) + counter_increase(values)
+    return len(result), total
+
+
 def _histogram(raw: list[CounterSeries], what: str) -> Histogram | None:
     """The window's histogram; one without any finite bucket bound has no distribution to test."""
     hist = Histogram.from_series(raw)
@@ -399,6 +436,30 @@ def _measure(
                 )
                 series[metric][track] = values
 
+    def counted(purpose: str, counter: str, track: str) -> float | None:
+        promql = counter_samples_query(counter, sels[track], request.window_s)
+        try:
+            n_series, total = _counter_total(client.query(promql, at), purpose)
+        except PrometheusUnavailableError as exc:
+            queries.append(QueryRecord(purpose=purpose, query=promql, time=at, error=str(exc)))
+            raise
+        queries.append(QueryRecord(purpose=purpose, query=promql, time=at, series=n_series, value=total))
+        return total
+
+    rates: dict[str, dict[str, RateCounts | None]] = {rate: {} for rate in policy.rates}
+    if policy.rates:
+        for track in _TRACKS:
+            answers = counted(f"answers ({track})", ANSWERS, track)
+            for rate in policy.rates:
+                events = counted(f"{rate} events ({track})", RATES[rate], track)
+                if answers is None:
+                    rates[rate][track] = None
+                    continue
+                total, hits = round(answers), round(events or 0.0)
+                if hits > total:  # scraped between the two counters' increments: cap, never invent
+                    hits = total
+                rates[rate][track] = RateCounts(events=hits, total=total)
+
     day = 86400.0  # a p99 latency beyond a day is not a measurement
     canary_p99 = instant("p99 latency (canary)", p99_query(sels["canary"], request.window_s), day)
     stable_p99 = instant("p99 latency (stable)", p99_query(sels["stable"], request.window_s), day)
@@ -411,6 +472,7 @@ def _measure(
         canary_error_ratio=canary_err,
         stable_error_ratio=stable_err,
         series=series,
+        rates=rates,
         queries=tuple(queries),
     )
 

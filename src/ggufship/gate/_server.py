@@ -5,7 +5,8 @@ the outcome (Argo treats non-2xx answers as measurement *errors*, not failures);
 the AnalysisTemplate maps ``result.outcome`` to pass/fail, and anything else is
 inconclusive. Query parameters override the defaults given at start: ``window``
 (``5m``, ``300``), ``model``, ``endpoint``, ``matcher`` (repeatable), ``analyses``
-(planned analyses), ``alpha``, ``min_samples``, ``metrics`` (comma list),
+(planned analyses), ``alpha``, ``min_samples``, ``metrics`` (comma list), ``rates`` (comma
+list, empty for none), ``min_rate_increase``, ``max_refusal_rate``, ``max_bad_answer_rate``,
 ``method``, ``max_p99``, ``max_error_ratio``, ``min_ks_d``, ``min_median_shift``,
 ``two_sided``, ``stable_track``, ``canary_track``, ``track_label``, ``namespace`` (in a
 cluster the tracks are pod-template hashes under ``rollouts_pod_template_hash``). A bad
@@ -43,6 +44,9 @@ _SINGLE = {
     "canary_track": ("canary_track", str),
     "track_label": ("track_label", str),
     "namespace": ("namespace", str),
+    "min_rate_increase": ("min_rate_increase", float),
+    "max_refusal_rate": ("max_refusal_rate", float),
+    "max_bad_answer_rate": ("max_bad_answer_rate", float),
 }
 
 
@@ -58,8 +62,8 @@ def request_from_query(base: GateRequest, query: str) -> GateRequest:
             overrides["window_s"] = parse_duration(value)
         elif key == "matcher":
             overrides["matchers"] = tuple(values)
-        elif key == "metrics":
-            overrides["metrics"] = tuple(m.strip() for m in value.split(",") if m.strip())
+        elif key in ("metrics", "rates"):
+            overrides[key] = tuple(m.strip() for m in value.split(",") if m.strip())
         elif key == "two_sided":
             overrides["two_sided"] = value.lower() in ("1", "true", "yes")
         elif key in _SINGLE:

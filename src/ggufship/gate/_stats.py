@@ -29,6 +29,13 @@ Method (``buckets``, the default):
    and the median moved by ≥ ``min_median_shift`` (relative; in the bad direction
    when one-sided).
 
+7. **Answer rates** (``policy.rates``: refusals, bad answers — empty, looping, cut off — per
+   finished answer): one-sided Fisher exact test of "the canary's rate is higher" on the
+   2×2 table of counts over the window, in the same Holm family as the KS tests; it fails
+   only if also the rate rose by ≥ ``min_rate_increase`` (absolute), or when the canary's
+   rate is above an absolute ``max_<rate>_rate``. Fewer than ``min_samples`` answers on a
+   track: inconclusive (no data never passes).
+
 Method ``quantile-series`` (weaker, kept for compatibility): KS on the time series of
 one quantile per track (``query_range``); the points are autocorrelated
 (overlapping rate windows), so its p-values are optimistic and its power low.
@@ -150,11 +157,28 @@ class Histogram:
 
 
 @dataclass(frozen=True)
+class RateCounts:
+    """One track's answers in the window and how many of them were events (refusals, bad answers)."""
+
+    events: int
+    total: int
+
+    def __post_init__(self) -> None:
+        if self.total < 0 or not 0 <= self.events <= self.total:
+            raise ValueError(f"rate counts: need 0 <= events <= total, got {self.events}/{self.total}")
+
+    @property
+    def rate(self) -> float | None:
+        return self.events / self.total if self.total else None
+
+
+@dataclass(frozen=True)
 class Measurement:
     """What ``measure`` got from Prometheus (or a test built by hand): the core's whole input.
 
     ``histograms[metric][track]`` with track ``stable``/``canary``; None when that
-    track has no series. ``series`` is used by the quantile-series method.
+    track has no series. ``series`` is used by the quantile-series method. ``rates[rate][track]``:
+    answer counts per :data:`ggufship.metrics.RATES` entry; None when the track has no answers series.
     """
 
     histograms: Mapping[str, Mapping[str, Histogram | None]] = field(default_factory=dict)
@@ -163,6 +187,7 @@ class Measurement:
     canary_error_ratio: float | None = None
     stable_error_ratio: float | None = None
     series: Mapping[str, Mapping[str, tuple[float, ...]]] = field(default_factory=dict)
+    rates: Mapping[str, Mapping[str, RateCounts | None]] = field(default_factory=dict)
     queries: tuple[QueryRecord, ...] = ()
     errors: tuple[str, ...] = ()
 
@@ -313,10 +338,15 @@ class _Tested:
     details: dict[str, float | int | str | bool | None]
 
 
-def _judge(tested: list[_Tested], policy: GatePolicy, kind: str) -> list[Check]:
-    """Holm across metrics at alpha/planned_analyses, then the effect-size floor."""
+def _judge(
+    tested: list[_Tested], policy: GatePolicy, kind: str, extra: Sequence[float] = ()
+) -> tuple[list[Check], list[float]]:
+    """Holm across metrics (and the ``extra`` p-values of the rate tests: one family) at
+    alpha/planned_analyses, then the effect-size floor. Returns the checks and the extras' adjusted
+    p-values."""
     alpha = policy.alpha_per_analysis
-    adjusted = holm([t.pvalue for t in tested])
+    family = holm([t.pvalue for t in tested] + list(extra))
+    adjusted, extra_adjusted = family[: len(tested)], family[len(tested) :]
     checks = []
     for t, p_adj in zip(tested, adjusted, strict=True):
         significant = p_adj <= alpha
@@ -359,10 +389,12 @@ def _judge(tested: list[_Tested], policy: GatePolicy, kind: str) -> list[Check]:
                 },
             )
         )
-    return checks
+    return checks, extra_adjusted
 
 
-def _ks_bucket_checks(m: Measurement, policy: GatePolicy) -> tuple[list[Check], list[Distribution]]:
+def _ks_bucket_checks(
+    m: Measurement, policy: GatePolicy, extra: Sequence[float] = ()
+) -> tuple[list[Check], list[Distribution], list[float]]:
     checks: list[Check] = []
     tested: list[_Tested] = []
     distributions: list[Distribution] = []
@@ -438,7 +470,8 @@ def _ks_bucket_checks(m: Measurement, policy: GatePolicy) -> tuple[list[Check], 
                 },
             )
         )
-    return _in_order(checks + _judge(tested, policy, "ks"), policy), distributions
+    judged, extra_adjusted = _judge(tested, policy, "ks", extra)
+    return _in_order(checks + judged, policy), distributions, extra_adjusted
 
 
 def _comparable(stable: Histogram | None, canary: Histogram | None) -> bool:
@@ -471,7 +504,9 @@ def _cumulative_on(h: Histogram | None, bounds: Sequence[float]) -> list[int] | 
     return out
 
 
-def _series_checks(m: Measurement, policy: GatePolicy) -> tuple[list[Check], list[Series]]:
+def _series_checks(
+    m: Measurement, policy: GatePolicy, extra: Sequence[float] = ()
+) -> tuple[list[Check], list[Series], list[float]]:
     from scipy.stats import ks_2samp
 
     checks: list[Check] = []
@@ -518,7 +553,126 @@ def _series_checks(m: Measurement, policy: GatePolicy) -> tuple[list[Check], lis
                 },
             )
         )
-    return _in_order(checks + _judge(tested, policy, "quantile-series"), policy), out
+    judged, extra_adjusted = _judge(tested, policy, "quantile-series", extra)
+    return _in_order(checks + judged, policy), out, extra_adjusted
+
+
+# ---------------------------------------------------------------- answer rates
+
+
+def proportion_pvalue(canary: RateCounts, stable: RateCounts) -> float:
+    """One-sided p-value of "the canary's event rate is higher than the stable's": Fisher's exact
+    test on the 2×2 table (events / non-events × canary / stable), ``alternative="greater"``.
+    Exact at any count (rates of rare events such as refusals sit far from the normal
+    approximation); 1.0 when either track has no answers."""
+    from scipy.stats import fisher_exact
+
+    if canary.total == 0 or stable.total == 0:
+        return 1.0
+    table = [
+        [canary.events, canary.total - canary.events],
+        [stable.events, stable.total - stable.events],
+    ]
+    return float(min(1.0, max(0.0, fisher_exact(table, alternative="greater").pvalue)))
+
+
+@dataclass(frozen=True)
+class RateInput:
+    """One rate of one analysis before the Holm correction: the counts, and the raw p-value
+    (None when a track has fewer than ``min_samples`` answers: not testable)."""
+
+    rate: str
+    canary: RateCounts | None
+    stable: RateCounts | None
+    min_samples: int
+    pvalue: float | None
+
+
+def _rate_input(m: Measurement, policy: GatePolicy, rate: str) -> RateInput:
+    pair = m.rates.get(rate, {})
+    canary, stable = pair.get("canary"), pair.get("stable")
+    enough = (
+        canary is not None and stable is not None and min(canary.total, stable.total) >= policy.min_samples
+    )
+    pvalue = proportion_pvalue(canary, stable) if enough else None  # type: ignore[arg-type]
+    return RateInput(rate, canary, stable, policy.min_samples, pvalue)
+
+
+def _max_rate(policy: GatePolicy, rate: str) -> float | None:
+    return {"refusal": policy.max_refusal_rate, "bad_answer": policy.max_bad_answer_rate}.get(rate)
+
+
+def rate_check(r: RateInput, pvalue_holm: float | None, policy: GatePolicy) -> Check:
+    """Judge one answer rate: inconclusive without ``min_samples`` answers on both tracks (no
+    data never passes); fail above the absolute ``max_<rate>_rate`` (when set), or when the
+    rise is significant (Holm-adjusted ``pvalue_holm`` ≤ alpha per analysis) *and* at least
+    ``min_rate_increase``; pass otherwise."""
+    name = f"rate-{r.rate}"
+    nc = r.canary.total if r.canary else 0
+    ns = r.stable.total if r.stable else 0
+    limit = _max_rate(policy, r.rate)
+    details: dict[str, float | int | str | bool | None] = {
+        "canary_events": r.canary.events if r.canary else None,
+        "canary_answers": nc,
+        "stable_events": r.stable.events if r.stable else None,
+        "stable_answers": ns,
+        "stable_rate": r.stable.rate if r.stable else None,
+        "max_rate": limit,
+        "min_rate_increase": policy.min_rate_increase,
+    }
+    if r.pvalue is None or pvalue_holm is None or r.canary is None or r.stable is None:
+        return Check(
+            name=name,
+            kind="proportion",
+            metric=r.rate,
+            outcome="inconclusive",
+            limit=limit,
+            reason=f"{r.rate} rate: too few answers to judge (stable {ns}, canary {nc}, "
+            f"min_samples {r.min_samples})",
+            details=details,
+        )
+    rc, rs = r.canary.events / nc, r.stable.events / ns
+    increase = rc - rs
+    alpha = policy.alpha_per_analysis
+    significant = pvalue_holm <= alpha
+    effect = increase >= policy.min_rate_increase
+    above = limit is not None and rc > limit
+    details.update(
+        {
+            "increase": increase,
+            "pvalue": r.pvalue,
+            "pvalue_holm": pvalue_holm,
+            "alpha_per_analysis": alpha,
+            "significant": significant,
+            "effect_floor_met": effect,
+        }
+    )
+    text = (
+        f"{r.rate} rate canary {rc:.2%} ({r.canary.events}/{nc}) vs stable {rs:.2%} ({r.stable.events}/{ns})"
+    )
+    if above:
+        outcome, reason = "fail", f"{text}: above the limit {limit:.2%}"
+    elif significant and effect:
+        outcome, reason = "fail", f"{text}: higher (Fisher p={pvalue_holm:.2g} Holm ≤ {alpha:.2g})"
+    elif significant:
+        outcome = "pass"
+        floor = policy.min_rate_increase
+        reason = f"{text}: significant but below the effect floor (+{increase:.2%} < {floor:.2%})"
+    else:
+        outcome, reason = (
+            "pass",
+            f"{text}: no significant rise (Fisher p={pvalue_holm:.2g} Holm > {alpha:.2g})",
+        )
+    return Check(
+        name=name,
+        kind="proportion",
+        metric=r.rate,
+        outcome=outcome,  # type: ignore[arg-type]
+        value=rc,
+        limit=limit,
+        reason=reason,
+        details=details,
+    )
 
 
 def evaluate(request: GateRequest, measurement: Measurement, evaluated_at: datetime) -> Verdict:
@@ -582,7 +736,7 @@ def evaluate(request: GateRequest, measurement: Measurement, evaluated_at: datet
     )
     if not enough:
         if policy.method == "buckets":
-            _, distributions = _ks_bucket_checks(measurement, policy)
+            _, distributions, _ = _ks_bucket_checks(measurement, policy)
         which = " and ".join(t for t, n in (("stable", ns), ("canary", nc)) if n < policy.min_samples)
         return verdict(
             "inconclusive",
@@ -590,11 +744,17 @@ def evaluate(request: GateRequest, measurement: Measurement, evaluated_at: datet
         )
 
     checks.extend(_threshold_checks(measurement, policy))
+    rate_inputs = [_rate_input(measurement, policy, rate) for rate in policy.rates]
+    testable = [r.pvalue for r in rate_inputs if r.pvalue is not None]
     if policy.method == "buckets":
-        ks_checks, distributions = _ks_bucket_checks(measurement, policy)
+        ks_checks, distributions, rate_adjusted = _ks_bucket_checks(measurement, policy, testable)
     else:
-        ks_checks, series = _series_checks(measurement, policy)
+        ks_checks, series, rate_adjusted = _series_checks(measurement, policy, testable)
     checks.extend(ks_checks)
+    adjusted = iter(rate_adjusted)
+    checks.extend(
+        rate_check(r, next(adjusted) if r.pvalue is not None else None, policy) for r in rate_inputs
+    )
     if policy.method == "quantile-series" and not any(c.outcome != "skipped" for c in ks_checks):
         checks.append(
             Check(
