@@ -273,6 +273,7 @@ def _series(namespace: str, pod_hash: str, per_minute: int, code: str = "200") -
     )
     values = f"0+{per_minute}x30" if per_minute else "0x30"
     out = [{"series": f'ggufship_requests_total{{{labels},code="{code}"}}', "values": values}]
+    out.append({"series": f"ggufship_answers_total{{{labels}}}", "values": values})  # every request answered
     for hist, bound in (
         ("ggufship_request_duration_seconds", "1"),
         ("ggufship_time_to_first_token_seconds", "0.5"),

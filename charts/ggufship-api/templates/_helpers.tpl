@@ -130,6 +130,12 @@ so that a `pause` threshold never aborts through the gate. */}}
 - {{ if and $t.p99Latency.enabled (eq $t.p99Latency.action "abort") }}{{ $t.p99Latency.maxSeconds | quote }}{{ else }}"3600"{{ end }}
 - --max-error-ratio
 - {{ if and $t.errorRatio.enabled (eq $t.errorRatio.action "abort") }}{{ $t.errorRatio.max | quote }}{{ else }}"1"{{ end }}
+- --metrics
+- {{ join "," $a.ks.metrics | quote }}
+- --rates
+- {{ join "," $a.ks.rates | quote }}
+- --min-rate-increase
+- {{ $a.ks.minRateIncrease | quote }}
 {{- end -}}
 
 {{/* Timing and limits of every counted measurement of the canary plan. */}}
