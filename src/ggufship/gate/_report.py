@@ -67,7 +67,7 @@ def _plot_distribution(dist: Distribution, path: Path) -> bool:
             ax.vlines(x, lo, hi, colors="red", linewidth=2.5, label=f"KS D = {hi - lo:.3f} at le={x:g}")
         if bounds and bounds[0] > 0:
             ax.set_xscale("log")
-        unit = "tokens" if dist.metric == "completion_length" else "seconds"
+        unit = {"completion_length": "tokens", "surprisal": "nats per token"}.get(dist.metric, "seconds")
         ax.set_xlabel(f"{dist.prometheus_name} ({unit}, bucket upper bound)")
         ax.set_ylabel("ECDF")
         ax.set_ylim(-0.02, 1.02)
