@@ -35,22 +35,31 @@ LOOP_MAX_PERIOD = 32
 
 
 def token_nll(logits: npt.ArrayLike, token: int) -> float:
-    """``-log softmax(logits)[token]`` in nats (float64 arithmetic; ≥ 0).
+    """``-log softmax(logits)[token]`` in nats (≥ 0).
 
-    ``logits``: the raw next-token logits of one position (shape ``(n_vocab,)``).
-    Raises ValueError for a token outside the vocabulary, an empty or non-1-D array, or
-    logits that are not all finite.
+    ``logits``: the raw next-token logits of one position (shape ``(n_vocab,)``); ``-inf``
+    entries (masked tokens) are fine, except for ``token``. The exponentials are computed in
+    float32 (values in (0, 1] after subtracting the maximum; ~10x faster than float64 here, an
+    error far below 1e-4 nats) and summed in float64. Raises ValueError for a token outside the
+    vocabulary, an empty or non-1-D array, a NaN or ``+inf`` logit, or a non-finite logit of
+    ``token``.
     """
-    row = np.asarray(logits, dtype=np.float64)
+    row = np.asarray(logits)
+    if row.dtype not in (np.float32, np.float64):
+        row = row.astype(np.float32)
     if row.ndim != 1 or row.size == 0:
         raise ValueError(f"logits: expected a non-empty 1-D array, got shape {row.shape}")
     if not 0 <= token < row.size:
         raise ValueError(f"token {token} is outside the vocabulary (0..{row.size - 1})")
-    top = float(row.max())
-    if not math.isfinite(top) or not np.isfinite(row).all():
-        raise ValueError("logits: not all finite")
-    lse = top + math.log(float(np.exp(row - top).sum()))
-    return max(0.0, lse - float(row[token]))
+    top = float(row.max())  # NaN anywhere → NaN
+    if not math.isfinite(top):
+        raise ValueError(f"logits: not finite (largest {top})")
+    chosen = float(row[token])
+    if not math.isfinite(chosen):
+        raise ValueError(f"logits: the logit of token {token} is not finite ({chosen})")
+    shifted = np.exp((row - row.dtype.type(top)).astype(np.float32, copy=False))
+    lse = top + math.log(float(shifted.sum(dtype=np.float64)))
+    return max(0.0, lse - chosen)
 
 
 def answer_surprisal(nlls: Sequence[float]) -> float | None:
