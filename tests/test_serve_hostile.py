@@ -379,6 +379,43 @@ def test_too_many_messages_and_values_are_400(server: RunningServer) -> None:
     assert r.status_code == 400
     error = _assert_openai_error(r, COMPLETIONS)
     assert error["code"] == "too_many_values" and "max_json_values" in error["message"]
+    # a body with many structural bytes goes to the (counting, interruptible) pure-Python decoder
+    r = httpx.post(
+        f"{server.url}{COMPLETIONS}",
+        json={"model": "tiny", "prompt": [1] * 25_000},
+        headers=AUTH,
+        timeout=60,
+    )
+    assert r.status_code == 400 and _assert_openai_error(r, COMPLETIONS)["code"] == "too_many_values"
+    # ... and parses what is fine: 25,000 commas inside one string are one value
+    r = httpx.post(
+        f"{server.url}{COMPLETIONS}",
+        json={"model": "tiny", "prompt": "a," * 25_000, "max_tokens": 1},
+        headers=AUTH,
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["truncated"]["prompt_tokens_dropped"] > 0
+
+
+def test_body_parser_paths_agree() -> None:
+    """The C and the pure-Python decoder accept and refuse the same documents."""
+    from ggufship.serve import _body
+    from ggufship.serve.errors import InvalidRequestError
+
+    limits = _body.BodyLimits(1 << 20, 1000, 10)
+    docs = [
+        b'{"a": [1, 2.5, -3e2, true, false, null, "x\\u00e9\\ud83d\\ude00", {"b": {}}], "c": ""}',
+        b'{"messages": [{"role": "user", "content": "hi"}]}',
+    ]
+    for raw in docs:
+        fast = _body.parse(raw, limits)
+        slow = _body._python_decoder(limits.max_values).decode(raw.decode())
+        assert fast == slow
+    with pytest.raises(InvalidRequestError, match="max_json_values"):
+        _body.parse(b"[" + b"1," * 30_000 + b"1]", limits)  # > FAST_PARSE_STRUCTURE: counted while parsed
+    with pytest.raises(InvalidRequestError, match="not valid JSON"):
+        _body.parse(b'{"a": "' + b"x," * 30_000 + b'"', limits)  # unterminated, on the Python path
 
 
 def test_error_messages_echoing_bad_text_stay_encodable(server: RunningServer) -> None:
@@ -538,3 +575,20 @@ def test_docs_off(tiny_export: Path) -> None:
 def test_docs_open_without_keys(tiny_export: Path) -> None:
     with running_server(_settings(tiny_export)) as srv:
         assert httpx.get(f"{srv.url}/openapi.json", timeout=30).status_code == 200
+
+
+def test_valid_bodies_are_validated_in_the_worker_thread() -> None:
+    """The middleware's worker thread hands the route a validated model (which FastAPI takes as it is);
+    an invalid document goes on as it is, for the route's 400 naming the parameter."""
+    from ggufship.serve import _body, _middleware
+    from ggufship.serve.protocol.dify import ChatMessagesRequest
+    from ggufship.serve.protocol.openai_chat import ChatCompletionRequest
+
+    limits = _body.BodyLimits(1 << 20, 1000, 10)
+    ok = _middleware._parse_and_validate(
+        b'{"model":"tiny","messages":[{"role":"user","content":"hi"}],"vendor":1}', limits, CHAT
+    )
+    assert isinstance(ok, ChatCompletionRequest) and ok.model_extra == {"vendor": 1}
+    dify = _middleware._parse_and_validate(b'{"query":"hi","inputs":{}}', limits, DIFY_CHAT)
+    assert isinstance(dify, ChatMessagesRequest)
+    assert _middleware._parse_and_validate(b'{"model":"tiny"}', limits, CHAT) == {"model": "tiny"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 
 from ggufship.serve._app import create_app
 from ggufship.serve._model_source import ModelSource, resolve_model
@@ -24,6 +25,8 @@ from ggufship.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
+SWITCH_INTERVAL_SECONDS = 0.001
+
 
 def run(settings: ServeSettings, *, sock: socket.socket | None = None) -> None:
     """Verify, then serve until SIGINT/SIGTERM. Raises :class:`ServeError` subclasses when the
@@ -32,6 +35,9 @@ def run(settings: ServeSettings, *, sock: socket.socket | None = None) -> None:
 
     if settings.log_format == "json":
         _json_logs()
+    # worker threads parse bodies and render prompts in Python; the event loop's thread, waking for
+    # a probe, gets the GIL back after at most this long (CPython's default: 5 ms per handover)
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     fatal: list[BaseException] = []
     server: uvicorn.Server | None = None
 

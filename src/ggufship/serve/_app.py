@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -253,6 +254,9 @@ async def _load(state: ServerState, on_fatal: Callable[[BaseException], None] | 
             on_fatal(exc)
         return
     state.inference = Inference(state.engine, context, state.settings)
+    # everything allocated so far lives as long as the process: keep it out of the collector's full
+    # passes, which stop every thread (the event loop too) for as long as they take
+    gc.freeze()
     logger.info(
         "ready: %s %s (%s), n_ctx %d, %d instance(s), track %s",
         state.model_id,

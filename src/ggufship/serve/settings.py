@@ -81,7 +81,7 @@ class ServeSettings(BaseSettings):
         description="largest request body (bytes, counted while reading, chunked too); beyond: 413",
     )
     max_json_values: int = Field(
-        default=262_144,
+        default=65_536,
         ge=64,
         le=16_777_216,
         description="most JSON values (strings, numbers, items, objects...) in one request body; beyond: 400",
