@@ -236,7 +236,8 @@ class Engine:
     # --- tokenizer (vocabulary only: safe from any thread) -----------------------------------------------
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
-        return list(self._instances[0].tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+        # (already a new list: no copy — a 4 MB prompt is ~2M tokens, and copying holds the GIL)
+        return self._instances[0].tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)  # type: ignore[no-any-return]
 
     def token_text(self, token: int) -> str:
         return self._instances[0].detokenize([token], special=True).decode("utf-8", "replace")
