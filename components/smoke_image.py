@@ -55,12 +55,14 @@ class SmokeError(Exception):
     """A smoke check failed; the message names the step and what went wrong."""
 
 
-def sh(argv: list[str], *, timeout: float, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+def sh(
+    argv: list[str], *, timeout: float, check: bool = True, label: str = "", **kw: Any
+) -> subprocess.CompletedProcess[str]:
     logger.debug("$ %s", shlex.join(argv))
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, **kw)
     if check and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
-        raise SmokeError(f"{shlex.join(argv[:6])}... exited {proc.returncode}:\n{tail}")
+        raise SmokeError(f"{label or shlex.join(argv)[:300]} exited {proc.returncode}:\n{tail}")
     return proc
 
 
@@ -128,8 +130,8 @@ class ImageRoot:
         return ["unshare", "--mount", "--fork", "sh", "-ec", " && ".join(steps)]
 
     def run(self, command: list[str], *, timeout: float, env: dict[str, str] | None = None) -> str:
-        proc = sh(self.argv(command, env), timeout=timeout)
-        return proc.stdout
+        label = "in the image: " + shlex.join(command)[:300]
+        return sh(self.argv(command, env), timeout=timeout, label=label).stdout
 
     @contextlib.contextmanager
     def background(self, command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
@@ -175,8 +177,9 @@ class Smoke:
 def buildah_version(image: str) -> str:
     ctr = sh(["buildah", "from", "--pull=never", image], timeout=300).stdout.strip()
     try:
-        out = sh(["buildah", "run", "--user", UID, ctr, "--", "ggufship", "--version"], timeout=120).stdout
-        who = sh(["buildah", "run", "--user", UID, ctr, "--", "id", "-u"], timeout=60).stdout.strip()
+        run = ["buildah", "run", "--isolation", "chroot", "--user", UID, ctr, "--"]
+        out = sh([*run, "ggufship", "--version"], timeout=120).stdout
+        who = sh([*run, "id", "-u"], timeout=60).stdout.strip()
     finally:
         sh(["buildah", "rm", ctr], timeout=120, check=False)
     if "ggufship" not in out or who != "10001":
@@ -230,7 +233,11 @@ def kfp_components() -> list[Any]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return [getattr(module, name) for name in module.__all__]
+    components = [getattr(module, name) for name in module.__all__]
+    # The pipeline's order (each step consumes the Model of the one before); others last.
+    order = ["export-model", "sign-model", "publish-model", "deploy-and-await", "rollback-release"]
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(components, key=lambda c: rank.get(c.component_spec.name, len(order)))
 
 
 class KfpRun:
@@ -287,6 +294,11 @@ class KfpRun:
                     "uri": art["uri"],
                     "metadata": art.get("metadata", {}),
                 }
+            if str(out.type).startswith("system.Metrics"):
+                # Metrics live in the artifact's metadata (Metrics.log_metric), not in a file.
+                if not art.get("metadata"):
+                    raise SmokeError(f"{spec.name}: metrics artifact {key} has no metrics")
+                continue
             local = self.host_minio / art["uri"].removeprefix("minio://")
             if not local.exists():
                 raise SmokeError(f"{spec.name}: output artifact {key} not written at {art['uri']}")
@@ -337,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         d.mkdir()
     work.chmod(0o755)
     build_checkpoint(work / "checkpoint")
-    sh(["chown", "-R", UID, str(data), str(minio), str(kfp_out)], timeout=60)
+    # The pod's volumes belong to its fsGroup; the checkpoint is mounted read-only.
+    sh(["chown", "-R", UID, str(work / "checkpoint"), str(data), str(minio), str(kfp_out)], timeout=60)
     state_dir = work / "services"
     smoke = Smoke(args.image, work)
     started = time.monotonic()
@@ -415,6 +428,14 @@ def main(argv: list[str] | None = None) -> int:
                 "stable_model": "",
                 "state_dir": "",
                 "timeout_s": 60.0,
+                # PipelineTaskFinalStatus as the KFP driver passes it to an exit handler
+                # (kfp/dsl/executor.py Executor.execute reads state, error.code, error.message)
+                "status": {
+                    "state": "SUCCEEDED",
+                    "pipelineJobResourceName": "smoke",
+                    "pipelineTaskName": "exit-handler",
+                    "error": {},
+                },
             }
             kfp = KfpRun(root, minio, kfp_out, params)
             for component in kfp_components():
