@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ggufship.errors import ManifestError
 from ggufship.layout import MANIFEST_NAME, file_set_problems, path_problem
+from ggufship.measured import MeasuredEvaluation
 
 MANIFEST_SCHEMA = "ggufship.manifest/v1"
 
@@ -90,6 +91,8 @@ class Manifest(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     toolchain: dict[str, str] = Field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    #: Written by ``ggufship evaluate`` before signing; absent (not null) until then.
+    evaluation: MeasuredEvaluation | None = None
 
     @field_validator("name", "version")
     @classmethod
@@ -115,6 +118,8 @@ class Manifest(BaseModel):
 
     def to_json(self) -> str:
         data = self.model_dump(mode="json", by_alias=True)
+        if data.get("evaluation") is None:
+            data.pop("evaluation", None)  # manifests of unevaluated exports keep their bytes
         return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
     @classmethod

@@ -44,6 +44,20 @@ class Dataset(BaseModel):
     split: str | None = None
 
 
+class GoldenSetSpec(BaseModel):
+    """The golden set ``ggufship evaluate`` measures every release on: a JSONL file (path relative
+    to the spec file) fingerprinted with BLAKE3 like the datasets; a declared ``fingerprint``
+    that does not match the file is an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, description="Golden set id")
+    path: Path = Field(description="JSONL file, relative to the spec file")
+    fingerprint: str | None = Field(
+        default=None, pattern=r"^blake3:[0-9a-f]{64}$", description="Expected BLAKE3 fingerprint"
+    )
+
+
 class EvalResult(BaseModel):
     """Metrics of one evaluation run; becomes a ``model-index`` result."""
 
@@ -70,6 +84,7 @@ class ReleaseSpec(BaseModel):
     hyperparameters: dict[str, Scalar] = Field(default_factory=dict)
     datasets: tuple[Dataset, ...] = ()
     evaluations: tuple[EvalResult, ...] = ()
+    golden_set: GoldenSetSpec | None = None
 
     @field_validator("hyperparameters")
     @classmethod
@@ -147,4 +162,15 @@ def load_release_spec(path: Path) -> ReleaseSpec:
                 f"{path}: datasets.{i}.fingerprint: {ds.fingerprint} != computed {fingerprint}"
             )
         datasets.append(ds.model_copy(update={"fingerprint": fingerprint}))
-    return spec.model_copy(update={"datasets": tuple(datasets)})
+    golden = spec.golden_set
+    if golden is not None:
+        resolved = golden.path if golden.path.is_absolute() else (path.parent / golden.path)
+        if not resolved.is_file():
+            raise ReleaseSpecError(f"{path}: golden_set.path: {resolved} does not exist or is not a file")
+        fingerprint = dataset_fingerprint(resolved)
+        if golden.fingerprint is not None and golden.fingerprint != fingerprint:
+            raise ReleaseSpecError(
+                f"{path}: golden_set.fingerprint: {golden.fingerprint} != computed {fingerprint}"
+            )
+        golden = golden.model_copy(update={"path": resolved, "fingerprint": fingerprint})
+    return spec.model_copy(update={"datasets": tuple(datasets), "golden_set": golden})

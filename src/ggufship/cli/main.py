@@ -11,6 +11,7 @@ import sys
 
 from ggufship.cli import audit as audit_cmd
 from ggufship.cli import demo as demo_cmd
+from ggufship.cli import evaluate as evaluate_cmd
 from ggufship.cli import export as export_cmd
 from ggufship.cli import gate as gate_cmd
 from ggufship.cli import pipeline as pipeline_cmd
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     # libraries happen inside the command functions, so --help stays fast).
     for module in (
         export_cmd,
+        evaluate_cmd,
         sign_cmd,
         publish_cmd,
         serve_cmd,

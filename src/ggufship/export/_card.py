@@ -6,6 +6,7 @@ from typing import Any
 
 import yaml
 
+from ggufship.measured import MeasuredEvaluation
 from ggufship.release import ReleaseSpec
 
 
@@ -108,3 +109,70 @@ def render_card(
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     return "\n".join(lines)
+
+
+MEASURED_SOURCE = "ggufship evaluate (measured on the GGUF files)"
+DECLARED_SOURCE = "release spec (declared, not measured)"
+_SECTION_BEGIN = "<!-- ggufship:evaluation -->"
+_SECTION_END = "<!-- /ggufship:evaluation -->"
+
+
+def add_measured_evaluation(card: str, name: str, evaluation: MeasuredEvaluation) -> str:
+    """The card with ``evaluation`` in its ``model-index`` (source: measured) and in a
+    "Measured evaluation" section; results from the release spec are kept and marked as
+    declared. Idempotent: a second call replaces the measured parts."""
+    if not card.startswith("---\n") or "\n---\n" not in card[4:]:
+        raise ValueError("model card has no YAML front matter")
+    head, body = card[4:].split("\n---\n", 1)
+    data = yaml.safe_load(head) or {}
+    index = data.setdefault("model-index", [{"name": name, "results": []}])
+    entry = next((e for e in index if e.get("name") == name), None)
+    if entry is None:
+        entry = {"name": name, "results": []}
+        index.append(entry)
+    results = []
+    for result in entry.get("results", []):
+        source = (result.get("source") or {}).get("name")
+        if source == MEASURED_SOURCE:
+            continue
+        if source is None:
+            result["source"] = {"name": DECLARED_SOURCE}
+        results.append(result)
+    golden = evaluation.golden_set
+    results.append(
+        {
+            "task": {"type": "text-generation"},
+            "dataset": {"name": golden.name, "type": golden.name, "revision": golden.fingerprint},
+            "metrics": [
+                {"type": metric, "value": round(value, 6), "name": metric, "verified": False}
+                for metric, value in sorted(evaluation.metrics.items())
+            ],
+            "source": {"name": MEASURED_SOURCE},
+        }
+    )
+    entry["results"] = results
+    fm = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if _SECTION_BEGIN in body and _SECTION_END in body:
+        before, rest = body.split(_SECTION_BEGIN, 1)
+        body = before + rest.split(_SECTION_END, 1)[1].lstrip("\n")
+    stable = evaluation.stable
+    section = [
+        _SECTION_BEGIN,
+        "## Measured evaluation",
+        "",
+        f"**{evaluation.outcome}** against {stable.name} {stable.version} (`{stable.gguf}`) "
+        "on the golden set "
+        f"{golden.name} (`{golden.fingerprint}`, {golden.scored} scored, {golden.skipped_too_long} skipped "
+        f"as too long), measured on `{evaluation.gguf}`: {evaluation.reason}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {v:.6g} |" for k, v in sorted(evaluation.metrics.items())],
+        "",
+        _SECTION_END,
+        "",
+    ]
+    marker = "## Provenance"
+    text = "\n".join(section)
+    body = body.replace(marker, text + marker, 1) if marker in body else body.rstrip("\n") + "\n\n" + text
+    return "---\n" + fm.rstrip("\n") + "\n---\n" + body

@@ -213,7 +213,14 @@ def model_annotations(manifest: Manifest, manifest_json_digest: str) -> dict[str
             annotations[f"{NS}.dataset.fingerprints"] = ",".join(prints)
     evaluations = meta.get("evaluations") or []
     if evaluations:
-        annotations[f"{NS}.evaluations"] = _scalar(evaluations)
+        annotations[f"{NS}.evaluations"] = _scalar(evaluations)  # declared in the release spec
+    measured = manifest.evaluation  # measured by `ggufship evaluate`, covered by the signature
+    if measured is not None:
+        annotations[f"{NS}.evaluation.outcome"] = measured.outcome
+        golden = measured.golden_set
+        annotations[f"{NS}.evaluation.golden_set"] = f"{golden.name}={golden.fingerprint}"
+        annotations[f"{NS}.evaluation.stable"] = f"{measured.stable.name}:{measured.stable.version}"
+        annotations[f"{NS}.evaluation.metrics"] = _scalar(measured.metrics)
     return annotations
 
 
