@@ -479,9 +479,9 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GGUFSHIP_OCI_PASSWORD", "s3cret")
     settings = OciSettings()
     loopback = settings.target("127.0.0.1:5000", "models/tiny")
-    assert loopback.insecure and loopback.username == "alice"
+    assert loopback.plain_http and loopback.username == "alice"
     assert loopback.password is not None and loopback.password.get_secret_value() == "s3cret"
     assert "s3cret" not in repr(loopback)
-    assert not settings.target("registry.example.com", "models/tiny").insecure
+    assert not settings.target("registry.example.com", "models/tiny").plain_http
     with pytest.raises(OciError, match="both a username and a password"):
         OciTarget("127.0.0.1:5000", "models/tiny", username="alice")

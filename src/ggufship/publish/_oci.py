@@ -1,4 +1,4 @@
-"""OCI registry engine: push an export as a CNCF ModelPack artifact with oras-py, pull it back verified.
+"""OCI registry engine: push an export as a CNCF ModelPack artifact, pull it back verified.
 
 Layout (built by :mod:`ggufship.publish._modelpack`): one OCI 1.1 image manifest
 per release, every file a raw layer, tagged ``<version>`` and ``<version>-<quant>``
@@ -10,16 +10,11 @@ referrers *tag schema*): distribution 2.8 stores ``subject`` but answers 404 on
 ``/v2/<repo>/referrers/<digest>``. Pull asks the referrers API first and falls
 back to that tag.
 
-oras-py (:class:`oras.provider.Registry`) does the blob transfer: chunked uploads
-(``do_chunked=True``; a monolithic push reads the whole file into memory), the
-``basic`` auth backend (the token backend retries for minutes against an
-htpasswd registry), streamed blob downloads. Its ``do_request`` is replaced here
-by one with timeouts, pre-emptive basic auth, a short bounded retry for
-idempotent requests only, and typed errors; oras-py's own retry sleeps ~2 minutes
-on a refused connection. Nothing here reads or writes ``~/.docker/config.json``
-(no ``login``, no ``load_configs``) and ``requests`` is kept from ``~/.netrc``
-and proxy variables (``trust_env = False``): credentials are only what the
-caller passes.
+The HTTP side is :mod:`ggufship.publish._oci_client` (httpx; TLS by default for
+every registry that is not loopback, basic and bearer-token auth, logins from the
+caller or the Docker config). Blobs go up before the manifest, the manifest
+before any tag: a failed push leaves at most unreferenced blobs, never a tag on
+something incomplete.
 """
 
 from __future__ import annotations
@@ -27,28 +22,46 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import shutil
 import tempfile
-import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ggufship.atomic import atomic_directory
 from ggufship.errors import (
-    GgufshipError,
     IntegrityError,
     ManifestError,
     OutputError,
     UnlistedFileError,
     UnsafePathError,
 )
-from ggufship.integrity import SIDECAR_SUFFIX, sha256_file, verify_export
+from ggufship.integrity import (
+    SIDECAR_SUFFIX,
+    FetchedFiles,
+    VerifiedExport,
+    frozen_digests,
+    sha256_file,
+    verify_export,
+)
 from ggufship.layout import check_relpath, confined_join, export_files
 from ggufship.manifest import MANIFEST_NAME, Manifest
 from ggufship.publish import _modelpack as mp
+from ggufship.publish._oci_client import (
+    OciAuthError,
+    OciConflictError,
+    OciError,
+    OciUnavailableError,
+    RegistryClient,
+    Transport,
+    is_loopback,
+    registry_message,
+)
+from ggufship.publish._s3 import skipped_ggufs
 from ggufship.sign import check_signed_files
 
 logger = logging.getLogger(__name__)
@@ -66,33 +79,6 @@ __all__ = [
     "push_export",
 ]
 
-# ---------------------------------------------------------------- errors
-
-
-class OciError(GgufshipError):
-    """An OCI registry operation failed, or a reference/repository/tag is invalid."""
-
-    exit_code = 45
-
-
-class OciAuthError(OciError):
-    """The registry refused the credentials (HTTP 401/403), or wants some and none were given."""
-
-    exit_code = 46
-
-
-class OciUnavailableError(OciError):
-    """The registry cannot be reached (connection refused, timeout, TLS failure)."""
-
-    exit_code = 47
-
-
-class OciConflictError(OciError):
-    """A version tag already points at a different manifest; refused unless ``force``."""
-
-    exit_code = 48
-
-
 # ---------------------------------------------------------------- names
 
 # distribution's reference grammar (github.com/distribution/reference)
@@ -103,7 +89,6 @@ _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _REGISTRY_RE = re.compile(
     r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*|\[[0-9a-fA-F:]+\])(?::\d{1,5})?$"
 )
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the size OCI distribution says registries should accept
 DOWNLOAD_CHUNK = 1024 * 1024
 UPLOAD_CHUNK = 16 * 1024 * 1024
@@ -134,11 +119,6 @@ def _check_tag(tag: str, what: str = "tag") -> str:
             f"{what} {tag!r}: not a valid OCI tag (letters, digits, '_', '.', '-'; at most 128 characters)"
         )
     return tag
-
-
-def _is_loopback(registry: str) -> bool:
-    host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
-    return host in _LOOPBACK_HOSTS
 
 
 def parse_oci_uri(uri: str) -> tuple[str, str, str]:
@@ -177,14 +157,22 @@ def parse_oci_uri(uri: str) -> tuple[str, str, str]:
 
 @dataclass(frozen=True)
 class OciTarget:
-    """Where to push/pull, and how to authenticate. Validated on creation."""
+    """Where to push/pull, and how to authenticate. Validated on creation.
+
+    ``insecure``: ``None`` (default) means plain HTTP for a loopback registry and
+    HTTPS for every other one; ``True`` forces plain HTTP, ``False`` HTTPS. Without
+    ``username``/``password`` the login comes from the Docker config
+    (``DOCKER_CONFIG`` or ``~/.docker/config.json``) unless ``docker_config`` is off.
+    """
 
     registry: str  # "127.0.0.1:5000"
     repository: str  # lowercase, validated: "models/tiny"
-    insecure: bool = True  # plain HTTP (loopback registry)
+    insecure: bool | None = None
     username: str | None = None
     password: SecretStr | None = None
     timeout_s: float = 60.0  # per HTTP request (connect and each read)
+    ca_bundle: Path | None = None  # PEM CA certificates trusted besides the system store
+    docker_config: bool = True
 
     def __post_init__(self) -> None:
         _check_registry(self.registry)
@@ -193,9 +181,28 @@ class OciTarget:
             raise OciError(f"{self.registry}: registry credentials need both a username and a password")
         if not 0 < self.timeout_s <= 3600:
             raise OciError(f"timeout_s {self.timeout_s}: must be in (0, 3600]")
+        if self.ca_bundle is not None and not Path(self.ca_bundle).is_file():
+            raise OciError(f"{self.registry}: CA bundle {self.ca_bundle}: no such file")
+
+    @property
+    def plain_http(self) -> bool:
+        return self.insecure if self.insecure is not None else is_loopback(self.registry)
+
+    def transport(self) -> Transport:
+        return Transport(
+            registry=self.registry,
+            repository=self.repository,
+            insecure=self.plain_http,
+            username=self.username,
+            password=self.password,
+            timeout_s=self.timeout_s,
+            ca_bundle=Path(self.ca_bundle) if self.ca_bundle is not None else None,
+            use_docker_config=self.docker_config,
+        )
 
     def __repr__(self) -> str:  # the dataclass repr would show the SecretStr mask anyway; keep it short
-        return f"OciTarget({self.registry}/{self.repository}, insecure={self.insecure}, user={self.username})"
+        where = f"{self.registry}/{self.repository}"
+        return f"OciTarget({where}, plain_http={self.plain_http}, user={self.username})"
 
 
 @dataclass(frozen=True)
@@ -215,203 +222,192 @@ class OciSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GGUFSHIP_OCI_", frozen=True, extra="ignore")
 
     username: str | None = Field(
-        default=None, min_length=1, description="registry user (htpasswd basic auth)"
+        default=None, min_length=1, description="registry user (else the Docker config's login)"
     )
-    password: SecretStr | None = Field(default=None, description="registry password")
+    password: SecretStr | None = Field(default=None, description="registry password or access token")
     insecure: bool | None = Field(
         default=None,
         description="plain HTTP instead of HTTPS; default: plain HTTP only for a loopback registry",
     )
+    ca_bundle: Path | None = Field(
+        default=None, description="PEM file of CA certificates trusted for the registry (private CA)"
+    )
+    docker_config: bool = Field(
+        default=True, description="read logins from DOCKER_CONFIG / ~/.docker/config.json"
+    )
     timeout_s: float = Field(default=60.0, gt=0, le=3600, description="seconds per registry request")
 
     def target(self, registry: str, repository: str) -> OciTarget:
-        insecure = self.insecure if self.insecure is not None else _is_loopback(registry)
         return OciTarget(
             registry=registry,
             repository=repository,
-            insecure=insecure,
-            username=self.username,
-            password=self.password,
+            insecure=self.insecure,
+            username=self.username if self.password is not None else None,
+            password=self.password if self.username is not None else None,
             timeout_s=self.timeout_s,
+            ca_bundle=self.ca_bundle,
+            docker_config=self.docker_config,
         )
 
 
 # ---------------------------------------------------------------- the client
 
 
-def _registry_message(response: Any) -> str:
-    """The registry's own error text (OCI error body), or the HTTP reason."""
-    try:
-        errors = response.json().get("errors") or []
-        text = "; ".join(
-            f"{e.get('code', '')}: {e.get('message', '')}" for e in errors if isinstance(e, dict)
-        )
-    except Exception:  # not JSON: fall back to the status line
-        text = ""
-    return text or f"HTTP {response.status_code} {response.reason}"
-
-
-def _make_client(target: OciTarget) -> Any:
-    """An :class:`oras.provider.Registry` with the request path replaced (see module docstring)."""
-    import oras.container
-    import oras.provider
-    import requests
-
-    class _Registry(oras.provider.Registry):
-        def __init__(self) -> None:
-            super().__init__(hostname=target.registry, insecure=target.insecure, auth_backend="basic")
-            self.session.trust_env = False  # no ~/.netrc credentials, no proxy variables
-            self.auth._basic_auth = None  # BasicAuth picks ORAS_USER/ORAS_PASS from the environment
-            self._auth_header: dict[str, str] = {}
-            if target.username is not None and target.password is not None:
-                self.auth.set_basic_auth(target.username, target.password.get_secret_value())
-                self._auth_header = self.auth.get_auth_header()
-            self._timeout = (min(10.0, target.timeout_s), target.timeout_s)
-
-        def container(self, reference: str = "latest") -> oras.container.Container:
-            container = oras.container.Container("placeholder", registry=target.registry)
-            container.registry = target.registry
-            namespace, _, name = target.repository.rpartition("/")
-            container.namespace = namespace or None
-            container.repository = name
-            if reference.startswith("sha256:"):
-                container.digest, container.tag = reference, None
-            else:
-                container.digest, container.tag = None, reference
-            return container
-
-        def url(self, path: str) -> str:
-            return f"{self.prefix}://{target.registry}/v2/{path}"
-
-        def do_request(  # replaces oras-py's (whose retry sleeps minutes on a refused connection)
-            self,
-            url: str,
-            method: str = "GET",
-            data: Any = None,
-            headers: dict[str, str] | None = None,
-            json: Any = None,
-            stream: bool = False,
-        ) -> requests.Response:
-            headers = {**(headers or {}), **self._auth_header}
-            attempts = 3 if method in ("GET", "HEAD") else 1
-            for attempt in range(1, attempts + 1):
-                try:
-                    response = self.session.request(
-                        method,
-                        url,
-                        data=data,
-                        json=json,
-                        headers=headers,
-                        stream=stream,
-                        verify=self._tls_verify,
-                        timeout=self._timeout,
-                    )
-                    break
-                except requests.exceptions.SSLError as exc:
-                    raise OciUnavailableError(f"{target.registry}: TLS failure: {exc}") from exc
-                except (requests.ConnectionError, requests.Timeout) as exc:
-                    if attempt == attempts:
-                        raise OciUnavailableError(
-                            f"{target.registry}: registry unreachable ({method} {url}): {exc}"
-                        ) from exc
-                    time.sleep(0.2 * attempt)
-            if response.status_code == 401:
-                challenge = response.headers.get("WWW-Authenticate", "")
-                if challenge.lower().startswith("bearer"):
-                    raise OciAuthError(
-                        f"{target.registry}: the registry wants Bearer token auth ({challenge[:120]}); "
-                        "this engine speaks HTTP basic auth only"
-                    )
-                if self._auth_header:
-                    raise OciAuthError(
-                        f"{target.registry}: credentials of user {target.username!r} rejected (HTTP 401)"
-                    )
-                raise OciAuthError(
-                    f"{target.registry}: the registry requires credentials (HTTP 401); "
-                    "set GGUFSHIP_OCI_USERNAME and GGUFSHIP_OCI_PASSWORD"
-                )
-            if response.status_code == 403:
-                raise OciAuthError(
-                    f"{target.registry}: access denied to {target.repository} (HTTP 403): "
-                    + _registry_message(response)
-                )
-            return response
-
-    return _Registry()
+def _make_client(target: OciTarget) -> RegistryClient:
+    return RegistryClient(target.transport())
 
 
 _ACCEPT_MANIFESTS = ", ".join((mp.MANIFEST_MEDIA_TYPE, mp.INDEX_MEDIA_TYPE))
 
 
-def _ping(client: Any, target: OciTarget) -> None:
-    response = client.do_request(client.url(""), "GET")
+def _ping(client: RegistryClient, target: OciTarget) -> None:
+    response = client.request("GET", "")
     if response.status_code != 200:
-        raise OciError(f"{target.registry}: /v2/ answered {_registry_message(response)}")
+        raise OciError(f"{target.registry}: /v2/ answered {registry_message(response)}")
 
 
-def _head_manifest(client: Any, reference: str) -> str | None:
+def _head_manifest(client: RegistryClient, reference: str) -> str | None:
     """The digest a tag (or digest) resolves to, or None if absent."""
-    url = client.url(f"{client.container().api_prefix}/manifests/{reference}")
-    response = client.do_request(url, "HEAD", headers={"Accept": _ACCEPT_MANIFESTS})
+    path = f"{client.t.repository}/manifests/{reference}"
+    response = client.request("HEAD", path, headers={"Accept": _ACCEPT_MANIFESTS})
     if response.status_code == 404:
         return None
     if response.status_code != 200:
-        raise OciError(f"{url}: HEAD answered {_registry_message(response)}")
+        raise OciError(f"{client.where}:{reference}: HEAD answered {registry_message(response)}")
     digest = response.headers.get("Docker-Content-Digest")
     if not digest:
-        raise OciError(f"{url}: no Docker-Content-Digest header in the answer")
+        raise OciError(f"{client.where}:{reference}: no Docker-Content-Digest header in the answer")
     return str(digest)
 
 
-def _get_manifest(client: Any, reference: str, accept: str = _ACCEPT_MANIFESTS) -> mp.Document | None:
+def _get_manifest(
+    client: RegistryClient, reference: str, accept: str = _ACCEPT_MANIFESTS
+) -> mp.Document | None:
     """Fetch a manifest/index by tag or digest; its digest is checked against the bytes (None if 404)."""
-    url = client.url(f"{client.container().api_prefix}/manifests/{reference}")
-    response = client.do_request(url, "GET", headers={"Accept": accept})
-    if response.status_code == 404:
-        return None
-    if response.status_code != 200:
-        raise OciError(f"{url}: GET answered {_registry_message(response)}")
-    data = response.content
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise OciError(f"{url}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+    where = f"{client.where}:{reference}"
+    with client.stream(
+        "GET", f"{client.t.repository}/manifests/{reference}", headers={"Accept": accept}
+    ) as response:
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            response.read()
+            raise OciError(f"{where}: GET answered {registry_message(response)}")
+        data = bytearray()
+        try:
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > MAX_MANIFEST_BYTES:
+                    raise OciError(f"{where}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        except httpx.HTTPError as exc:
+            raise OciUnavailableError(
+                f"{client.t.registry}: connection dropped reading {where}: {exc}"
+            ) from exc
     media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-    doc = mp.Document(media_type, data)
+    doc = mp.Document(media_type, bytes(data))
     expected = reference if _DIGEST_RE.match(reference) else response.headers.get("Docker-Content-Digest")
     if expected and expected != doc.digest:
-        raise IntegrityError(f"{url}: manifest digest {doc.digest} != expected {expected}")
+        raise IntegrityError(f"{where}: manifest digest {doc.digest} != expected {expected}")
     return doc
 
 
-def _put_manifest(client: Any, doc: mp.Document, reference: str) -> None:
-    url = client.url(f"{client.container().api_prefix}/manifests/{reference}")
-    response = client.do_request(url, "PUT", data=doc.data, headers={"Content-Type": doc.media_type})
+def _put_manifest(client: RegistryClient, doc: mp.Document, reference: str) -> None:
+    where = f"{client.where}:{reference}"
+    response = client.request(
+        "PUT",
+        f"{client.t.repository}/manifests/{reference}",
+        content=doc.data,
+        headers={"Content-Type": doc.media_type},
+    )
     if response.status_code not in (200, 201):
-        raise OciError(f"{url}: manifest upload refused: {_registry_message(response)}")
+        raise OciError(f"{where}: manifest upload refused: {registry_message(response)}")
     answered = response.headers.get("Docker-Content-Digest")
     if answered and answered != doc.digest:
-        raise OciError(f"{url}: registry stored digest {answered}, pushed {doc.digest}")
+        raise OciError(f"{where}: registry stored digest {answered}, pushed {doc.digest}")
 
 
-def _upload_file(client: Any, path: Path, media_type: str, digest: str, size: int) -> None:
+def _blob_exists(client: RegistryClient, digest: str, size: int) -> bool:
+    response = client.request("HEAD", f"{client.t.repository}/blobs/{digest}")
+    if response.status_code == 200:
+        length = response.headers.get("Content-Length")
+        return length is None or int(length) == size
+    return False
+
+
+def _upload_location(client: RegistryClient, response: httpx.Response, what: str) -> str:
+    location = response.headers.get("Location")
+    if response.status_code != 202 or not location:
+        raise OciError(f"{client.where}: {what}: upload refused: {registry_message(response)}")
+    return location
+
+
+def _with_digest(location: str, digest: str) -> str:
+    url = httpx.URL(location)
+    return str(url.copy_merge_params({"digest": digest}))
+
+
+_PIECE = 256 * 1024
+
+
+def _file_part(path: Path, offset: int, length: int) -> Callable[[], Iterator[bytes]]:
+    """A factory of iterators over ``length`` bytes of ``path`` from ``offset``, in small pieces
+    (memory stays at one piece; a short file is an :class:`IntegrityError`)."""
+
+    def pieces() -> Iterator[bytes]:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            left = length
+            while left > 0:
+                piece = fh.read(min(_PIECE, left))
+                if not piece:
+                    raise IntegrityError(f"{path}: shorter than the {offset + length} bytes it should have")
+                left -= len(piece)
+                yield piece
+
+    return pieces
+
+
+def _upload_file(client: RegistryClient, path: Path, media_type: str, digest: str, size: int) -> None:
     """One blob, skipped if the registry already has it.
 
     Above :data:`UPLOAD_CHUNK` bytes: chunked (POST, one PATCH per chunk, PUT), so
     memory stays at one chunk whatever the file size; smaller files go in one
-    PUT (one request less per file; each request costs a bcrypt check on an
-    htpasswd registry).
+    PUT after the POST.
     """
-    layer = {"mediaType": media_type, "digest": digest, "size": size}
-    try:
-        response = client.upload_blob(
-            str(path), client.container(), layer, do_chunked=size > UPLOAD_CHUNK, chunk_size=UPLOAD_CHUNK
+    del media_type  # blobs are untyped in the registry; the manifest carries the media type
+    if _blob_exists(client, digest, size):
+        logger.debug("%s: blob %s already there", client.where, digest)
+        return
+    what = f"{path.name} ({digest})"
+    start = client.request("POST", f"{client.t.repository}/blobs/uploads/")
+    location = _upload_location(client, start, what)
+    if size <= UPLOAD_CHUNK:
+        final = client.request(
+            "PUT",
+            _with_digest(location, digest),
+            content=_file_part(path, 0, size),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
         )
-    except ValueError as exc:  # oras-py's way of reporting a refused PATCH / missing Location
-        raise OciError(f"{path.name}: blob upload failed: {exc}") from exc
-    if response.status_code not in (200, 201, 202):
-        raise OciError(f"{path.name}: blob upload refused: {_registry_message(response)}")
+    else:
+        for offset in range(0, size, UPLOAD_CHUNK):
+            length = min(UPLOAD_CHUNK, size - offset)
+            patch = client.request(
+                "PATCH",
+                location,
+                content=_file_part(path, offset, length),
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Length": str(length),
+                    "Content-Range": f"{offset}-{offset + length - 1}",
+                },
+            )
+            location = _upload_location(client, patch, f"{what} bytes {offset}+")
+        final = client.request("PUT", _with_digest(location, digest), headers={"Content-Length": "0"})
+    if final.status_code not in (201, 204):
+        raise OciError(f"{client.where}: {what}: blob upload refused: {registry_message(final)}")
 
 
-def _upload_bytes(client: Any, blob: mp.Blob, scratch: Path) -> None:
+def _upload_bytes(client: RegistryClient, blob: mp.Blob, scratch: Path) -> None:
     path = scratch / blob.digest.replace(":", "-")
     path.write_bytes(blob.data)
     _upload_file(client, path, blob.media_type, blob.digest, len(blob.data))
@@ -479,12 +475,18 @@ def release_tags(manifest: Manifest) -> tuple[str, ...]:
 
 
 def push_export(
-    export_dir: Path, target: OciTarget, *, force: bool = False, apply_tags: bool = True
+    export_dir: Path,
+    target: OciTarget,
+    *,
+    force: bool = False,
+    apply_tags: bool = True,
+    verified: VerifiedExport | None = None,
 ) -> OciPushResult:
     """Push an export directory as one ModelPack artifact, tag it, attach ``model.sig`` as a referrer.
 
     The export is verified against ``manifest.json`` first (:class:`IntegrityError`
-    otherwise). Idempotent: every tag already on this manifest → ``skipped=True``
+    otherwise), unless ``verified`` is that export already verified (by ``publish``).
+    Idempotent: every tag already on this manifest → ``skipped=True``
     (the signature referrer is still added if it is missing). A tag on another
     digest → :class:`OciConflictError` before anything is uploaded, unless ``force``.
     ``apply_tags=False``: the manifest goes up by digest only, and :func:`tag_release`
@@ -493,7 +495,8 @@ def push_export(
     compare-and-swap).
     """
     export_dir = Path(export_dir)
-    verify_export(export_dir)
+    if verified is None or verified.export_dir != export_dir or verified.partial:
+        verify_export(export_dir)  # publish passes the export it verified: not hashed twice
     manifest = Manifest.load(export_dir / MANIFEST_NAME)
     check_signed_files(export_dir, export_files(export_dir, manifest))
     tags = release_tags(manifest)
@@ -502,44 +505,47 @@ def push_export(
     config = mp.model_config(manifest, layers)
     doc = mp.model_manifest(config, layers, mp.model_annotations(manifest, manifest_layer.digest))
     client = _make_client(target)
-    _ping(client, target)
-    where = f"{target.registry}/{target.repository}"
+    try:
+        _ping(client, target)
+        where = f"{target.registry}/{target.repository}"
 
-    current = {tag: _head_manifest(client, tag) for tag in tags}
-    conflicts = {tag: d for tag, d in current.items() if d is not None and d != doc.digest}
-    if conflicts and not force:
-        listed = ", ".join(f"{where}:{tag} is {d}" for tag, d in conflicts.items())
-        raise OciConflictError(
-            f"{listed}; this export is {doc.digest}. A published version is immutable: "
-            "bump the version, or pass force to move the tag(s)"
-        )
-    skipped = all(d == doc.digest for d in current.values())
-    with tempfile.TemporaryDirectory(prefix="ggufship-oci-") as tmp:
-        scratch = Path(tmp)
-        if skipped:
-            logger.info("%s:%s already is %s; nothing to push", where, tags[0], doc.digest)
-        else:
-            for tag, old in conflicts.items():
-                logger.warning("force: moving %s:%s from %s to %s", where, tag, old, doc.digest)
-            for layer in layers:
-                path = confined_join(export_dir, layer.path, what=f"{export_dir}: layer {layer.path}")
-                _upload_file(client, path, layer.media_type, layer.digest, layer.size)
-            _upload_bytes(client, config, scratch)
-            if apply_tags:
-                for tag in tags:
-                    _put_manifest(client, doc, tag)
-                logger.info("pushed %s@%s as %s", where, doc.digest, ", ".join(tags))
+        current = {tag: _head_manifest(client, tag) for tag in tags}
+        conflicts = {tag: d for tag, d in current.items() if d is not None and d != doc.digest}
+        if conflicts and not force:
+            listed = ", ".join(f"{where}:{tag} is {d}" for tag, d in conflicts.items())
+            raise OciConflictError(
+                f"{listed}; this export is {doc.digest}. A published version is immutable: "
+                "bump the version, or pass force to move the tag(s)"
+            )
+        skipped = all(d == doc.digest for d in current.values())
+        with tempfile.TemporaryDirectory(prefix="ggufship-oci-") as tmp:
+            scratch = Path(tmp)
+            if skipped:
+                logger.info("%s:%s already is %s; nothing to push", where, tags[0], doc.digest)
             else:
-                _put_manifest(client, doc, doc.digest)
-                logger.info("pushed %s@%s (tags %s follow later)", where, doc.digest, ", ".join(tags))
-        signature_digest = _push_signature(client, export_dir, manifest, doc, scratch)
-    return OciPushResult(
-        reference=f"{where}@{doc.digest}",
-        digest=doc.digest,
-        tags=tags,
-        signature_digest=signature_digest,
-        skipped=skipped,
-    )
+                for tag, old in conflicts.items():
+                    logger.warning("force: moving %s:%s from %s to %s", where, tag, old, doc.digest)
+                for layer in layers:
+                    path = confined_join(export_dir, layer.path, what=f"{export_dir}: layer {layer.path}")
+                    _upload_file(client, path, layer.media_type, layer.digest, layer.size)
+                _upload_bytes(client, config, scratch)
+                if apply_tags:
+                    for tag in tags:
+                        _put_manifest(client, doc, tag)
+                    logger.info("pushed %s@%s as %s", where, doc.digest, ", ".join(tags))
+                else:
+                    _put_manifest(client, doc, doc.digest)
+                    logger.info("pushed %s@%s (tags %s follow later)", where, doc.digest, ", ".join(tags))
+            signature_digest = _push_signature(client, export_dir, manifest, doc, scratch)
+        return OciPushResult(
+            reference=f"{where}@{doc.digest}",
+            digest=doc.digest,
+            tags=tags,
+            signature_digest=signature_digest,
+            skipped=skipped,
+        )
+    finally:
+        client.close()
 
 
 def tag_release(target: OciTarget, result: OciPushResult, *, force: bool = False) -> None:
@@ -549,27 +555,30 @@ def tag_release(target: OciTarget, result: OciPushResult, *, force: bool = False
     :class:`OciConflictError` unless ``force``.
     """
     client = _make_client(target)
-    where = f"{target.registry}/{target.repository}"
-    doc: mp.Document | None = None
-    for tag in result.tags:
-        current = _head_manifest(client, tag)
-        if current == result.digest:
-            continue
-        if current is not None and not force:
-            raise OciConflictError(
-                f"{where}:{tag} is {current}; this export is {result.digest}. A published version is "
-                "immutable: bump the version, or pass force to move the tag(s)"
-            )
-        if doc is None:
-            doc = _get_manifest(client, result.digest)
+    try:
+        where = f"{target.registry}/{target.repository}"
+        doc: mp.Document | None = None
+        for tag in result.tags:
+            current = _head_manifest(client, tag)
+            if current == result.digest:
+                continue
+            if current is not None and not force:
+                raise OciConflictError(
+                    f"{where}:{tag} is {current}; this export is {result.digest}. A published version is "
+                    "immutable: bump the version, or pass force to move the tag(s)"
+                )
             if doc is None:
-                raise OciError(f"{where}@{result.digest}: the pushed manifest is gone; publish again")
-        _put_manifest(client, doc, tag)
-    logger.info("tagged %s@%s as %s", where, result.digest, ", ".join(result.tags))
+                doc = _get_manifest(client, result.digest)
+                if doc is None:
+                    raise OciError(f"{where}@{result.digest}: the pushed manifest is gone; publish again")
+            _put_manifest(client, doc, tag)
+        logger.info("tagged %s@%s as %s", where, result.digest, ", ".join(result.tags))
+    finally:
+        client.close()
 
 
 def _push_signature(
-    client: Any, export_dir: Path, manifest: Manifest, subject: mp.Document, scratch: Path
+    client: RegistryClient, export_dir: Path, manifest: Manifest, subject: mp.Document, scratch: Path
 ) -> str | None:
     sig_path = export_dir / mp.SIGNATURE_FILE
     if not sig_path.is_file():
@@ -603,10 +612,11 @@ def _push_signature(
 # ---------------------------------------------------------------- pull
 
 
-def _referrers(client: Any, subject_digest: str, artifact_type: str) -> list[dict[str, Any]]:
+def _referrers(client: RegistryClient, subject_digest: str, artifact_type: str) -> list[dict[str, Any]]:
     """Referrer descriptors of ``subject_digest``: the referrers API, else the ``sha256-<hex>`` tag."""
-    api = client.url(f"{client.container().api_prefix}/referrers/{subject_digest}")
-    response = client.do_request(api, "GET", headers={"Accept": mp.INDEX_MEDIA_TYPE})
+    response = client.request(
+        "GET", f"{client.t.repository}/referrers/{subject_digest}", headers={"Accept": mp.INDEX_MEDIA_TYPE}
+    )
     found: list[dict[str, Any]] | None = None
     if response.status_code == 200:
         try:
@@ -662,11 +672,15 @@ def _titled_layers(body: Any, where: str) -> list[_Layer]:
     return layers
 
 
-def _fetch_listed_layers(client: Any, layers: list[_Layer], staging: Path, where: str) -> None:
+def _fetch_listed_layers(
+    client: RegistryClient, layers: list[_Layer], staging: Path, where: str, quant: str | None = None
+) -> FetchedFiles:
     """``manifest.json`` first; then exactly the layers it lists (and their ``.sha256`` sidecars).
 
     A layer ``manifest.json`` does not list (an executable ``run.sh``, ``sub/dir/evil.gguf``)
-    is refused with :class:`UnlistedFileError` before any of them is downloaded.
+    is refused with :class:`UnlistedFileError` before any of them is downloaded. Each
+    blob is hashed while it streams (its digest is the file's SHA256): the returned
+    digests are the only hashing pass. ``quant``: GGUFs of other quantizations are skipped.
     """
     by_title = {layer.title: layer for layer in layers}
     head = by_title.get(MANIFEST_NAME)
@@ -692,34 +706,37 @@ def _fetch_listed_layers(client: Any, layers: list[_Layer], staging: Path, where
             + "; ".join(problems),
             problems,
         )
+    absent = skipped_ggufs(manifest, quant, where)
+    digests = {MANIFEST_NAME: head.digest.removeprefix("sha256:")}
     for layer in layers:
-        if layer.title != MANIFEST_NAME:
+        if layer.title != MANIFEST_NAME and layer.title not in absent:
             out = confined_join(staging, layer.title, what=f"{where}: layer {layer.digest} title")
             _download(client, layer.digest, layer.size, out)
+            digests[layer.title] = layer.digest.removeprefix("sha256:")  # checked as it streamed
+    return FetchedFiles(manifest=manifest, digests=frozen_digests(digests), absent=absent)
 
 
-def _download(client: Any, digest: str, size: int | None, out: Path) -> None:
+def _download(client: RegistryClient, digest: str, size: int | None, out: Path) -> None:
     """Stream a blob to ``out``, checking size and SHA256 as it arrives."""
-    import requests
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    url = client.url(f"{client.container().api_prefix}/blobs/{digest}")
     hasher = hashlib.sha256()
     written = 0
-    response = client.do_request(url, "GET", stream=True)
-    with response:
+    with client.stream("GET", f"{client.t.repository}/blobs/{digest}") as response:
         if response.status_code != 200:
-            raise OciError(f"{out.name}: blob {digest}: {_registry_message(response)}")
+            response.read()
+            raise OciError(f"{out.name}: blob {digest}: {registry_message(response)}")
         try:
             with out.open("wb") as fh:
-                for chunk in response.iter_content(chunk_size=DOWNLOAD_CHUNK):
+                for chunk in response.iter_bytes(chunk_size=DOWNLOAD_CHUNK):
                     hasher.update(chunk)
                     fh.write(chunk)
                     written += len(chunk)
                     if size is not None and written > size:
                         break
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise OciUnavailableError(f"{out.name}: download of {digest} broke off: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise OciUnavailableError(
+                f"{client.t.registry}: {out.name}: download of {digest} broke off: {exc}"
+            ) from exc
     actual = "sha256:" + hasher.hexdigest()
     if size is not None and written != size:
         raise IntegrityError(f"{out.name}: blob {digest} has {written}+ bytes, the manifest says {size}")
@@ -738,53 +755,73 @@ def _credentials_for(reference_registry: str, auth: OciTarget | None) -> OciTarg
     return auth
 
 
-def pull_export(reference: str, dest: Path, target_auth: OciTarget | None = None) -> Path:
+def pull_export(
+    reference: str, dest: Path, target_auth: OciTarget | None = None, *, quant: str | None = None
+) -> Path:
     """Fetch ``host:port/repo:tag`` (or ``@sha256:…``, ``oci://`` optional) into ``dest``; return ``dest``.
 
-    Checks the manifest digest, every layer's SHA256 and size as it streams, then
-    the files against ``manifest.json`` (:func:`ggufship.integrity.verify_export`);
-    the signature referrer (if any) lands as ``dest/model.sig`` with its digest
-    checked. Verifying the signature itself needs the caller's key or identity:
-    the sign stage does that. Everything is written to a temporary directory
-    beside ``dest`` and renamed into place, so a failure leaves nothing behind.
-    ``dest`` must not exist or be an empty directory (:class:`OutputError`).
-    ``target_auth`` gives credentials and transport; its repository is ignored,
-    its credentials are only sent if its registry is the reference's.
+    :func:`fetch_export` into a staging directory beside ``dest``, then the files
+    against ``manifest.json`` with the digests computed while they streamed
+    (``ggufship.sign.verify_export_once``, no second pass); renamed into place only
+    then (:mod:`ggufship.atomic`), so a failure leaves nothing behind. Verifying the
+    signature itself needs the caller's key or identity: ``ggufship.publish.pull``
+    does that. ``dest`` must not exist or be an empty directory (:class:`OutputError`).
+    """
+    from ggufship.sign import verify_export_once
+
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise OutputError(f"{dest}: exists and is not an empty directory")
+    with atomic_directory(dest, "pull") as staging:
+        fetched = fetch_export(reference, staging, target_auth, quant=quant)
+        verify_export_once(staging, None, fetched=fetched)
+    return dest
+
+
+def fetch_export(
+    reference: str, staging: Path, target_auth: OciTarget | None = None, *, quant: str | None = None
+) -> FetchedFiles:
+    """Fetch ``host:port/repo:tag`` (or ``@sha256:…``) into the existing, empty ``staging`` directory.
+
+    Checks the manifest digest, every layer's SHA256 and size as it streams (the
+    returned digests), and fetches exactly the layers ``manifest.json`` lists (``quant``:
+    GGUFs of other quantizations are left out); the signature referrer (if any) lands
+    as ``model.sig`` with its digest checked. ``target_auth`` gives credentials and
+    transport; its repository is ignored, its credentials are only sent if its
+    registry is the reference's. The caller verifies the digests against the manifest
+    and stages/renames the directory.
     """
     registry, repository, ref = parse_oci_uri(reference)
     if not ref:
         raise OciError(f"{reference!r}: name a tag (…:1.0.0) or a digest (…@sha256:…) to pull")
-    dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise OutputError(f"{dest}: exists and is not an empty directory")
+    staging = Path(staging)
     auth = _credentials_for(registry, target_auth)
-    target = OciTarget(
-        registry=registry,
-        repository=repository,
-        insecure=target_auth.insecure if target_auth is not None else _is_loopback(registry),
-        username=auth.username if auth else None,
-        password=auth.password if auth else None,
-        timeout_s=target_auth.timeout_s if target_auth is not None else 60.0,
-    )
-    client = _make_client(target)
-    _ping(client, target)
-    doc = _get_manifest(client, ref)
-    where = f"{registry}/{repository}"
-    if doc is None:
-        raise OciError(f"{where}: {ref} not found")
-    body = _json_object(doc, f"{where}:{ref}")
-    if body.get("mediaType", doc.media_type) != mp.MANIFEST_MEDIA_TYPE:
-        raise OciError(f"{where}:{ref}: is a {body.get('mediaType')}, not an OCI image manifest")
-    if body.get("artifactType") != mp.ARTIFACT_TYPE_MODEL:
-        raise OciError(
-            f"{where}:{ref}: artifactType {body.get('artifactType')!r} is not {mp.ARTIFACT_TYPE_MODEL}"
+    if target_auth is None:
+        target = OciTarget(registry=registry, repository=repository)
+    else:
+        target = replace(
+            target_auth,
+            registry=registry,
+            repository=repository,
+            username=auth.username if auth else None,
+            password=auth.password if auth else None,
         )
-    layers = _titled_layers(body, f"{where}@{doc.digest}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
+    client = _make_client(target)
     try:
-        _fetch_listed_layers(client, layers, staging, f"{where}@{doc.digest}")
-        verify_export(staging)
+        _ping(client, target)
+        doc = _get_manifest(client, ref)
+        where = f"{registry}/{repository}"
+        if doc is None:
+            raise OciError(f"{where}: {ref} not found")
+        body = _json_object(doc, f"{where}:{ref}")
+        if body.get("mediaType", doc.media_type) != mp.MANIFEST_MEDIA_TYPE:
+            raise OciError(f"{where}:{ref}: is a {body.get('mediaType')}, not an OCI image manifest")
+        if body.get("artifactType") != mp.ARTIFACT_TYPE_MODEL:
+            raise OciError(
+                f"{where}:{ref}: artifactType {body.get('artifactType')!r} is not {mp.ARTIFACT_TYPE_MODEL}"
+            )
+        layers = _titled_layers(body, f"{where}@{doc.digest}")
+        fetched = _fetch_listed_layers(client, layers, staging, f"{where}@{doc.digest}", quant)
         signatures = _referrers(client, doc.digest, mp.ARTIFACT_TYPE_SIGNATURE)
         if signatures:
             if len(signatures) > 1:
@@ -794,18 +831,13 @@ def pull_export(reference: str, dest: Path, target_auth: OciTarget | None = None
             _pull_signature(client, str(signatures[-1].get("digest")), doc.digest, staging)
         else:
             logger.warning("%s@%s has no signature referrer", where, doc.digest)
-        staging.chmod(0o755)
-        if dest.exists():
-            dest.rmdir()
-        staging.replace(dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    logger.info("pulled %s@%s into %s", where, doc.digest, dest)
-    return dest
+        logger.info("fetched %s@%s into %s", where, doc.digest, staging)
+        return fetched
+    finally:
+        client.close()
 
 
-def _pull_signature(client: Any, sig_digest: str, subject_digest: str, staging: Path) -> None:
+def _pull_signature(client: RegistryClient, sig_digest: str, subject_digest: str, staging: Path) -> None:
     if not _DIGEST_RE.match(sig_digest):
         raise OciError(f"referrer of {subject_digest}: digest {sig_digest!r} is not sha256:<64 hex digits>")
     sig = _get_manifest(client, sig_digest)
