@@ -257,3 +257,22 @@ def test_gate_serve_query_parameters_for_rates() -> None:
     assert got.policy.metrics == ("ttft", "surprisal")
     with pytest.raises(GateConfigError, match="max_bad_answer_rate"):
         request_from_query(base, "max_bad_answer_rate=lots")
+
+
+def test_chart_values_default_to_the_gates_policy() -> None:
+    """The cluster's KS gate (args from the chart's values) and the local rollout (the gate's
+    defaults) judge the same metrics and rates unless someone overrides one of them."""
+    from pathlib import Path
+
+    import yaml
+
+    from ggufship.gate import GatePolicy
+
+    values = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "charts" / "ggufship-api" / "values.yaml").read_text()
+    )
+    ks = values["analysis"]["ks"]
+    policy = GatePolicy()
+    assert tuple(ks["metrics"]) == policy.metrics
+    assert tuple(ks["rates"]) == policy.rates
+    assert ks["minRateIncrease"] == policy.min_rate_increase
