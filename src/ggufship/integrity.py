@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from ggufship.errors import IntegrityError, ManifestError, UnsafePathError
-from ggufship.layout import SIDECAR_SUFFIX, confined_join
+from ggufship.layout import SIDECAR_SUFFIX, SIGNATURE_NAME, confined_join
 from ggufship.manifest import MANIFEST_NAME, Manifest
+
+if TYPE_CHECKING:
+    from ggufship.sign import SignatureReport
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +130,137 @@ def verify_export(out_dir: Path, *, raise_on_error: bool = True) -> VerifyReport
     return report
 
 
+# ---------------------------------------------------------------- verify once
+
+#: Names model_signing leaves out of a signature (``ignore_git_paths``); never part of an export.
+GIT_NAMES = frozenset({".git", ".gitattributes", ".github", ".gitignore"})
+
+
+@dataclass(frozen=True)
+class FetchedFiles:
+    """What a pull wrote into its staging directory, with each file's SHA256 computed while it streamed.
+
+    ``digests``: relative path -> sha256 hex of every file written (``manifest.json``,
+    listed files, sidecars; not ``model.sig``). ``absent``: listed GGUFs deliberately
+    not fetched (a pull of one quantization).
+    """
+
+    manifest: Manifest
+    digests: Mapping[str, str]
+    absent: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifiedExport:
+    """An export directory whose every file was hashed once and checked (the value pull hands to serve).
+
+    ``digests`` (relative path -> sha256) covers every file in the directory but
+    ``model.sig``; each listed file's digest equals ``manifest.json``'s, and each
+    sidecar agrees with it. ``absent``: GGUFs the manifest lists that are not in the
+    directory (a partial export of one quantization, see :meth:`serves`).
+    ``signature``: what the signature check established, ``None`` when no policy was
+    given. Build it with ``ggufship.sign.verify_export_once`` (or a pull), not by hand.
+    """
+
+    export_dir: Path
+    manifest: Manifest
+    digests: Mapping[str, str]
+    absent: tuple[str, ...] = ()
+    signature: SignatureReport | None = None
+
+    @property
+    def manifest_sha256(self) -> str:
+        return self.digests[MANIFEST_NAME]
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.absent)
+
+    def sha256_of(self, path: str) -> str:
+        """The checked digest of one file; :class:`IntegrityError` if it is not in the export."""
+        try:
+            return self.digests[path]
+        except KeyError:
+            raise IntegrityError(f"{self.export_dir}: {path}: not part of this verified export") from None
+
+    def serves(self, path: str) -> bool:
+        """True if ``path`` is present and verified (a partial export serves only its quantization)."""
+        return path in self.digests and path not in self.absent
+
+
+def frozen_digests(digests: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(sorted(digests.items())))
+
+
+def hash_export_dir(export_dir: Path) -> dict[str, str]:
+    """SHA256 of every regular file under ``export_dir`` but ``model.sig`` and git files: one pass each.
+
+    A symlink anywhere is an :class:`IntegrityError` (model_signing refuses them
+    too; a link could point outside the export).
+    """
+    root = Path(export_dir)
+    digests: dict[str, str] = {}
+    for current, dirs, files in os.walk(root):
+        here = Path(current)
+        rel_dir = here.relative_to(root)
+        if rel_dir == Path():
+            dirs[:] = [d for d in dirs if d not in GIT_NAMES]
+            files = [f for f in files if f not in GIT_NAMES]
+        for name in [*dirs, *files]:
+            if (here / name).is_symlink():
+                raise IntegrityError(f"{here / name}: a symlink in an export directory (refused)")
+        for name in files:
+            rel = (rel_dir / name).as_posix()
+            if rel == SIGNATURE_NAME:
+                continue
+            digests[rel], _ = sha256_file(here / name)
+    return digests
+
+
+def export_digest_problems(
+    export_dir: Path, manifest: Manifest, digests: Mapping[str, str], absent: Iterable[str] = ()
+) -> list[str]:
+    """Every listed file whose digest (already computed) differs from ``manifest.json``, or is missing;
+    every sidecar that disagrees with the manifest (sidecars are one line: read, not hashed)."""
+    skipped = set(absent)
+    root = Path(export_dir)
+    problems: list[str] = []
+    for index, entry in enumerate(manifest.files):
+        if entry.path in skipped:
+            if entry.kind != "gguf":
+                problems.append(
+                    f"{root / entry.path}: missing (only GGUFs of other quantizations may be absent)"
+                )
+            continue
+        digest = digests.get(entry.path)
+        if digest is None:
+            problems.append(f"{root / entry.path}: missing")
+            continue
+        if digest != entry.sha256:
+            problems.append(f"{root / entry.path}: sha256 {digest} != manifest {entry.sha256}")
+        sidecar_name = entry.path + SIDECAR_SUFFIX
+        if sidecar_name in digests:
+            sidecar = confined_join(
+                export_dir, sidecar_name, what=f"{MANIFEST_NAME}: sidecar of files[{index}]"
+            )
+            side_digest, side_name = parse_sidecar(sidecar)
+            if side_digest != entry.sha256 or side_name != Path(entry.path).name:
+                problems.append(f"{sidecar.name}: disagrees with manifest for {entry.path}")
+    return problems
+
+
 __all__ = [
+    "GIT_NAMES",
     "SIDECAR_SUFFIX",
+    "FetchedFiles",
     "IntegrityError",
     "ManifestError",
     "UnsafePathError",
+    "VerifiedExport",
     "VerifyReport",
+    "export_digest_problems",
+    "frozen_digests",
+    "hash_export_dir",
     "parse_sidecar",
     "sha256_file",
     "sidecar_text",

@@ -17,13 +17,13 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ggufship.atomic import commit_dir, discard_dir, staging_dir
 from ggufship.errors import OutputError, ReleaseSpecError, UsageError
 from ggufship.export._card import render_card
 from ggufship.export._convert import convert_to_f16
@@ -217,10 +217,7 @@ def export_checkpoint(req: ExportRequest, reporter: Reporter | None = None) -> E
     }
 
     timings: dict[str, float] = {}
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
-    except OSError as exc:
-        raise OutputError(f"{out_dir.parent}: cannot create a staging directory: {exc}") from exc
+    staging = staging_dir(out_dir)
     hashes: dict[str, Future[tuple[str, int]]] = {}
     hash_seconds = 0.0
 
@@ -373,25 +370,9 @@ def export_checkpoint(req: ExportRequest, reporter: Reporter | None = None) -> E
             warnings=tuple(warnings),
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-        staging.chmod(0o755)  # mkdtemp makes it 0700
-        _publish_dir(staging, out_dir)
+        commit_dir(staging, out_dir)  # fsync, rename into place (replacing a --force'd out_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_dir(staging)
         raise
     logger.info("exported %s %s to %s (%s)", req.name, req.version, out_dir, ", ".join(quants))
     return ExportResult(out_dir=out_dir, manifest=manifest, timings=timings)
-
-
-def _publish_dir(staging: Path, out_dir: Path) -> None:
-    """Move the finished staging directory into place (rename, same filesystem)."""
-    if out_dir.exists():
-        backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(backup)
-        try:
-            staging.rename(out_dir)
-        except OSError:
-            backup.rename(out_dir)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        staging.rename(out_dir)

@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ggufship.atomic import atomic_directory
 from ggufship.errors import IntegrityError
-from ggufship.integrity import sha256_file, verify_export
+from ggufship.integrity import FetchedFiles, VerifiedExport, sha256_file
 from ggufship.layout import export_files
 from ggufship.manifest import MANIFEST_NAME, Manifest
 from ggufship.progress import Reporter
@@ -85,8 +83,10 @@ __all__ = [
     "S3PublishResult",
     "S3Settings",
     "S3Target",
+    "VerifiedExport",
     "publish",
     "pull",
+    "pull_verified",
 ]
 
 logger = logging.getLogger(__name__)
@@ -157,11 +157,14 @@ def publish(export_dir: Path, request: PublishRequest, *, reporter: Reporter | N
         raise PublishSettingsError("nothing to publish to: give an S3, OCI and/or GitOps target")
     if not export_dir.is_dir():
         raise PublishError(f"{export_dir}: not an export directory")
-    verify_export(export_dir)  # raises IntegrityError naming every mismatch: never publish bad bytes
-    manifest = Manifest.load(export_dir / MANIFEST_NAME)
+    from ggufship.sign import verify_export_once
+
+    # one hashing pass; raises IntegrityError naming every mismatch: never publish bad bytes
+    verified = verify_export_once(export_dir, None)
+    manifest = verified.manifest
     # a signature over other files than the published ones could never verify: refuse it
     check_signed_files(export_dir, export_files(export_dir, manifest))
-    manifest_sha256, _ = sha256_file(export_dir / MANIFEST_NAME)
+    manifest_sha256 = verified.manifest_sha256
     reporter = reporter or Reporter(enabled=False)
     s3_result = oci_result = gitops_result = None
     with _version_lease(request, manifest, manifest_sha256) as lease:
@@ -179,7 +182,11 @@ def publish(export_dir: Path, request: PublishRequest, *, reporter: Reporter | N
                 if lease is not None:
                     lease.check()
                 oci_result = push_export(
-                    export_dir, request.oci, force=request.force, apply_tags=not deferred_tags
+                    export_dir,
+                    request.oci,
+                    force=request.force,
+                    apply_tags=not deferred_tags,
+                    verified=verified,
                 )
                 logger.info(
                     "oci: %s (%s)",
@@ -243,19 +250,41 @@ def pull(
     oci_auth: Any | None = None,
     force: bool = False,
     reporter: Reporter | None = None,
+    quant: str | None = None,
 ) -> Path:
-    """Fetch a published export into ``dest``, verify it, and return ``dest``.
+    """Fetch a published export into ``dest``, verify it, and return ``dest`` (see :func:`pull_verified`)."""
+    return pull_verified(
+        uri, dest, policy=policy, s3=s3, oci_auth=oci_auth, force=force, reporter=reporter, quant=quant
+    ).export_dir
+
+
+def pull_verified(
+    uri: str,
+    dest: Path,
+    *,
+    policy: VerificationPolicy | None = None,
+    s3: S3Target | None = None,
+    oci_auth: Any | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    quant: str | None = None,
+) -> VerifiedExport:
+    """Fetch a published export into ``dest``, verify it, and return the verified export.
 
     ``uri``: ``s3://bucket/[prefix/]models/<name>/<version>/`` or
-    ``oci://host:port/repo:tag`` (or ``@sha256:…``). Every file is checked
-    against ``manifest.json`` (SHA256 and size), and, with a ``policy``, the
-    signature too (``ggufship.sign.verify_signed_export``). Files are fetched
-    into a staging directory beside ``dest`` and moved into place only when all
-    checks pass: a failed pull leaves nothing behind. A ``dest`` that already
-    holds the same verified export (S3: byte-identical manifest) is returned as
-    is; with OCI, where a tag can only be compared after fetching it, the same export
-    is fetched again, verified and swapped in. Any other non-empty ``dest`` is refused
-    unless ``force``.
+    ``oci://host:port/repo:tag`` (or ``@sha256:…``). Every file is hashed once, while it
+    streams in, and checked against ``manifest.json`` (SHA256 and size); with a
+    ``policy`` the signature is checked once too, against those digests
+    (``ggufship.sign.verify_export_once``): no file is read again. The returned
+    :class:`~ggufship.integrity.VerifiedExport` carries the digests to ``serve``.
+    ``quant``: only that quantization's GGUF is fetched (plus ``manifest.json``,
+    ``model.sig`` and every non-GGUF file); the signature is still checked exactly (see
+    ``verify_export_once``). Files are fetched into a staging directory beside ``dest``
+    and renamed into place only when all checks pass (:mod:`ggufship.atomic`): a failed
+    pull leaves nothing behind. A ``dest`` that already holds the same verified export
+    (S3: byte-identical manifest) is returned as is (hashed once to verify it); with
+    OCI, where a tag can only be compared after fetching it, the same export is fetched
+    again, verified and swapped in. Any other non-empty ``dest`` is refused unless ``force``.
     ``s3`` carries the connection (endpoint, credentials); its bucket and prefix
     are taken from ``uri``. ``oci_auth`` is an ``OciTarget`` with the registry login.
     """
@@ -270,62 +299,67 @@ def pull(
     if dest.exists() and not dest.is_dir():
         raise PullError(f"{dest}: exists and is not a directory")
     occupied = dest.is_dir() and any(dest.iterdir())
-    if occupied and kind == "s3" and not force and _same_export(uri, dest, bucket, prefix, s3, policy):
-        logger.info("%s: already holds %s, verified; nothing fetched", dest, uri)
-        return dest
+    if occupied and kind == "s3" and not force:
+        same = _same_export(uri, dest, bucket, prefix, s3, policy, quant)
+        if same is not None:
+            logger.info("%s: already holds %s, verified; nothing fetched", dest, uri)
+            return same
     local_manifest = dest / MANIFEST_NAME
     if occupied and not force and not (kind == "oci" and local_manifest.is_file()):
         raise PullError(f"{dest}: not empty; pull into a new directory, or replace it with --force")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
-    try:
+    with atomic_directory(dest, "pull") as staging:
         if kind == "s3":
             target = s3 or S3Target(bucket=bucket)
-            pull_s3(bucket, prefix, staging, target, reporter)
-            fetched = staging
+            fetched = pull_s3(bucket, prefix, staging, target, reporter, quant=quant)
         else:
-            fetched = _pull_oci(uri, staging, oci_auth)
-        _verify(fetched, uri, policy)
-        if occupied and not force and (fetched / MANIFEST_NAME).read_bytes() != local_manifest.read_bytes():
+            from ggufship.publish._oci import fetch_export
+
+            fetched = fetch_export(uri, staging, oci_auth, quant=quant)
+        verified = _verify(staging, fetched, uri, policy)
+        if occupied and not force and (staging / MANIFEST_NAME).read_bytes() != local_manifest.read_bytes():
             # OCI: a tag can only be compared after fetching it; the same export is refreshed
             # in place (the fresh copy is verified), a different one is refused.
             raise PullError(
                 f"{dest}: holds another export than {uri} (manifests differ); "
                 "pull into a new directory, or replace it with --force"
             )
-        _move_into_place(fetched, dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("pulled %s into %s (verified)", uri, dest)
-    return dest
+    logger.info("pulled %s into %s (verified%s)", uri, dest, f", {quant} only" if quant else "")
+    signature = verified.signature
+    if signature is not None:
+        signature = replace(signature, signature=dest / SIGNATURE_NAME)
+    return replace(verified, export_dir=dest, signature=signature)
 
 
-def _pull_oci(uri: str, staging: Path, oci_auth: Any | None) -> Path:
-    from ggufship.publish._oci import pull_export
+def _verify(
+    export_dir: Path,
+    fetched: FetchedFiles | None,
+    uri: str,
+    policy: VerificationPolicy | None,
+    quant: str | None = None,
+) -> VerifiedExport:
+    from ggufship.sign import verify_export_once
 
-    return Path(pull_export(uri, staging / "export", oci_auth))
-
-
-def _verify(export_dir: Path, uri: str, policy: VerificationPolicy | None) -> None:
     try:
-        verify_export(export_dir)
+        return verify_export_once(export_dir, policy, fetched=fetched, quant=quant)
     except IntegrityError as exc:
         raise PullError(f"{uri}: fetched files do not match their manifest: {exc}") from exc
-    if policy is not None:
-        from ggufship.sign import verify_signed_export
-
-        verify_signed_export(export_dir, policy)
 
 
 def _same_export(
-    uri: str, dest: Path, bucket: str, prefix: str, s3: S3Target | None, policy: VerificationPolicy | None
-) -> bool:
-    """True if ``dest`` holds exactly the export at ``uri`` (same manifest bytes) and it verifies."""
+    uri: str,
+    dest: Path,
+    bucket: str,
+    prefix: str,
+    s3: S3Target | None,
+    policy: VerificationPolicy | None,
+    quant: str | None,
+) -> VerifiedExport | None:
+    """``dest`` verified, if it holds exactly the export at ``uri`` (same manifest bytes); else None."""
     from ggufship.publish._s3 import client_for, object_metadata, resolve_connection
 
     local = dest / MANIFEST_NAME
     if not local.is_file():
-        return False
+        return None
     conn = resolve_connection(replace(s3 or S3Target(bucket=bucket), bucket=bucket, prefix=prefix))
     client = client_for(conn)
     key = (f"{prefix}/" if prefix else "") + MANIFEST_NAME
@@ -333,25 +367,9 @@ def _same_export(
     with contextlib.suppress(Exception):  # unreachable or missing: the real pull reports it
         remote = object_metadata(client.stat_object(bucket, key).metadata).get("sha256")
     if not remote or remote != sha256_file(local)[0]:
-        return False
+        return None
     try:
-        _verify(dest, uri, policy)
+        return _verify(dest, None, uri, policy, quant)
     except (PullError, IntegrityError) as exc:
         logger.warning("%s: holds %s but does not verify (%s); not reusing it", dest, uri, exc)
-        return False
-    return True
-
-
-def _move_into_place(fetched: Path, dest: Path) -> None:
-    fetched.chmod(0o755)
-    if dest.exists():
-        backup = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        dest.rename(backup)
-        try:
-            fetched.rename(dest)
-        except OSError:
-            backup.rename(dest)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        fetched.rename(dest)
+        return None

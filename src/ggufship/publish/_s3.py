@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ggufship.integrity import CHUNK_SIZE, SIDECAR_SUFFIX
+from ggufship.integrity import CHUNK_SIZE, SIDECAR_SUFFIX, FetchedFiles, frozen_digests
 from ggufship.layout import confined_join
 from ggufship.manifest import MANIFEST_NAME, Manifest
 from ggufship.progress import Reporter
@@ -360,17 +360,25 @@ def object_metadata(headers: Any) -> dict[str, str]:
 
 
 def pull_s3(
-    bucket: str, prefix: str, staging: Path, target: S3Target, reporter: Reporter | None = None
-) -> Manifest:
+    bucket: str,
+    prefix: str,
+    staging: Path,
+    target: S3Target,
+    reporter: Reporter | None = None,
+    *,
+    quant: str | None = None,
+) -> FetchedFiles:
     """Download ``s3://bucket/prefix/`` (an export: ``manifest.json`` + files) into ``staging``.
 
-    Every file is hashed while it streams and compared with the manifest; a
-    mismatch raises :class:`PullError` naming the key and both digests. The
-    manifest is untrusted: its model refuses any entry that is not a relative,
-    normalised path (:class:`PullError` naming the key and the field), and every
-    local path is joined with :func:`ggufship.layout.confined_join`. Exactly the
-    listed files, their ``.sha256`` sidecars, ``model.sig`` and ``manifest.json``
-    are fetched, nothing else under the prefix.
+    Every file is hashed while it streams (its only hashing pass) and compared with the
+    manifest; a mismatch raises :class:`PullError` naming the key and both digests. The
+    digests are returned (:class:`~ggufship.integrity.FetchedFiles`) for the signature
+    check, which then reads no file again. The manifest is untrusted: its model refuses
+    any entry that is not a relative, normalised path (:class:`PullError` naming the key
+    and the field), and every local path is joined with
+    :func:`ggufship.layout.confined_join`. Exactly the listed files, their ``.sha256``
+    sidecars, ``model.sig`` and ``manifest.json`` are fetched, nothing else under the
+    prefix. ``quant``: GGUFs of other quantizations are left out (listed in ``absent``).
     """
     conn = resolve_connection(replace(target, bucket=bucket, prefix=prefix))
     client = client_for(conn)
@@ -382,8 +390,9 @@ def pull_s3(
     data, meta = _get_bytes(client, conn, bucket, manifest_key, MAX_MANIFEST_BYTES)
     if data is None:
         raise PullError(f"s3://{bucket}/{manifest_key}: no manifest there (not a published export)")
+    manifest_sha256 = hashlib.sha256(data).hexdigest()
     declared = meta.get("sha256")
-    if declared and hashlib.sha256(data).hexdigest() != declared:
+    if declared and manifest_sha256 != declared:
         raise PullError(
             f"s3://{bucket}/{manifest_key}: content does not match its sha256 metadata {declared}"
         )
@@ -392,9 +401,13 @@ def pull_s3(
     except ValidationError as exc:
         raise PullError(f"s3://{bucket}/{manifest_key}: invalid manifest: {exc}") from exc
     where = f"s3://{bucket}/{manifest_key}"
+    absent = skipped_ggufs(manifest, quant, where)
+    digests: dict[str, str] = {MANIFEST_NAME: manifest_sha256}
     reporter = reporter or Reporter(enabled=False)
     with reporter.session():
         for index, entry in enumerate(manifest.files):
+            if entry.path in absent:
+                continue
             local = confined_join(staging, entry.path, what=f"{where}: files[{index}].path")
             with reporter.task(f"download s3://{bucket}/{base}{entry.path}", total=entry.size) as task:
                 _download(
@@ -407,14 +420,33 @@ def pull_s3(
                     entry.size,
                     task.advance,
                 )
+            digests[entry.path] = entry.sha256  # _download raised unless the streamed bytes hash to it
     extras = [(f.path + SIDECAR_SUFFIX, MAX_SIDECAR_BYTES) for f in manifest.files]
     for name, limit in [*extras, (SIGNATURE_NAME, MAX_SIGNATURE_BYTES)]:
         local = confined_join(staging, name, what=f"{where}: sidecar/signature")
         small, _ = _get_bytes(client, conn, bucket, base + name, limit)
         if small is not None:
+            local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(small)
+            if name != SIGNATURE_NAME:
+                digests[name] = hashlib.sha256(small).hexdigest()
     (staging / MANIFEST_NAME).write_bytes(data)
-    return manifest
+    return FetchedFiles(manifest=manifest, digests=frozen_digests(digests), absent=absent)
+
+
+def skipped_ggufs(manifest: Manifest, quant: str | None, where: str) -> tuple[str, ...]:
+    """The GGUFs a pull of ``quant`` leaves out (all but that quantization's); ``()`` for ``None``.
+
+    :class:`PullError` naming the available quantizations when the export has no ``quant``.
+    """
+    if quant is None:
+        return ()
+    ggufs = manifest.gguf_files()
+    wanted = [f for f in ggufs if (f.quantization or "").upper() == quant.upper()]
+    if not wanted:
+        available = ", ".join(f.quantization or f.path for f in ggufs) or "none"
+        raise PullError(f"{where}: no quantization {quant!r} in this export (available: {available})")
+    return tuple(f.path for f in ggufs if f not in wanted)
 
 
 def _get_bytes(

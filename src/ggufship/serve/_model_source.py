@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ggufship.errors import GgufshipError, IntegrityError, UnsafePathError
-from ggufship.integrity import SIDECAR_SUFFIX, parse_sidecar, sha256_file
+from ggufship.integrity import SIDECAR_SUFFIX, VerifiedExport, parse_sidecar, sha256_file
 from ggufship.layout import confined_join
 from ggufship.manifest import MANIFEST_NAME, Manifest, ManifestFile
 from ggufship.serve.errors import ModelSourceError, ModelVerificationError, ServeConfigError
@@ -40,24 +40,30 @@ class ModelSource:
 
 
 def resolve_model(settings: ServeSettings) -> ModelSource:
-    """Fetch and verify ``settings.model``; raise before anything is loaded on a mismatch."""
+    """Fetch and verify ``settings.model``; raise before anything is loaded on a mismatch.
+
+    A remote model is pulled and verified once (digests while streaming, the signature
+    against them): the :class:`~ggufship.integrity.VerifiedExport` the pull returns is
+    used as is, nothing is hashed again. A local export directory is verified in one
+    pass (``ggufship.sign.verify_export_once``). A partial export (pulled with
+    ``--quant``) is accepted for the served quantization only.
+    """
     spec = settings.model.strip()
     if not spec:
         raise ModelSourceError("MODEL is required: a .gguf, an export directory, s3://… or oci://…")
     policy = _policy(settings)
-    checks: list[str] = []
     if spec.startswith(REMOTE_SCHEMES):
-        local = _pull(spec, settings, policy)
-        if policy is not None:
-            checks.append("signature (at pull)")
-        return _from_export(local, settings, policy=None, checks=checks)
+        verified = _pull(spec, settings, policy)
+        checks = ["signature (at pull)"] if policy is not None else []
+        entry = _pick(verified.manifest, verified.export_dir, settings.quant, verified)
+        return _from_verified(verified, entry, settings, checks, at="at pull")
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _from_export(path, settings, policy=policy, checks=checks)
+        return _from_export(path, settings, policy=policy)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelSourceError(f"MODEL {path}: not a .gguf file or an export directory")
-        return _from_file(path, settings, policy=policy, checks=checks)
+        return _from_file(path, settings, policy=policy, checks=[])
     raise ModelSourceError(f"MODEL {path}: no such file or directory")
 
 
@@ -88,32 +94,36 @@ def _is_verification_failure(exc: BaseException) -> bool:
     return isinstance(exc, IntegrityError) or type(exc).__module__.startswith("ggufship.sign")
 
 
-def _pull(uri: str, settings: ServeSettings, policy: Any) -> Path:
+def _pull(uri: str, settings: ServeSettings, policy: Any) -> VerifiedExport:
     try:
-        from ggufship.publish import pull
+        from ggufship.publish import pull_verified
     except ImportError as exc:
         raise ModelSourceError(f"MODEL {uri}: pulling needs ggufship.publish, not available: {exc}") from exc
     dest = settings.cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
     logger.info("pulling %s into %s", uri, dest)
     try:
-        return Path(pull(uri, dest, policy=policy))
+        return pull_verified(uri, dest, policy=policy, quant=settings.quant)
     except GgufshipError as exc:
         if _is_verification_failure(exc):
             raise ModelVerificationError(f"MODEL {uri}: verification failed at pull: {exc}") from exc
         raise ModelSourceError(f"MODEL {uri}: cannot pull: {exc}") from exc
 
 
-def _verify_signature(export_dir: Path, policy: Any, checks: list[str]) -> None:
-    from ggufship.sign import verify_signed_export
+def _verify_dir(export_dir: Path, policy: Any, quant: str | None) -> VerifiedExport:
+    """One hashing pass over the export, the signature (with a policy) checked against it."""
+    from ggufship.sign import verify_export_once
 
     try:
-        verify_signed_export(export_dir, policy)
+        return verify_export_once(export_dir, policy, quant=quant)
     except GgufshipError as exc:
-        raise ModelVerificationError(f"MODEL {export_dir}: signature verification failed: {exc}") from exc
-    checks.append("signature")
+        what = "signature verification" if policy is not None else "verification"
+        raise ModelVerificationError(f"MODEL {export_dir}: {what} failed: {exc}") from exc
 
 
-def _pick(manifest: Manifest, export_dir: Path, quant: str | None) -> ManifestFile:
+def _pick(
+    manifest: Manifest, export_dir: Path, quant: str | None, verified: VerifiedExport | None = None
+) -> ManifestFile:
+    """The served GGUF: ``quant``, else Q4_K_M, else the first one the directory holds."""
     ggufs = manifest.gguf_files()
     if not ggufs:
         raise ModelSourceError(f"MODEL {export_dir}: {MANIFEST_NAME} lists no .gguf file")
@@ -124,29 +134,50 @@ def _pick(manifest: Manifest, export_dir: Path, quant: str | None) -> ManifestFi
             return entry
     if quant is not None:
         raise ModelSourceError(f"MODEL {export_dir}: no quantization {quant!r} (available: {available})")
-    return ggufs[0]
+    if verified is not None:  # a partial export: the GGUF it holds
+        return next((f for f in ggufs if verified.serves(f.path)), ggufs[0])
+    return next((f for f in ggufs if (export_dir / f.path).is_file()), ggufs[0])
 
 
-def _from_export(export_dir: Path, settings: ServeSettings, *, policy: Any, checks: list[str]) -> ModelSource:
+def _from_export(export_dir: Path, settings: ServeSettings, *, policy: Any) -> ModelSource:
     try:
         manifest = Manifest.load(export_dir / MANIFEST_NAME)
     except GgufshipError as exc:
         raise ModelSourceError(f"MODEL {export_dir}: not an export directory: {exc}") from exc
-    if policy is not None:
-        _verify_signature(export_dir, policy, checks)
     entry = _pick(manifest, export_dir, settings.quant)
+    # only the served quantization's GGUF must be here (a pull with --quant leaves the others out)
+    verified = _verify_dir(export_dir, policy, entry.quantization)
+    checks = ["signature"] if policy is not None else []
+    return _from_verified(verified, entry, settings, checks, at=f"{MANIFEST_NAME} of {export_dir}")
+
+
+def _from_verified(
+    verified: VerifiedExport, entry: ManifestFile, settings: ServeSettings, checks: list[str], *, at: str
+) -> ModelSource:
+    """The served file of a verified export; its digest is the one computed at verification."""
+    export_dir = verified.export_dir
     try:
         path = confined_join(export_dir, entry.path, what=f"MODEL {export_dir}: {MANIFEST_NAME} entry")
     except UnsafePathError as exc:
         raise ModelVerificationError(f"{exc}; refusing to serve it") from exc
-    if not path.is_file():
+    if not verified.serves(entry.path) or not path.is_file():
         raise ModelVerificationError(f"MODEL {path}: listed in {MANIFEST_NAME} but missing")
-    digest = _check_digest(path, entry.sha256, f"{MANIFEST_NAME} of {export_dir}", settings, checks)
+    digest = verified.sha256_of(entry.path)
+    checks.append(f"sha256 ({at})")
+    if entry.path + SIDECAR_SUFFIX in verified.digests:
+        checks.append(f"sha256 ({Path(entry.path).name}{SIDECAR_SUFFIX})")
+    if settings.expect_sha256:
+        want = settings.expect_sha256.lower()
+        if digest != want:
+            raise ModelVerificationError(
+                f"MODEL {path}: sha256 {digest} does not match --expect-sha256 ({want}); refusing to serve it"
+            )
+        checks.append("sha256 (--expect-sha256)")
     return ModelSource(
         path=path,
         sha256=digest,
-        name=manifest.name,
-        version=manifest.version,
+        name=verified.manifest.name,
+        version=verified.manifest.version,
         quantization=entry.quantization,
         export_dir=export_dir,
         checks=tuple(checks),
@@ -168,7 +199,8 @@ def _from_file(path: Path, settings: ServeSettings, *, policy: Any, checks: list
                 f"MODEL {path}: a signature policy is configured, but the file is not part of a signed "
                 f"export (no {MANIFEST_NAME} beside it listing it)"
             )
-        _verify_signature(parent, policy, checks)
+        verified = _verify_dir(parent, policy, entry.quantization)
+        return _from_verified(verified, entry, settings, ["signature"], at=f"{MANIFEST_NAME} of {parent}")
     digest = _check_digest(
         path, entry.sha256 if entry else None, f"{MANIFEST_NAME} of {parent}", settings, checks
     )

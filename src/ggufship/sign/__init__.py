@@ -39,7 +39,7 @@ from ggufship.sign._settings import (
     VerificationPolicy,
 )
 from ggufship.sign._signer import sign_export
-from ggufship.sign._verifier import check_signed_files, verify_signed_export
+from ggufship.sign._verifier import check_signed_files, verify_export_once, verify_signed_export
 
 __all__ = [
     "SIGNATURE_NAME",
@@ -56,5 +56,6 @@ __all__ = [
     "check_signed_files",
     "generate_keypair",
     "sign_export",
+    "verify_export_once",
     "verify_signed_export",
 ]
