@@ -1,0 +1,560 @@
+"""Continuous batching: one llama.cpp context serves up to ``parallel`` sequences at once.
+
+The engine of :mod:`ggufship.serve._engine` gives each request a whole llama instance; this one
+gives it a *sequence* of one shared context (llama-cpp-python's low-level API: ``llama_batch`` with
+sequence ids, ``llama_decode``, one sampler chain per sequence, ``llama_memory_seq_rm`` /
+``llama_memory_seq_cp`` on the KV cache). One scheduler thread owns the context and loops:
+
+1. admit the sequences that arrived (each reuses the longest cached prompt prefix it finds in any
+   slot: its own previous request, or another slot's, copied with ``seq_cp`` — the system prompt
+   shared by requests is decoded once);
+2. build one batch: the next token of every generating sequence, then prompt tokens of the
+   sequences still prefilling, in chunks, up to ``n_batch`` tokens in all (a long prompt never
+   stalls running streams for more than one step);
+3. ``llama_decode`` once, sample each sequence that got logits, hand the text to its request.
+
+A request joins between two steps; a cancelled (client gone) or failed sequence leaves the batch
+at the next step without touching the others. The queue, 429s, streaming, stop sequences, token
+faults and metrics are the ones of :class:`~ggufship.serve._engine.Engine`, which this subclasses:
+only loading, the tokenizer and one generation's loop differ.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import ctypes
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ggufship.serve._engine import (
+    Engine,
+    FinishReason,
+    Finished,
+    SamplingParams,
+    TextDelta,
+    TokenFault,
+    _Failed,
+    _Run,
+    stop_cut,
+)
+from ggufship.serve._metrics import ServeMetrics
+from ggufship.serve.errors import GenerationError, InjectedFaultError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+# per-sequence window when neither the setting nor a smaller training context gives one: the KV
+# cache holds parallel × this many cells, so the model's own (often 32k+) context is not the default
+DEFAULT_SEQUENCE_CTX = 4096
+PENALTY_LAST_N = 64
+
+
+@dataclass
+class _Sequence:
+    """One generation inside the shared context (owned by the scheduler thread)."""
+
+    seq_id: int
+    prompt: list[int]
+    params: SamplingParams
+    cancel: threading.Event
+    emit: Callable[[TextDelta | Finished | _Failed], None]
+    endpoint: str
+    started: float
+    fault: TokenFault | None
+    limit: int
+    run: _Run
+    sampler: Any = None
+    decoder: Any = None
+    kv: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds, by position
+    next_token: int | None = None  # sampled and delivered, to be decoded next step
+    held: tuple[int, float] | None = None  # (token, due): a token-delay fault holds it until due
+    batch_index: int = -1  # index of this sequence's logits in the current batch
+    reused: int = 0  # prompt tokens taken from the cache
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return len(self.kv) < len(self.prompt)
+
+
+class BatchEngine(Engine):
+    """``parallel`` sequences of one llama.cpp context, decoded together (continuous batching)."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        parallel: int = 8,
+        queue_size: int = 16,
+        n_ctx: int = 0,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        retry_after: int = 1,
+        metrics: ServeMetrics | None = None,
+    ) -> None:
+        super().__init__(
+            model_path,
+            parallel=parallel,
+            queue_size=queue_size,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_batch=n_batch,
+            retry_after=retry_after,
+            metrics=metrics,
+        )
+        import os
+
+        self._n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self._model: Any = None
+        self._ctx: Any = None
+        self._vocab_p: Any = None
+        self._seq_ctx = 0
+        self._cond = threading.Condition()
+        self._incoming: deque[_Sequence] = deque()
+        self._closing = False
+        self._scheduler: threading.Thread | None = None
+        self._cache: dict[int, list[int]] = {}  # seq id → tokens its KV cells hold (finished or not)
+        self._active: dict[int, _Sequence] = {}
+        # counters for tests and metrics
+        self.steps = 0
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
+        self.reused_tokens = 0
+        self.max_batch_sequences = 0
+
+    # --- loading -----------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        import llama_cpp
+
+        logger.info(
+            "loading %s: one context, %d sequence(s), %d thread(s)",
+            self.model_path,
+            self.parallel,
+            self._n_threads,
+        )
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(f"MODEL {self.model_path}: llama.cpp cannot load it")
+        self._model = model
+        self._vocab_p = llama_cpp.llama_model_get_vocab(model)
+        train = int(llama_cpp.llama_model_n_ctx_train(model))
+        self._seq_ctx = self._n_ctx or min(train, DEFAULT_SEQUENCE_CTX)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self._seq_ctx * self.parallel
+        cparams.n_batch = self._n_batch
+        cparams.n_ubatch = self._n_batch
+        cparams.n_seq_max = self.parallel
+        cparams.n_threads = self._n_threads
+        cparams.n_threads_batch = self._n_threads
+        # one cell pool for all sequences: a prefix copied with seq_cp shares its cells
+        cparams.kv_unified = True
+        # attention as llama_cpp.Llama computes it by default (flash attention off): the same
+        # request gives the same greedy answer from either engine
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            self.close()
+            raise ModelLoadError(
+                f"MODEL {self.model_path}: llama.cpp cannot create a context of "
+                f"{self.parallel} × {self._seq_ctx} tokens"
+            )
+        self._ctx = ctx
+        self.metadata = self._read_metadata()
+        self._vocab = self._vocab_p
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._instances = list(range(self.parallel))
+        self._free = list(reversed(self._instances))
+        self._scheduler = threading.Thread(target=self._loop, name="llama-batch", daemon=True)
+        self._scheduler.start()
+
+    def _read_metadata(self) -> dict[str, str]:
+        import llama_cpp
+
+        out: dict[str, str] = {}
+        buf = ctypes.create_string_buffer(1024)
+        for i in range(int(llama_cpp.llama_model_meta_count(self._model))):
+            n = llama_cpp.llama_model_meta_key_by_index(self._model, i, buf, len(buf))
+            if n < 0:
+                continue
+            key = buf.value.decode("utf-8", "replace")
+            size = int(llama_cpp.llama_model_meta_val_str_by_index(self._model, i, None, 0))
+            val = ctypes.create_string_buffer(max(1, size + 1))
+            llama_cpp.llama_model_meta_val_str_by_index(self._model, i, val, len(val))
+            out[key] = val.value.decode("utf-8", "replace")
+        return out
+
+    @property
+    def loaded(self) -> bool:
+        return self._ctx is not None
+
+    @property
+    def n_ctx(self) -> int:
+        return self._seq_ctx
+
+    def close(self) -> None:
+        import llama_cpp
+
+        with self._cond:
+            self._closing = True
+            for seq in list(self._active.values()) + list(self._incoming):
+                seq.cancel.set()
+            self._cond.notify_all()
+        if self._scheduler is not None:
+            self._scheduler.join()
+            self._scheduler = None
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+        self._instances.clear()
+        self._free.clear()
+
+    # --- tokenizer -----------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        import llama_cpp
+
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        tokens = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab_p, data, len(data), tokens, n_max, add_bos, special)
+        if n < 0:
+            n_max = -n
+            tokens = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self._vocab_p, data, len(data), tokens, n_max, add_bos, special)
+        return list(tokens[:n])
+
+    def _piece(self, token: int, *, special: bool) -> bytes:
+        import llama_cpp
+
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab_p, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab_p, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        return self._piece(token, special=True).decode("utf-8", "replace")
+
+    def n_vocab(self) -> int:
+        import llama_cpp
+
+        return int(llama_cpp.llama_vocab_n_tokens(self._vocab_p))
+
+    def bos_token(self) -> int:
+        import llama_cpp
+
+        return int(llama_cpp.llama_vocab_bos(self._vocab_p))
+
+    def eos_token(self) -> int:
+        import llama_cpp
+
+        return int(llama_cpp.llama_vocab_eos(self._vocab_p))
+
+    def add_bos(self) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab_p))
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    # --- one generation (on an executor thread: hands the sequence over and waits) ----------------------
+
+    def _generate(
+        self,
+        inst: Any,
+        prompt: list[int],
+        p: SamplingParams,
+        cancel: threading.Event,
+        emit: Callable[[TextDelta | Finished | _Failed], None],
+        endpoint: str,
+        started: float,
+        fault: TokenFault | None = None,
+    ) -> None:
+        seq = _Sequence(
+            seq_id=int(inst),
+            prompt=list(prompt),
+            params=p,
+            cancel=cancel,
+            emit=emit,
+            endpoint=endpoint,
+            started=started,
+            fault=fault,
+            limit=min(p.max_tokens, self._seq_ctx - len(prompt)),
+            run=_Run(prompt_tokens=len(prompt), started=started),
+        )
+        with self._cond:
+            if self._closing:
+                raise GenerationError("server shutting down")
+            self._incoming.append(seq)
+            self._cond.notify_all()
+        seq.done.wait()
+        if seq.error is not None:
+            raise seq.error
+
+    # --- the scheduler thread --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        import llama_cpp
+
+        batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._incoming and not self._runnable():
+                        self._cond.wait(self._wait_time())
+                    if self._closing:
+                        break
+                    arrivals = list(self._incoming)
+                    self._incoming.clear()
+                for seq in arrivals:
+                    self._admit(seq)
+                self._step(batch)
+        except BaseException as exc:  # the context is unusable: fail everything still running
+            logger.exception("batch scheduler failed")
+            for seq in list(self._active.values()):
+                self._fail(seq, GenerationError(f"generation failed: {exc}"))
+        finally:
+            for seq in list(self._active.values()) + list(self._incoming):
+                self._finish(seq, "cancelled")
+            self._incoming.clear()
+            llama_cpp.llama_batch_free(batch)
+
+    def _runnable(self) -> bool:
+        now = time.perf_counter()
+        return any(
+            s.cancel.is_set() or s.prefilling or s.next_token is not None or (s.held and s.held[1] <= now)
+            for s in self._active.values()
+        )
+
+    def _wait_time(self) -> float | None:
+        dues = [s.held[1] for s in self._active.values() if s.held is not None]
+        if dues:
+            return max(0.0, min(dues) - time.perf_counter())
+        return 0.05 if self._active else None  # a held-back cancel is checked every 50 ms
+
+    def _admit(self, seq: _Sequence) -> None:
+        import llama_cpp
+
+        seq.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        seq.sampler = self._sampler(seq.params)
+        if seq.limit <= 0:
+            self._active[seq.seq_id] = seq
+            self._finish(seq, "length")
+            return
+        # the longest cached prefix of this prompt, in any slot (at least one prompt token is
+        # decoded again: its logits start the generation)
+        best_slot, best = seq.seq_id, 0
+        for slot, cached in self._cache.items():
+            n = _common_prefix(cached, seq.prompt, len(seq.prompt) - 1)
+            if n > best or (n == best and slot == seq.seq_id):
+                best_slot, best = slot, n
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        if best_slot == seq.seq_id and best > 0:
+            llama_cpp.llama_memory_seq_rm(mem, seq.seq_id, best, -1)
+        else:
+            llama_cpp.llama_memory_seq_rm(mem, seq.seq_id, -1, -1)
+            if best > 0:
+                llama_cpp.llama_memory_seq_cp(mem, best_slot, seq.seq_id, 0, best)
+        seq.kv = seq.prompt[:best]
+        seq.reused = best
+        self.reused_tokens += best
+        self._cache[seq.seq_id] = seq.kv
+        self._active[seq.seq_id] = seq
+
+    def _sampler(self, p: SamplingParams) -> Any:
+        import llama_cpp
+
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = llama_cpp.llama_sampler_chain_add
+        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            add(
+                chain,
+                llama_cpp.llama_sampler_init_penalties(
+                    self.n_vocab(), PENALTY_LAST_N, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+                ),
+            )
+        if p.temperature <= 0:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        add(chain, llama_cpp.llama_sampler_init_top_k(p.top_k))
+        add(chain, llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+        add(chain, llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
+        add(chain, llama_cpp.llama_sampler_init_temp(p.temperature))
+        seed = p.seed if p.seed is not None else random.getrandbits(31)
+        add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def _step(self, batch: Any) -> None:
+        import llama_cpp
+
+        now = time.perf_counter()
+        for seq in list(self._active.values()):
+            if seq.cancel.is_set():
+                self._finish(seq, "cancelled")
+            elif seq.held is not None and seq.held[1] <= now:
+                token, _ = seq.held
+                seq.held = None
+                self._deliver(seq, token, time.perf_counter())
+        entries: list[tuple[_Sequence, int]] = []  # (sequence, tokens added this step)
+        n = 0
+        # every generating sequence advances one token per step ...
+        for seq in self._active.values():
+            if seq.next_token is not None and n < self._n_batch:
+                _batch_add(batch, n, seq.next_token, len(seq.kv), seq.seq_id, True)
+                seq.batch_index = n
+                seq.kv.append(seq.next_token)
+                seq.next_token = None
+                entries.append((seq, 1))
+                n += 1
+        decode_tokens = n
+        # ... and prompts fill what is left of the batch, in arrival order, in chunks
+        for seq in self._active.values():
+            if not seq.prefilling or n >= self._n_batch:
+                continue
+            take = min(self._n_batch - n, len(seq.prompt) - len(seq.kv))
+            start = len(seq.kv)
+            for i in range(take):
+                last = start + i == len(seq.prompt) - 1
+                _batch_add(batch, n, seq.prompt[start + i], start + i, seq.seq_id, last)
+                if last:
+                    seq.batch_index = n
+                n += 1
+            seq.kv.extend(seq.prompt[start : start + take])
+            entries.append((seq, take))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        self.steps += 1
+        self.decode_tokens += decode_tokens
+        self.prefill_tokens += n - decode_tokens
+        self.max_batch_sequences = max(self.max_batch_sequences, len(entries))
+        if rc != 0:
+            for seq, added in entries:
+                del seq.kv[len(seq.kv) - added :]
+                self._fail(seq, GenerationError(f"llama_decode failed (code {rc}) for a batch of {n} tokens"))
+            return
+        now = time.perf_counter()
+        for seq, _ in entries:
+            if seq.prefilling or seq.batch_index < 0:
+                continue
+            token = int(llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.batch_index))
+            seq.batch_index = -1
+            delay = seq.fault.delay_seconds if seq.fault is not None else 0.0
+            if delay > 0:
+                seq.held = (token, now + delay)  # a slow model: this token "takes" delay longer
+            else:
+                self._deliver(seq, token, now)
+
+    def _deliver(self, seq: _Sequence, token: int, now: float) -> None:
+        """One sampled token reaches its request (the body of the one-instance engine's loop)."""
+        if self._is_eog(self._vocab, token):
+            self._finish(seq, "stop")
+            return
+        run = seq.run
+        run.tokens += 1
+        if run.last is None:
+            run.ttft = now - seq.started
+        else:
+            run.gaps.append(now - run.last)
+        run.last = now
+        run.text += seq.decoder.decode(self._piece(token, special=False))
+        ready, stopped = stop_cut(run.text, run.sent, seq.params.stop)
+        if ready:
+            seq.emit(TextDelta(ready))
+            run.sent += len(ready)
+        if stopped:
+            run.text = run.text[: run.sent]
+            self._finish(seq, "stop", cut_by_stop=True)
+            return
+        fail_after = seq.fault.error_after_tokens if seq.fault is not None else 0
+        if fail_after and run.tokens >= fail_after:
+            self._fail(
+                seq,
+                InjectedFaultError(
+                    500,
+                    f"fault injected: generation failed after {run.tokens} token(s) "
+                    f"(fault_stream_error_after_tokens={fail_after})",
+                ),
+            )
+            return
+        if run.tokens >= seq.limit:
+            self._finish(seq, "length")
+            return
+        seq.next_token = token
+
+    def _release_sequence(self, seq: _Sequence) -> None:
+        import llama_cpp
+
+        self._active.pop(seq.seq_id, None)
+        if seq.sampler is not None:
+            llama_cpp.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+        # the cells stay cached for the next prompt with this prefix (trimmed or dropped on reuse)
+        self._cache[seq.seq_id] = seq.kv
+
+    def _fail(self, seq: _Sequence, error: BaseException) -> None:
+        if isinstance(error, InjectedFaultError):
+            logger.warning("%s", error.message)
+        self._release_sequence(seq)
+        seq.error = error
+        seq.done.set()
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, *, cut_by_stop: bool = False) -> None:
+        self._release_sequence(seq)
+        run = seq.run
+        if reason == "cancelled":
+            self.cancelled += 1
+            logger.info("generation stopped after %d token(s): client gone", run.tokens)
+        if not cut_by_stop and seq.decoder is not None:
+            run.text += seq.decoder.decode(b"", final=True)
+        if reason != "cancelled" and run.sent < len(run.text):
+            seq.emit(TextDelta(run.text[run.sent :]))
+            run.sent = len(run.text)
+        refused = False
+        if self._metrics is not None:
+            refused = self._metrics.observe_generation(
+                seq.endpoint,
+                prompt_tokens=run.prompt_tokens,
+                completion_tokens=run.tokens,
+                ttft=run.ttft,
+                gaps=run.gaps,
+                text=run.text,
+            )
+        with contextlib.suppress(Exception):
+            seq.emit(Finished(reason, run.prompt_tokens, run.tokens, run.text[: run.sent], run.ttft, refused))
+        seq.done.set()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = min(len(a), len(b), max(0, limit))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _batch_add(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+    batch.token[i] = token
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq_id
+    batch.logits[i] = logits

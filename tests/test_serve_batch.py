@@ -1,0 +1,150 @@
+"""The continuous-batching engine (serve/_batch.py) on a real llama.cpp context: greedy answers in a
+batch equal the same requests served alone, requests join a running batch, a cancelled sequence
+leaves the others untouched, cached prompt prefixes are reused, and the queue answers 429."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ggufship.serve._batch import BatchEngine
+from ggufship.serve._engine import Engine, Finished, SamplingParams, TextDelta
+from ggufship.serve.errors import QueueFullError
+
+PROMPTS = (
+    "The quick brown fox",
+    "Once upon a time",
+    "hello world hello",
+    "one two three four five six seven",
+)
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def gguf(tiny_export: Path) -> Path:
+    return sorted(tiny_export.glob("*.gguf"))[0]
+
+
+@pytest.fixture(scope="module")
+def engine(gguf: Path) -> Iterator[BatchEngine]:
+    eng = BatchEngine(gguf, parallel=4, queue_size=2, n_ctx=256, n_batch=64)
+    eng.load()
+    yield eng
+    eng.close()
+
+
+async def _generate(
+    eng: Engine, prompt: str, params: SamplingParams = GREEDY, *, stop_after: int = 0
+) -> tuple[str, Finished | None]:
+    slot = await eng.acquire()
+    tokens = eng.tokenize(prompt, add_bos=eng.add_bos(), special=True)
+    text, fin, deltas = "", None, 0
+    stream = eng.stream(slot, tokens, params, endpoint="test", started=time.perf_counter())
+    async with contextlib.aclosing(stream) as items:
+        async for item in items:
+            if isinstance(item, TextDelta):
+                text += item.text
+                deltas += 1
+                if stop_after and deltas >= stop_after:
+                    break  # the client goes away
+            else:
+                fin = item
+    return text, fin
+
+
+def _solo(eng: Engine, prompts: tuple[str, ...] = PROMPTS) -> list[str]:
+    async def run() -> list[str]:
+        return [(await _generate(eng, p))[0] for p in prompts]
+
+    return asyncio.run(run())
+
+
+def test_batched_greedy_answers_equal_solo_answers(engine: BatchEngine) -> None:
+    solo = _solo(engine)
+    assert all(solo), solo
+
+    async def together() -> list[tuple[str, Finished | None]]:
+        return await asyncio.gather(*(_generate(engine, p) for p in PROMPTS))
+
+    before = engine.max_batch_sequences
+    results = asyncio.run(together())
+    assert [text for text, _ in results] == solo
+    assert all(fin is not None and fin.completion_tokens > 0 for _, fin in results)
+    assert engine.max_batch_sequences >= 2 or before >= 2, "the requests never shared a decode step"
+
+
+def test_solo_answers_equal_the_one_instance_engine(gguf: Path, engine: BatchEngine) -> None:
+    classic = Engine(gguf, parallel=1, n_ctx=256, n_batch=64)
+    classic.load()
+    try:
+        assert _solo(classic) == _solo(engine)
+    finally:
+        classic.close()
+
+
+def test_a_request_joins_a_running_batch_and_a_cancelled_one_leaves_the_others_intact(
+    engine: BatchEngine,
+) -> None:
+    solo = _solo(engine)
+    long = SamplingParams(max_tokens=40, temperature=0)
+
+    async def scenario() -> tuple[list[tuple[str, Finished | None]], str]:
+        first = asyncio.create_task(_generate(engine, PROMPTS[0], long))
+        # join while the first is generating
+        for _ in range(2000):
+            if engine.decode_tokens > 0 and engine.running >= 1:
+                break
+            await asyncio.sleep(0.005)
+        cancelled = asyncio.create_task(_generate(engine, PROMPTS[2], long, stop_after=2))
+        others = [asyncio.create_task(_generate(engine, p)) for p in (PROMPTS[1], PROMPTS[3])]
+        done = await asyncio.gather(first, *others)
+        cut, _ = await cancelled
+        return done, cut
+
+    long_solo = asyncio.run(_generate(engine, PROMPTS[0], long))[0]
+    cancelled_before = engine.cancelled
+    (first, second, fourth), cut = asyncio.run(scenario())
+    assert first[0] == long_solo
+    assert second[0] == solo[1] and fourth[0] == solo[3]
+    assert engine.cancelled == cancelled_before + 1
+    assert solo[2].startswith(cut)
+
+
+def test_cached_prompt_prefix_is_reused_and_changes_nothing(engine: BatchEngine) -> None:
+    system = "You are a helpful assistant. Answer briefly and precisely. " * 3
+    prompts = (system + "first question", system + "second question")
+    reused = engine.reused_tokens
+    answers = _solo(engine, prompts)
+    assert engine.reused_tokens - reused >= len(engine.tokenize(system, add_bos=False, special=False)) - 2
+    fresh = BatchEngine(engine.model_path, parallel=1, n_ctx=256, n_batch=64)
+    fresh.load()
+    try:
+        assert _solo(fresh, prompts[1:]) == answers[1:]
+    finally:
+        fresh.close()
+
+
+def test_full_queue_answers_429_and_the_slot_comes_back(gguf: Path) -> None:
+    eng = BatchEngine(gguf, parallel=1, queue_size=1, n_ctx=128, n_batch=32)
+    eng.load()
+    try:
+
+        async def scenario() -> None:
+            held = await eng.acquire()  # the only sequence
+            waiter = asyncio.create_task(eng.acquire())  # the only queue place
+            await asyncio.sleep(0)
+            with pytest.raises(QueueFullError) as info:
+                await eng.acquire()
+            assert info.value.retry_after == eng.retry_after
+            held.release_unused()
+            (await waiter).release_unused()
+            assert (await _generate(eng, PROMPTS[0]))[0]
+
+        asyncio.run(scenario())
+    finally:
+        eng.close()
