@@ -36,8 +36,8 @@ from typing import Any
 
 from ggufship.serve._engine import (
     Engine,
-    FinishReason,
     Finished,
+    FinishReason,
     SamplingParams,
     TextDelta,
     TokenFault,
