@@ -89,7 +89,7 @@ def test_workflow_steps_and_approval() -> None:
     templates = {t["name"]: t for t in wt["spec"]["templates"]}
     steps = [group[0] for group in templates["release"]["steps"]]
     assert [s["name"] for s in steps] == [
-        "checkout", "export", "sign", "publish", "approve", "deploy", "rejected",
+        "checkout", "export", "evaluate", "sign", "publish", "approve", "deploy", "rejected",
         "await-canary-start", "await-canary-outcome",
     ]  # fmt: skip
     approve = templates["approve"]
@@ -107,7 +107,7 @@ def test_workflow_steps_and_approval() -> None:
     assert outcome["successCondition"] == "status.phase == Healthy"
     assert outcome["failureCondition"] == "status.phase == Degraded"
     # Parameters reach the shell as environment variables, never spliced into the script.
-    for name in ("checkout", "export", "sign", "publish", "deploy"):
+    for name in ("checkout", "export", "evaluate", "sign", "publish", "deploy"):
         script = templates[name]["container"]["args"][0]
         assert "{{" not in script, name
 

@@ -1,6 +1,6 @@
 """The release as an Argo WorkflowTemplate, authored with Hera.
 
-export → sign → publish (S3 + OCI) → approve (suspend; the intermediate parameter
+export → evaluate → sign → publish (S3 + OCI) → approve (suspend; the intermediate parameter
 ``approve`` is YES/NO, set when resuming in the Argo UI) → deploy (GitOps commit of the
 deploy values; Argo CD syncs the chart and the Rollout starts its canary) → wait for the
 canary to start → wait for its outcome (Healthy: promoted; Degraded: aborted by the gate).
@@ -65,6 +65,12 @@ PARAMETERS: dict[str, tuple[str, str]] = {
     "gitops": ("https://github.com/acme/ml-gitops.git", "GitOps repository Argo CD watches"),
     "environment": ("production", "deploy/<environment>/<name>.values.yaml in the GitOps repository"),
     "rollout-namespace": ("ml", "namespace of the Rollout Argo CD deploys"),
+    "stable-export": (
+        "",
+        "stable export directory to evaluate against (e.g. /checkpoints/<name>/stable-export); "
+        "empty: evaluation skipped",
+    ),
+    "on-inconclusive": ("stop", "an inconclusive evaluation: stop (default) or continue"),
 }
 
 
@@ -113,9 +119,9 @@ def _step_container(name: str, script: str, *, env: list[Any] | None = None, **k
         active_deadline_seconds=kwargs.pop("active_deadline_seconds", 3600),
         resources=m.ResourceRequirements(
             requests={"cpu": "2", "memory": "8Gi"}
-            if name == "export"
+            if name in ("export", "evaluate")
             else {"cpu": "250m", "memory": "512Mi"},
-            limits={"memory": "16Gi"} if name == "export" else {"memory": "2Gi"},
+            limits={"memory": "16Gi"} if name in ("export", "evaluate") else {"memory": "2Gi"},
         ),
         **kwargs,
     )
@@ -202,6 +208,20 @@ def build() -> WorkflowTemplate:
             volume_mounts=[m.VolumeMount(name="checkpoints", mount_path="/checkpoints", read_only=True)],
             active_deadline_seconds=3 * 3600,
         )
+        # Between export and sign: the measured evaluation is recorded in /work/out/manifest.json
+        # (so the signature covers it); exit 1 (fail) stops the release, 2 (inconclusive) too
+        # unless on-inconclusive is continue. The report goes to /work/evaluation.
+        evaluate = _step_container(
+            "evaluate",
+            'if [ -z "$STABLE_EXPORT" ]; then echo "no stable-export: evaluation skipped" >&2; exit 0; fi\n'
+            "rc=0\n"
+            'ggufship evaluate /work/out --stable "$STABLE_EXPORT" --release "/work/src/$RELEASE_PATH" '
+            "--out /work/evaluation || rc=$?\n"
+            'if [ "$rc" -eq 2 ] && [ "$ON_INCONCLUSIVE" = continue ]; then exit 0; fi\n'
+            'exit "$rc"',
+            volume_mounts=[m.VolumeMount(name="checkpoints", mount_path="/checkpoints", read_only=True)],
+            active_deadline_seconds=3 * 3600,
+        )
         sign = _step_container(
             "sign",
             "exec ggufship sign /work/out --private-key /etc/ggufship/signing/private.pem",
@@ -279,6 +299,7 @@ def build() -> WorkflowTemplate:
         with Steps(name="release"):
             checkout()
             export()
+            evaluate()
             sign()
             publish()
             approve()
