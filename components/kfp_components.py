@@ -15,7 +15,7 @@ import os
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Input, Markdown, Metrics, Model, Output
+from kfp.dsl import Artifact, Input, Markdown, Metrics, Model, Output
 
 IMAGE = os.environ.get("GGUFSHIP_IMAGE", "ghcr.io/ggufship/ggufship:0.1.0")
 
@@ -44,6 +44,34 @@ def export_model(
             adapter=adapter,
             quantizations=quantizations,
             release=release,
+        )
+    )
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate_model(
+    model: Input[Model],
+    stable_export: str,
+    release: str,
+    on_inconclusive: str,
+    evaluated_model: Output[Model],
+    report: Output[Artifact],
+) -> None:
+    """Evaluate the export against the stable export on the release spec's golden set (Δ-PPL,
+    checks, quantization drift) and record the result in the copy's manifest before signing;
+    fails the run when the evaluation fails (or is inconclusive and ``on_inconclusive`` is
+    ``stop``). ``report`` holds report.md, verdict.json and the PNGs. Empty ``stable_export``:
+    skipped (metadata ``evaluation: skipped``)."""
+    from ggufship.pipeline import evaluation
+
+    evaluated_model.metadata.update(
+        evaluation.evaluate_step(
+            export_dir=model.path,
+            out_dir=evaluated_model.path,
+            report_dir=report.path,
+            stable_export=stable_export,
+            release=release,
+            on_inconclusive=on_inconclusive,
         )
     )
 

@@ -1,4 +1,4 @@
-"""The KFP v2 pipeline ``export-to-canary``: export → sign → publish → deploy → await the canary;
+"""The KFP v2 pipeline ``export-to-canary``: export → evaluate → sign → publish → deploy → await the canary;
 an exit handler writes the rollback to Git when the run did not succeed.
 
 Compile with ``ggufship pipeline compile`` (writes the golden
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.kfp_components import (
     deploy_and_await,
+    evaluate_model,
     export_model,
     publish_model,
     rollback_release,
@@ -91,6 +92,8 @@ def export_to_canary(
     stable_model: str = "",
     state_dir: str = "",
     rollout_timeout_s: float = 3600.0,
+    evaluate_against: str = "",
+    on_inconclusive: str = "stop",
 ) -> None:
     # Exit handler: whatever fails after the GitOps commit (an aborted canary above all), Git must
     # not keep naming this release; the rollback is a no-op when Git does not name it.
@@ -115,8 +118,19 @@ def export_to_canary(
         exported.set_cpu_request("2").set_memory_request("8G").set_retry(num_retries=1)
         kubernetes.set_timeout(exported, 4 * 3600)
 
-        signed = sign_model(
+        # Quality before trust: the measured evaluation goes into the manifest that sign covers; a
+        # failed (or, by default, inconclusive) evaluation stops the run before sign and publish.
+        evaluated = evaluate_model(
             model=exported.outputs["model"],
+            stable_export=evaluate_against,
+            release=release,
+            on_inconclusive=on_inconclusive,
+        ).set_display_name("evaluate")
+        evaluated.set_caching_options(False).set_cpu_request("2").set_memory_request("8G")
+        kubernetes.set_timeout(evaluated, 4 * 3600)
+
+        signed = sign_model(
+            model=evaluated.outputs["evaluated_model"],
             method=signing_method,
             private_key=signing_key,
             certificate=certificate,

@@ -350,3 +350,48 @@ def test_cli_errors_have_their_own_exit_codes(stable: Path, tmp_path: Path) -> N
         )
         == 93
     )
+
+
+# --- the pipeline step (between export and sign) ----------------------------------------------------
+
+
+def test_pipeline_step_stops_a_failed_evaluation(
+    damaged: Path, stable: Path, spec: Path, tmp_path: Path
+) -> None:
+    from ggufship.pipeline.evaluation import EvaluationFailedError, evaluate_step
+
+    with pytest.raises(EvaluationFailedError, match="the candidate failed: nll") as err:
+        evaluate_step(
+            export_dir=str(damaged),
+            out_dir=str(tmp_path / "out"),
+            report_dir=str(tmp_path / "report"),
+            stable_export=str(stable),
+            release=str(spec),
+        )
+    assert err.value.exit_code == 75
+    assert (tmp_path / "report" / "report.md").read_text().count("Outcome: fail") == 1
+    assert "evaluation" not in json.loads((damaged / "manifest.json").read_text())  # input untouched
+
+
+def test_pipeline_step_passes_or_skips(reexport: Path, stable: Path, spec: Path, tmp_path: Path) -> None:
+    from ggufship.errors import UsageError
+    from ggufship.pipeline.evaluation import evaluate_step
+
+    meta = evaluate_step(
+        export_dir=str(reexport),
+        out_dir=str(tmp_path / "out"),
+        report_dir=str(tmp_path / "report"),
+        stable_export=str(stable),
+        release=str(spec),
+    )
+    assert meta["evaluation"] == "pass" and meta["evaluation.nll.delta_ppl"] == pytest.approx(0.0, abs=1e-6)
+    assert Manifest.load(tmp_path / "out" / "manifest.json").evaluation.outcome == "pass"
+    skipped = evaluate_step(
+        export_dir=str(reexport), out_dir=str(tmp_path / "o2"), report_dir=str(tmp_path / "r2")
+    )
+    assert skipped["evaluation"] == "skipped"
+    assert "evaluation" not in json.loads((tmp_path / "o2" / "manifest.json").read_text())
+    with pytest.raises(UsageError, match="on_inconclusive"):
+        evaluate_step(
+            export_dir=str(reexport), out_dir=str(tmp_path / "o3"), report_dir="r", on_inconclusive="maybe"
+        )

@@ -50,7 +50,11 @@ def test_compiled_pipeline_shape() -> None:
     assert root["rollback-release"]["dependentTasks"] == ["exit-handler-1"]
     assert root["rollback-release"]["cachingOptions"] == {}
     tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert set(tasks) == {"export-model", "sign-model", "publish-model", "deploy-and-await"}
+    assert set(tasks) == {"export-model", "evaluate-model", "sign-model", "publish-model", "deploy-and-await"}
+    # sign takes the evaluated copy: the measured evaluation is in the manifest it signs
+    sign_in = tasks["sign-model"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]
+    assert sign_in == {"outputArtifactKey": "evaluated_model", "producerTask": "evaluate-model"}
+    assert tasks["evaluate-model"]["cachingOptions"] == {}
     assert tasks["publish-model"]["cachingOptions"] == {}  # caching off
     assert tasks["deploy-and-await"]["cachingOptions"] == {}
     assert tasks["export-model"]["cachingOptions"] == {"enableCache": True}
@@ -109,7 +113,7 @@ def test_local_run_full_pipeline(
     result = run_local(params, pipeline_root=tmp_path / "kfp", root=ROOT, env=env)
     root = result.pipeline_root
     models = sorted(root.rglob("manifest.json"))
-    assert len(models) == 2, models  # the export and its signed copy
+    assert len(models) == 3, models  # the export, its evaluated copy (skipped: no stable) and the signed copy
     signed = next(p.parent for p in models if (p.parent / "model.sig").exists())
     manifest = json.loads((signed / "manifest.json").read_text())
     assert manifest["version"] == "2.0.0"
