@@ -71,6 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     q.add_argument("--identity", help="verify a Sigstore signature for this identity")
     q.add_argument("--identity-provider", help="OIDC issuer of --identity")
     q.add_argument("--trust-config", type=Path, help="private Sigstore trust config (with --identity)")
+    q.add_argument(
+        "--quant",
+        help="fetch only this quantization's GGUF (plus manifest.json, model.sig and the non-GGUF files); "
+        "the signature is still verified exactly; serve accepts the result for this quantization only",
+    )
     q.add_argument("--force", action="store_true", help="replace a non-empty destination")
     q.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     q.set_defaults(func=run_pull)
@@ -99,13 +104,33 @@ def _s3_connection_options(group: Any) -> None:
 
 
 def _oci_options(group: Any) -> None:
-    group.add_argument("--oci-username", metavar="USER", help="registry user (env GGUFSHIP_OCI_USERNAME)")
+    group.add_argument(
+        "--oci-username",
+        metavar="USER",
+        help="registry user (env GGUFSHIP_OCI_USERNAME; default: the Docker config's login)",
+    )
     group.add_argument(
         "--oci-password-env",
         metavar="VAR",
         help="read the registry password from this environment variable (default GGUFSHIP_OCI_PASSWORD)",
     )
-    group.add_argument("--oci-tls", action="store_true", help="use HTTPS for the registry (default: HTTP)")
+    mode = group.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--oci-tls",
+        action="store_true",
+        help="HTTPS even for a loopback registry (default: HTTPS unless loopback)",
+    )
+    mode.add_argument(
+        "--oci-insecure",
+        action="store_true",
+        help="plain HTTP to a registry that is not loopback (env GGUFSHIP_OCI_INSECURE)",
+    )
+    group.add_argument(
+        "--oci-ca-bundle",
+        metavar="PEM",
+        type=Path,
+        help="CA certificates trusted for the registry, e.g. a private CA (env GGUFSHIP_OCI_CA_BUNDLE)",
+    )
 
 
 def _secret_from_env(var: str | None, defaults: tuple[str, ...]) -> Any:
@@ -144,18 +169,23 @@ def _s3_target(args: argparse.Namespace, uri: str, *, create_bucket: bool = Fals
 
 
 def _oci_target(args: argparse.Namespace, uri: str) -> Any:
-    from ggufship.publish._oci import OciTarget, parse_oci_uri
+    """Flags over ``GGUFSHIP_OCI_*`` (:class:`OciSettings`) over the Docker config's login."""
+    from ggufship.publish._oci import oci_settings, parse_oci_uri
 
     registry, repository, _ = parse_oci_uri(uri)
-    username = args.oci_username or os.environ.get("GGUFSHIP_OCI_USERNAME")
-    password = _secret_from_env(args.oci_password_env, ("GGUFSHIP_OCI_PASSWORD",)) if username else None
-    return OciTarget(
-        registry=registry,
-        repository=repository,
-        insecure=not args.oci_tls,
-        username=username,
-        password=password,
-    )
+    updates: dict[str, Any] = {}
+    if args.oci_username:
+        updates["username"] = args.oci_username
+    if args.oci_password_env is not None or args.oci_username:
+        updates["password"] = _secret_from_env(args.oci_password_env, ("GGUFSHIP_OCI_PASSWORD",))
+    if args.oci_tls:
+        updates["insecure"] = False
+    elif args.oci_insecure:
+        updates["insecure"] = True
+    if args.oci_ca_bundle is not None:
+        updates["ca_bundle"] = args.oci_ca_bundle
+    settings = oci_settings().model_copy(update=updates)
+    return settings.target(registry, repository)
 
 
 def _author(value: str | None) -> tuple[str, str]:
@@ -249,7 +279,14 @@ def run_pull(args: argparse.Namespace) -> int:
 
     reporter = Reporter(enabled=None if not getattr(args, "quiet", False) else False)
     path = pull(
-        args.uri, args.out, policy=_policy(args), s3=s3, oci_auth=oci, force=args.force, reporter=reporter
+        args.uri,
+        args.out,
+        policy=_policy(args),
+        s3=s3,
+        oci_auth=oci,
+        force=args.force,
+        reporter=reporter,
+        quant=args.quant,
     )
     if args.json:
         sys.stdout.write(json.dumps({"uri": args.uri, "path": str(path)}, indent=2) + "\n")

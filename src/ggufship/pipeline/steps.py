@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -172,13 +171,11 @@ def publish(
     """Publish the export to each target given; returns the URIs/refs/commit (empty when skipped).
 
     Connection settings and credentials come from the environment (``GGUFSHIP_S3_*``,
-    ``GGUFSHIP_OCI_USERNAME``/``GGUFSHIP_OCI_PASSWORD``) or, for S3, the embedded services' state dir.
+    ``GGUFSHIP_OCI_*``, else the Docker config's login) or, for S3, the embedded services' state dir.
     """
-    from pydantic import SecretStr
-
     from ggufship.publish import GitOpsTarget, PublishRequest, S3Target
     from ggufship.publish import publish as publish_export
-    from ggufship.publish._oci import OciTarget, parse_oci_uri
+    from ggufship.publish._oci import oci_settings, parse_oci_uri
 
     if not (s3 or oci or gitops):
         raise UsageError("publish: give at least one target (s3, oci, gitops)")
@@ -186,15 +183,7 @@ def publish(
     oci_target = None
     if oci:
         registry, repository, _ = parse_oci_uri(oci if oci.startswith("oci://") else f"oci://{oci}")
-        username = os.environ.get("GGUFSHIP_OCI_USERNAME") or None
-        password = os.environ.get("GGUFSHIP_OCI_PASSWORD")
-        oci_target = OciTarget(
-            registry=registry,
-            repository=repository,
-            insecure=os.environ.get("GGUFSHIP_OCI_TLS", "") not in ("1", "true", "yes"),
-            username=username,
-            password=SecretStr(password) if username and password else None,
-        )
+        oci_target = oci_settings().target(registry, repository)
     request = PublishRequest(
         s3=S3Target.from_uri(s3, create_bucket=create_bucket) if s3 else None,
         oci=oci_target,

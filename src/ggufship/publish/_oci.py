@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ggufship.atomic import atomic_directory
@@ -74,6 +74,7 @@ __all__ = [
     "OciSettings",
     "OciTarget",
     "OciUnavailableError",
+    "oci_settings",
     "parse_oci_uri",
     "pull_export",
     "push_export",
@@ -242,12 +243,23 @@ class OciSettings(BaseSettings):
             registry=registry,
             repository=repository,
             insecure=self.insecure,
-            username=self.username if self.password is not None else None,
-            password=self.password if self.username is not None else None,
+            username=self.username,
+            password=self.password,
             timeout_s=self.timeout_s,
             ca_bundle=self.ca_bundle,
             docker_config=self.docker_config,
         )
+
+
+def oci_settings() -> OciSettings:
+    """:class:`OciSettings` from the environment; a bad value is an :class:`OciError` naming the variable."""
+    try:
+        return OciSettings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"GGUFSHIP_OCI_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise OciError(f"registry settings: {problems}") from exc
 
 
 # ---------------------------------------------------------------- the client
