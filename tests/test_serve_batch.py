@@ -9,6 +9,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,11 +58,31 @@ async def _generate(
     return text, fin
 
 
+async def _settle(eng: Engine) -> None:
+    """Wait (bounded) until every slot is back: a slot is handed back by a callback on this loop
+    after the generation's Finished, and each test scenario runs its own loop."""
+    for _ in range(1000):
+        if eng.waiting == 0 and len(eng._free) == eng.parallel:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("slots not returned")
+
+
+def _run(eng: Engine, coro: Any) -> Any:
+    async def with_settle() -> Any:
+        try:
+            return await coro
+        finally:
+            await _settle(eng)
+
+    return asyncio.run(with_settle())
+
+
 def _solo(eng: Engine, prompts: tuple[str, ...] = PROMPTS) -> list[str]:
     async def run() -> list[str]:
         return [(await _generate(eng, p))[0] for p in prompts]
 
-    return asyncio.run(run())
+    return _run(eng, run())
 
 
 def test_batched_greedy_answers_equal_solo_answers(engine: BatchEngine) -> None:
@@ -72,7 +93,7 @@ def test_batched_greedy_answers_equal_solo_answers(engine: BatchEngine) -> None:
         return await asyncio.gather(*(_generate(engine, p) for p in PROMPTS))
 
     before = engine.max_batch_sequences
-    results = asyncio.run(together())
+    results = _run(engine, together())
     assert [text for text, _ in results] == solo
     assert all(fin is not None and fin.completion_tokens > 0 for _, fin in results)
     assert engine.max_batch_sequences >= 2 or before >= 2, "the requests never shared a decode step"
@@ -106,9 +127,9 @@ def test_a_request_joins_a_running_batch_and_a_cancelled_one_leaves_the_others_i
         cut, _ = await cancelled
         return done, cut
 
-    long_solo = asyncio.run(_generate(engine, PROMPTS[0], long))[0]
+    long_solo = _run(engine, _generate(engine, PROMPTS[0], long))[0]
     cancelled_before = engine.cancelled
-    (first, second, fourth), cut = asyncio.run(scenario())
+    (first, second, fourth), cut = _run(engine, scenario())
     assert first[0] == long_solo
     assert second[0] == solo[1] and fourth[0] == solo[3]
     assert engine.cancelled == cancelled_before + 1

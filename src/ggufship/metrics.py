@@ -40,6 +40,12 @@ IN_FLIGHT: Final = "ggufship_requests_in_flight"
 QUEUED: Final = "ggufship_requests_queued"
 MODEL_INFO: Final = "ggufship_model_info"  # value 1; extra labels: digest, quantization
 
+# The batching engine (serve --engine batch); labels BASE_LABELS.
+BATCH_SEQUENCES: Final = "ggufship_batch_sequences"  # histogram: sequences in one decode step
+PREFILL_TOKENS: Final = "ggufship_prefill_tokens_total"  # prompt tokens decoded (after prefix reuse)
+DECODE_TOKENS: Final = "ggufship_decode_tokens_total"  # generated tokens decoded
+REUSED_PROMPT_TOKENS: Final = "ggufship_prompt_tokens_reused_total"  # prompt tokens taken from the cache
+
 #: The histograms the gate can test, by short name.
 HISTOGRAMS: Final = {
     "latency": REQUEST_DURATION,

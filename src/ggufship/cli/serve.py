@@ -23,6 +23,7 @@ _FLAGS: dict[str, str] = {
     "host": "host",
     "port": "port",
     "track": "track",
+    "engine": "engine",
     "parallel": "parallel",
     "n_ctx": "n_ctx",
     "n_threads": "n_threads",
@@ -61,7 +62,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 8000)")
     p.add_argument("--track", choices=("stable", "canary"), help="metrics label track (default stable)")
-    p.add_argument("--parallel", type=int, metavar="N", help="llama instances, one generation each")
+    p.add_argument(
+        "--engine",
+        choices=("batch", "instances"),
+        help="batch (default): one context, `--parallel` sequences decoded together; "
+        "instances: `--parallel` llama instances, one generation each",
+    )
+    p.add_argument(
+        "--parallel", type=int, metavar="N", help="sequences in the batch, or llama instances (default 4)"
+    )
     p.add_argument("--n-ctx", type=int, help="context window (default: the model's)")
     p.add_argument("--n-threads", type=int, help="threads per instance (default: cores / parallel)")
     p.add_argument("--queue-size", type=int, help="requests that may wait for an instance (beyond: 429)")

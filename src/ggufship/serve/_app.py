@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ggufship.serve import _routes_dify, _routes_openai
 from ggufship.serve._auth import KeyRing
+from ggufship.serve._batch import BatchEngine
 from ggufship.serve._conversations import ConversationStore
 from ggufship.serve._engine import Engine
 from ggufship.serve._metrics import MetricLabels, ServeMetrics
@@ -71,7 +72,8 @@ def build_state(settings: ServeSettings, source: ModelSource) -> ServerState:
     version = version or "unknown"
     metrics = ServeMetrics(MetricLabels(model_id, version, settings.track), settings.refusal_patterns)
     metrics.set_model_info(source.sha256, source.quantization)
-    engine = Engine(
+    engine_class = BatchEngine if settings.engine == "batch" else Engine
+    engine = engine_class(
         source.path,
         parallel=settings.parallel,
         queue_size=settings.queue_size,

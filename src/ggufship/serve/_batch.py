@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ggufship.runtime import cpu_budget
 from ggufship.serve._engine import (
     Engine,
     Finished,
@@ -46,6 +47,7 @@ from ggufship.serve._engine import (
     stop_cut,
 )
 from ggufship.serve._metrics import ServeMetrics
+from ggufship.serve._quality import token_nll
 from ggufship.serve.errors import GenerationError, InjectedFaultError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ class _Sequence:
     decoder: Any = None
     kv: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds, by position
     next_token: int | None = None  # sampled and delivered, to be decoded next step
-    held: tuple[int, float] | None = None  # (token, due): a token-delay fault holds it until due
+    held: tuple[int, float, float | None] | None = None  # (token, due, nll): a token-delay fault holds it
     batch_index: int = -1  # index of this sequence's logits in the current batch
     reused: int = 0  # prompt tokens taken from the cache
     done: threading.Event = field(default_factory=threading.Event)
@@ -110,9 +112,8 @@ class BatchEngine(Engine):
             retry_after=retry_after,
             metrics=metrics,
         )
-        import os
-
-        self._n_threads = n_threads or max(1, os.cpu_count() or 1)
+        # one context uses every core the container may use (cgroup quota, affinity)
+        self._n_threads = n_threads or cpu_budget()
         self._model: Any = None
         self._ctx: Any = None
         self._vocab_p: Any = None
@@ -141,6 +142,7 @@ class BatchEngine(Engine):
             self.parallel,
             self._n_threads,
         )
+        _route_llama_log()
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
@@ -149,7 +151,9 @@ class BatchEngine(Engine):
         self._model = model
         self._vocab_p = llama_cpp.llama_model_get_vocab(model)
         train = int(llama_cpp.llama_model_n_ctx_train(model))
-        self._seq_ctx = self._n_ctx or min(train, DEFAULT_SEQUENCE_CTX)
+        self._seq_ctx = self._n_ctx or (
+            min(train, DEFAULT_SEQUENCE_CTX) if train > 0 else DEFAULT_SEQUENCE_CTX
+        )
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self._seq_ctx * self.parallel
         cparams.n_batch = self._n_batch
@@ -171,6 +175,7 @@ class BatchEngine(Engine):
             )
         self._ctx = ctx
         self.metadata = self._read_metadata()
+        self._vocab_size = self.n_vocab()
         self._vocab = self._vocab_p
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self._instances = list(range(self.parallel))
@@ -376,6 +381,8 @@ class BatchEngine(Engine):
         seq.kv = seq.prompt[:best]
         seq.reused = best
         self.reused_tokens += best
+        if self._metrics is not None:
+            self._metrics.observe_reused_prompt(best)
         self._cache[seq.seq_id] = seq.kv
         self._active[seq.seq_id] = seq
 
@@ -410,9 +417,9 @@ class BatchEngine(Engine):
             if seq.cancel.is_set():
                 self._finish(seq, "cancelled")
             elif seq.held is not None and seq.held[1] <= now:
-                token, _ = seq.held
+                token, _, nll = seq.held
                 seq.held = None
-                self._deliver(seq, token, time.perf_counter())
+                self._deliver(seq, token, time.perf_counter(), nll)
         entries: list[tuple[_Sequence, int]] = []  # (sequence, tokens added this step)
         n = 0
         # every generating sequence advances one token per step ...
@@ -447,6 +454,8 @@ class BatchEngine(Engine):
         self.decode_tokens += decode_tokens
         self.prefill_tokens += n - decode_tokens
         self.max_batch_sequences = max(self.max_batch_sequences, len(entries))
+        if self._metrics is not None:
+            self._metrics.observe_step(len(entries), n - decode_tokens, decode_tokens)
         if rc != 0:
             for seq, added in entries:
                 del seq.kv[len(seq.kv) - added :]
@@ -457,20 +466,37 @@ class BatchEngine(Engine):
             if seq.prefilling or seq.batch_index < 0:
                 continue
             token = int(llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.batch_index))
+            nll = self._nll(seq.batch_index, token)
             seq.batch_index = -1
             delay = seq.fault.delay_seconds if seq.fault is not None else 0.0
             if delay > 0:
-                seq.held = (token, now + delay)  # a slow model: this token "takes" delay longer
+                seq.held = (token, now + delay, nll)  # a slow model: this token "takes" delay longer
             else:
-                self._deliver(seq, token, now)
+                self._deliver(seq, token, now, nll)
 
-    def _deliver(self, seq: _Sequence, token: int, now: float) -> None:
+    def _nll(self, index: int, token: int) -> float | None:
+        """The sampled token's NLL under the logits it was sampled from (answer surprisal); those
+        logits stay valid until the next ``llama_decode``."""
+        if self._metrics is None:
+            return None
+        import llama_cpp
+        import numpy as np
+
+        row = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._vocab_size,)
+        )
+        return token_nll(row, token)
+
+    def _deliver(self, seq: _Sequence, token: int, now: float, nll: float | None) -> None:
         """One sampled token reaches its request (the body of the one-instance engine's loop)."""
         if self._is_eog(self._vocab, token):
             self._finish(seq, "stop")
             return
         run = seq.run
         run.tokens += 1
+        run.token_ids.append(token)
+        if nll is not None:
+            run.nlls.append(nll)
         if run.last is None:
             run.ttft = now - seq.started
         else:
@@ -538,10 +564,34 @@ class BatchEngine(Engine):
                 ttft=run.ttft,
                 gaps=run.gaps,
                 text=run.text,
+                finish_reason=reason,
+                tokens=run.token_ids,
+                nlls=run.nlls,
             )
         with contextlib.suppress(Exception):
             seq.emit(Finished(reason, run.prompt_tokens, run.tokens, run.text[: run.sent], run.ttft, refused))
         seq.done.set()
+
+
+_LLAMA_LOG: list[Any] = []  # the installed ctypes callback (kept alive while llama.cpp may call it)
+_llama_logger = logging.getLogger("ggufship.llama")
+
+
+def _route_llama_log() -> None:
+    """Send llama.cpp's own log (model loader, context warnings) through :mod:`logging`, so that
+    ``--log-format json`` keeps stderr JSON: errors as warnings, the rest at debug level."""
+    if _LLAMA_LOG:
+        return
+    import llama_cpp
+
+    def forward(level: int, text: bytes, _user: Any) -> None:
+        message = (text or b"").decode("utf-8", "replace").rstrip()
+        if message:
+            _llama_logger.log(logging.WARNING if level == 3 else logging.DEBUG, "%s", message)
+
+    callback = llama_cpp.llama_log_callback(forward)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _LLAMA_LOG.append(callback)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:

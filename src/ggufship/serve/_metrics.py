@@ -101,12 +101,50 @@ class ServeMetrics:
         self.model_info = Gauge(
             m.MODEL_INFO, "The served model (value 1)", [*base, "digest", "quantization"], registry=r
         )
+        self.batch_sequences = Histogram(
+            m.BATCH_SEQUENCES,
+            "Sequences decoded together in one llama_decode step (batching engine)",
+            base,
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+            registry=r,
+        )
+        self.prefill_tokens = Counter(
+            m.PREFILL_TOKENS.removesuffix("_total"),
+            "Prompt tokens decoded (batching engine)",
+            base,
+            registry=r,
+        )
+        self.decode_tokens = Counter(
+            m.DECODE_TOKENS.removesuffix("_total"),
+            "Generated tokens decoded (batching engine)",
+            base,
+            registry=r,
+        )
+        self.reused_prompt_tokens = Counter(
+            m.REUSED_PROMPT_TOKENS.removesuffix("_total"),
+            "Prompt tokens taken from a cached prefix instead of decoded (batching engine)",
+            base,
+            registry=r,
+        )
         self._refusal = [re.compile(p) for p in refusal_patterns]
         b = labels.base()
         self.in_flight_now = self.in_flight.labels(**b)
         self.queued_now = self.queued.labels(**b)
         self.in_flight_now.set(0)
         self.queued_now.set(0)
+
+    def observe_step(self, sequences: int, prefill_tokens: int, decode_tokens: int) -> None:
+        """One decode step of the batching engine."""
+        b = self.labels.base()
+        self.batch_sequences.labels(**b).observe(sequences)
+        if prefill_tokens:
+            self.prefill_tokens.labels(**b).inc(prefill_tokens)
+        if decode_tokens:
+            self.decode_tokens.labels(**b).inc(decode_tokens)
+
+    def observe_reused_prompt(self, tokens: int) -> None:
+        if tokens:
+            self.reused_prompt_tokens.labels(**self.labels.base()).inc(tokens)
 
     def set_model_info(self, digest: str, quantization: str | None) -> None:
         self.model_info.labels(**self.labels.base(), digest=digest, quantization=quantization or "").set(1)

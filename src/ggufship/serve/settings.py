@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 Track = Literal["stable", "canary"]
 ContextPolicy = Literal["reject", "truncate"]
 LogFormat = Literal["text", "json"]
+EngineKind = Literal["batch", "instances"]
 
 
 class ServeSettings(BaseSettings):
@@ -56,7 +57,14 @@ class ServeSettings(BaseSettings):
     track: Track = Field(default="stable", description="the metrics label `track`: stable or canary")
 
     # --- llama.cpp ---
-    parallel: int = Field(default=1, ge=1, le=64, description="llama instances (one generation each)")
+    engine: EngineKind = Field(
+        default="batch",
+        description="batch: one llama.cpp context decodes up to `parallel` sequences together "
+        "(continuous batching); instances: `parallel` llama instances, one generation each",
+    )
+    parallel: int = Field(
+        default=4, ge=1, le=64, description="sequences decoded together (batch) or llama instances"
+    )
     n_ctx: int = Field(default=0, ge=0, le=1_048_576, description="context window; 0: the model's own")
     n_threads: int | None = Field(default=None, ge=1, le=512, description="threads per instance")
     n_batch: int = Field(default=512, ge=1, le=65536, description="prompt batch size")
