@@ -134,6 +134,13 @@ def test_reexport_of_stable_passes_and_is_recorded(
     assert "nll.delta_ppl" in ev.metrics and "drift.Q8_0.mean_kl" in ev.metrics
     assert manifest.metadata["evaluations"][0]["metrics"] == {"accuracy": 0.8}  # declared, kept
     verify_export(cand)  # the card's new digest is in the manifest
+    from ggufship.publish._modelpack import model_annotations
+
+    ann = model_annotations(manifest, "sha256:" + "0" * 64)
+    assert ann["io.ggufship.evaluation.outcome"] == "pass"
+    assert ann["io.ggufship.evaluation.golden_set"] == f"acme/golden={ev.golden_set.fingerprint}"
+    assert json.loads(ann["io.ggufship.evaluation.metrics"])["nll.delta_ppl"] == pytest.approx(0.0, abs=1e-6)
+    assert "io.ggufship.evaluations" in ann  # the declared ones stay
     card = (cand / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     results = front["model-index"][0]["results"]
