@@ -174,7 +174,6 @@ class RegistryClient:
         verify: ssl.SSLContext | bool = (
             ssl_context(transport.ca_bundle, transport.registry) if not transport.insecure else False
         )
-        self._verify = verify
         self.http = httpx.Client(
             verify=verify,
             trust_env=False,
