@@ -291,27 +291,24 @@ def publish_outputs(
     """
     from ggufship.publish import S3AccessError
     from ggufship.publish._oci import OciUnavailableError
+    from ggufship.retry import call_with_retries
 
-    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
-        try:
-            out = publish(
-                export_dir=export_dir,
-                s3=s3,
-                oci=oci,
-                gitops=gitops,
-                environment=environment,
-                force=force,
-                create_bucket=create_bucket,
-            )
-            break
-        except (S3AccessError, OciUnavailableError) as exc:
-            if attempt == PUBLISH_ATTEMPTS or not _may_pass(exc):
-                raise
-            delay = PUBLISH_BACKOFF_S[min(attempt, len(PUBLISH_BACKOFF_S)) - 1]
-            logger.warning(
-                "publish attempt %d/%d: %s; retrying in %gs", attempt, PUBLISH_ATTEMPTS, exc, delay
-            )
-            time.sleep(delay)
+    out = call_with_retries(
+        lambda: publish(
+            export_dir=export_dir,
+            s3=s3,
+            oci=oci,
+            gitops=gitops,
+            environment=environment,
+            force=force,
+            create_bucket=create_bucket,
+        ),
+        attempts=PUBLISH_ATTEMPTS,
+        backoff_s=PUBLISH_BACKOFF_S,
+        may_pass=lambda exc: isinstance(exc, (S3AccessError, OciUnavailableError)) and _may_pass(exc),
+        logger=logger,
+        what="publish",
+    )
     s3_uri, oci_ref = out.get("s3_uri", ""), out.get("oci_reference", "")
     model_uri = f"oci://{oci_ref}" if oci_ref else s3_uri
     return s3_uri, oci_ref, out.get("gitops_commit", ""), model_uri

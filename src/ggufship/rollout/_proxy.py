@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ggufship.rollout._errors import RolloutError, RolloutProxyError
-from ggufship.services._process import LOOPBACK, log_tail, spawn, stop_process
+from ggufship.services._process import LOOPBACK, child_pids, log_tail, spawn, stop_process
 
 logger = logging.getLogger(__name__)
 
@@ -269,18 +269,7 @@ class NginxProxy:
         """PIDs of the master's worker processes (old and new)."""
         if self.pid is None:
             return []
-        children: list[int] = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                raw = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = raw[raw.rindex(")") + 2 :].split()
-            if int(fields[1]) == self.pid and fields[0] not in ("Z", "X"):
-                children.append(int(entry.name))
-        return children
+        return child_pids(self.pid)
 
     def wait_drained(self, old_workers: set[int], timeout_s: float) -> None:
         """Wait (bounded) until new workers run and the old ones, finishing their requests, exited."""

@@ -11,13 +11,13 @@ out of the rotation and stops it, ``teardown()`` stops whatever was started, in 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from ggufship.rollout._errors import (
     RolloutBusyError,
@@ -41,15 +41,15 @@ def exclusive(state_dir: Path) -> Iterator[None]:
     """One rollout per state directory (an advisory lock held for the whole run)."""
     directory = rollout_dir(state_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    lock = FileLock(directory / ".lock", blocking=False, mode=0o600, preserve_lock_file=True)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RolloutBusyError(f"{state_dir}: another rollout is running there") from None
+        lock.acquire()
+    except Timeout:
+        raise RolloutBusyError(f"{state_dir}: another rollout is running there") from None
+    try:
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 @dataclass(frozen=True)

@@ -26,19 +26,18 @@ engine module implementing :class:`Service` and one :class:`ServiceSpec` in
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import secrets
 import shutil
 import string
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -376,22 +375,15 @@ def _ensure_state_dir(state_dir: Path) -> None:
 @contextlib.contextmanager
 def _locked(state_dir: Path, timeout_s: float) -> Iterator[None]:
     """One ``up``/``down`` at a time per state dir (an advisory lock on ``.lock``)."""
-    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    lock = FileLock(state_dir / LOCK_FILE, timeout=timeout_s, mode=0o600, preserve_lock_file=True)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ServiceStateError(
-                        f"{state_dir}: another `ggufship up` or `down` holds the lock"
-                    ) from None
-                time.sleep(0.1)
+        lock.acquire(poll_interval=0.1)
+    except Timeout:
+        raise ServiceStateError(f"{state_dir}: another `ggufship up` or `down` holds the lock") from None
+    try:
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 # ---------------------------------------------------------------- up / down / status

@@ -6,7 +6,7 @@ the contract every service implements, and the primitives they share.
 * free ports on loopback, spawning in a new session with a log file, waiting
   (bounded) until a probe answers, stopping with SIGTERM then SIGKILL
 
-A process is identified by its PID *and* its start time (``/proc/PID/stat``),
+Processes are inspected through psutil. A process is identified by its PID *and* its start time,
 so a PID that the kernel handed to another program after ours died is never
 taken for ours, and never signalled.
 """
@@ -21,7 +21,6 @@ import signal
 import socket
 import stat
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
@@ -30,9 +29,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import ClassVar
 
+import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from ggufship.errors import GgufshipError
+from ggufship.retry import poll_until
 
 logger = logging.getLogger(__name__)
 
@@ -231,20 +232,37 @@ def spawn(
     return proc.pid, ticks
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks) from /proc, or None if there is no such process."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process(pid: int) -> psutil.Process | None:
+    """The running process ``pid`` (zombies reaped and counted as gone), or None."""
+    if pid <= 0:
         return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[19])
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return None
+    except psutil.NoSuchProcess:
+        return None
+    return proc
+
+
+def _start_ticks(proc: psutil.Process) -> int:
+    """Start time in clock ticks after boot (the unit of ``/proc/PID/stat`` field 22, kept in state files)."""
+    return round((proc.create_time() - psutil.boot_time()) * _CLOCK_TICKS)
 
 
 def process_start_ticks(pid: int) -> int | None:
-    parsed = _proc_stat(pid) if Path("/proc/self/stat").exists() else None
-    return parsed[1] if parsed else None
+    proc = _process(pid)
+    if proc is None:
+        return None
+    try:
+        return _start_ticks(proc)
+    except psutil.Error:
+        return None
 
 
 def is_alive(pid: int, start_ticks: int | None = None) -> bool:
@@ -253,23 +271,22 @@ def is_alive(pid: int, start_ticks: int | None = None) -> bool:
     if child is not None and child.poll() is not None:
         _CHILDREN.pop(pid, None)
         return False
-    if Path("/proc/self/stat").exists():
-        parsed = _proc_stat(pid)
-        if parsed is None:
-            return False
-        state, ticks = parsed
-        if state in ("Z", "X"):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            return False
-        return start_ticks is None or ticks == start_ticks
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = _process(pid)
+        return proc is not None and (start_ticks is None or _start_ticks(proc) == start_ticks)
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
+    except psutil.AccessDenied:
+        return start_ticks is None
+
+
+def child_pids(pid: int) -> list[int]:
+    """PIDs of the running (not zombie) direct children of ``pid``; empty if ``pid`` is gone."""
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.Error:
+        return []
+    return [child.pid for child in children if _process(child.pid) is not None]
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
@@ -284,13 +301,7 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 
 
 def _wait_gone(pid: int, start_ticks: int | None, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if not is_alive(pid, start_ticks):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
+    return poll_until(lambda: not is_alive(pid, start_ticks), timeout_s=timeout_s, interval_s=0.05)
 
 
 def stop_process(pid: int, start_ticks: int | None, grace_s: float, what: str) -> bool:
@@ -356,8 +367,8 @@ def log_tail(path: Path | None, lines: int = 15) -> str:
 
 def wait_ready(info: ServiceInfo, probe: Callable[[ServiceInfo], bool], timeout_s: float) -> None:
     """Poll ``probe`` until it answers; fail fast if the process exits, fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def answered() -> bool:
         if not record_alive(info):
             child = _CHILDREN.get(info.pid) if info.pid is not None else None
             code = (
@@ -369,14 +380,13 @@ def wait_ready(info: ServiceInfo, probe: Callable[[ServiceInfo], bool], timeout_
                 f"{info.name} ({info.engine}) exited during start-up{code}; "
                 f"log {info.log}:\n{log_tail(info.log)}"
             )
-        if probe(info):
-            return
-        if time.monotonic() >= deadline:
-            raise ServiceStartError(
-                f"{info.name} ({info.engine}) did not answer at {info.endpoint} within {timeout_s:.0f}s; "
-                f"log {info.log}:\n{log_tail(info.log)}"
-            )
-        time.sleep(_POLL_S)
+        return probe(info)
+
+    if not poll_until(answered, timeout_s=timeout_s, interval_s=_POLL_S):
+        raise ServiceStartError(
+            f"{info.name} ({info.engine}) did not answer at {info.endpoint} within {timeout_s:.0f}s; "
+            f"log {info.log}:\n{log_tail(info.log)}"
+        )
 
 
 def http_status(url: str, timeout_s: float = 2.0) -> tuple[int, Mapping[str, str]] | None:

@@ -18,13 +18,13 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 
+from ggufship.retry import poll_until
 from ggufship.services._process import (
     LOOPBACK,
     PortAllocator,
@@ -223,9 +223,10 @@ def wait_scrape_target(prometheus_url: str, job: str, count: int = 1, timeout_s:
     """
     import httpx
 
-    deadline = time.monotonic() + timeout_s
     last = "no answer"
-    while True:
+
+    def enough_up() -> bool:
+        nonlocal last
         try:
             resp = httpx.get(
                 f"{prometheus_url}/api/v1/targets", params={"state": "active"}, timeout=2.0, trust_env=False
@@ -235,14 +236,15 @@ def wait_scrape_target(prometheus_url: str, job: str, count: int = 1, timeout_s:
             mine = [t for t in active if t.get("labels", {}).get("job") == job]
             up = [t for t in mine if t.get("health") == "up"]
             if len(up) >= count:
-                return
+                return True
             last = f"{len(up)}/{len(mine)} targets up" + (
                 f" ({mine[0].get('lastError')})" if mine and mine[0].get("lastError") else ""
             )
         except (httpx.HTTPError, KeyError, ValueError) as exc:
             last = str(exc)
-        if time.monotonic() >= deadline:
-            raise ServiceStartError(
-                f"prometheus at {prometheus_url}: job {job!r} not scraped within {timeout_s:.0f}s: {last}"
-            )
-        time.sleep(0.25)
+        return False
+
+    if not poll_until(enough_up, timeout_s=timeout_s, interval_s=0.25):
+        raise ServiceStartError(
+            f"prometheus at {prometheus_url}: job {job!r} not scraped within {timeout_s:.0f}s: {last}"
+        )
