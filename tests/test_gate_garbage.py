@@ -319,7 +319,7 @@ def test_an_unexpected_error_is_inconclusive_not_fail(
     prometheus: _Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The safety net: a bug inside the analysis reads as inconclusive (exit 2), never as fail (exit 1)."""
-    import ggufship.gate as gate
+    from ggufship.gate import _analyze as gate  # where analyze() looks evaluate up
 
     def broken(*_a: object, **_k: object) -> None:
         raise ZeroDivisionError("a bug")

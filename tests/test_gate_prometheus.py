@@ -36,7 +36,6 @@ from ggufship.gate import (
     make_server,
     serve_in_thread,
 )
-from ggufship.gate._prometheus import wait_for_count
 from ggufship.metrics import (
     REQUEST_DURATION,
     REQUESTS,
@@ -54,6 +53,7 @@ from ggufship.services import (
     wait_scrape_target,
 )
 from ggufship.services._process import free_port, is_alive
+from tests.gate_fixtures import wait_for_count
 
 pytestmark = [
     pytest.mark.slow,

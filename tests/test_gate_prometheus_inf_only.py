@@ -22,7 +22,6 @@ from prometheus_client.registry import Collector
 
 from ggufship.cli.main import main
 from ggufship.gate import PrometheusClient, analyze, make_request
-from ggufship.gate._prometheus import wait_for_count
 from ggufship.metrics import REQUEST_DURATION, REQUESTS
 from ggufship.services import (
     ServicesSettings,
@@ -32,6 +31,7 @@ from ggufship.services import (
     up,
     wait_scrape_target,
 )
+from tests.gate_fixtures import wait_for_count
 
 pytestmark = [
     pytest.mark.slow,

@@ -19,7 +19,6 @@ import httpx
 import pytest
 
 from ggufship.gate import PrometheusClient, analyze, make_request
-from ggufship.gate._prometheus import wait_for_count
 from ggufship.metrics import ANSWERS
 from ggufship.services import (
     ServicesSettings,
@@ -31,6 +30,7 @@ from ggufship.services import (
     wait_scrape_target,
 )
 from ggufship.services._process import is_alive
+from tests.gate_fixtures import wait_for_count
 from tests.serve_fixtures import RunningServer, running_server
 
 pytestmark = [

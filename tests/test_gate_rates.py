@@ -12,8 +12,9 @@ import pytest
 from scipy.stats import fisher_exact
 
 from ggufship.gate import GateConfigError, Histogram, Measurement, evaluate, make_request
-from ggufship.gate._model import PrometheusAnswerError
-from ggufship.gate._prometheus import _counter_total, counter_samples_query, selector
+from ggufship.gate._errors import PrometheusAnswerError
+from ggufship.gate._prometheus import _counter_total
+from ggufship.gate._promql import counter_samples_query, selector
 from ggufship.gate._stats import RateCounts, holm, proportion_pvalue
 
 NOW = datetime(2026, 12, 6, 4, 0, tzinfo=UTC)

@@ -508,7 +508,7 @@ def test_every_query_selects_by_pod_template_hash_and_namespace(
 def test_gate_queries_select_by_hash_and_namespace() -> None:
     """The gate's own PromQL builders, as the chart configures them (--track-label, --namespace)."""
     from ggufship.gate import GateRequest, make_request
-    from ggufship.gate._prometheus import error_ratio_query, p99_query, quantile_query, selector
+    from ggufship.gate._promql import error_ratio_query, p99_query, quantile_query, selector
     from ggufship.metrics import TIME_TO_FIRST_TOKEN
 
     request: GateRequest = make_request(

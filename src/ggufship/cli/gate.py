@@ -13,13 +13,12 @@ import argparse
 import logging
 import os
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
 logger = logging.getLogger(__name__)
 
-_CONFIG_EXIT = 11  # GateConfigError.exit_code (kept literal: no heavy imports at parser build time)
+_CONFIG_EXIT = 11  # GateConfigError.exit_code
 
 
 def _exit_on_error(parser: argparse.ArgumentParser) -> None:
@@ -34,70 +33,20 @@ def _exit_on_error(parser: argparse.ArgumentParser) -> None:
 
 
 def _analysis_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what to analyse")
-    g.add_argument(
-        "--prometheus",
-        metavar="URL",
-        help="Prometheus base URL (default: $GGUFSHIP_GATE_PROMETHEUS_URL, else the one of --state-dir, "
-        "else http://127.0.0.1:9090)",
+    """The flags of every :class:`~ggufship.gate.GateRequest` option, generated from the model,
+    and ``--state-dir`` (where the CLI finds the embedded stack's Prometheus)."""
+    from ggufship.cli.settings_flags import add_model_flags
+    from ggufship.gate import GateRequest
+
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="local services state dir (default: $GGUFSHIP_STATE_DIR, else .ggufship); its Prometheus "
+        "is the default of --prometheus when neither it nor $GGUFSHIP_GATE_PROMETHEUS_URL is set",
     )
-    g.add_argument(
-        "--state-dir", type=Path, metavar="DIR", help="local services state dir (default: .ggufship)"
-    )
-    g.add_argument("--window", metavar="DUR", help="analysis window: 300, 90s, 5m, 1h (default 5m)")
-    g.add_argument("--model", help="`model` label of both tracks (default: any)")
-    g.add_argument("--endpoint", help="`endpoint` label (default: all endpoints)")
-    g.add_argument(
-        "--matcher", action="append", metavar='NAME="V"', help="extra PromQL label matcher (repeatable)"
-    )
-    g.add_argument("--stable-track", metavar="V", help="`track` label of the stable (stable)")
-    g.add_argument("--canary-track", metavar="V", help="`track` label of the canary (canary)")
-    g.add_argument(
-        "--track-label",
-        metavar="NAME",
-        help="label telling the tracks apart (track); in a cluster rollouts_pod_template_hash, with "
-        "--stable-track/--canary-track the pod-template hashes",
-    )
-    g.add_argument("--namespace", help="`namespace` label of both tracks (default: any)")
-    g.add_argument("--at", metavar="TIME", help="evaluation time: ISO 8601 or Unix seconds (default: now)")
-    g.add_argument("--timeout", type=float, metavar="S", help="timeout per Prometheus query (10)")
-    pol = p.add_argument_group("policy")
-    pol.add_argument("--max-p99", type=float, metavar="S", help="canary p99 latency limit, seconds (1.2)")
-    pol.add_argument("--max-error-ratio", type=float, metavar="R", help="canary 5xx ratio limit (0.005)")
-    pol.add_argument("--alpha", type=float, help="false-rollback budget of the whole rollout (0.01)")
-    pol.add_argument(
-        "--analyses", type=int, metavar="N", help="analyses planned in the rollout; alpha/N each (1)"
-    )
-    pol.add_argument("--min-samples", type=int, metavar="N", help="min requests per track (50)")
-    pol.add_argument("--min-ks-d", type=float, metavar="D", help="effect floor on the KS distance (0.1)")
-    pol.add_argument(
-        "--min-median-shift", type=float, metavar="R", help="effect floor on the median shift (0.05)"
-    )
-    pol.add_argument("--two-sided", action="store_true", default=None, help="fail on any difference")
-    pol.add_argument(
-        "--metrics",
-        metavar="LIST",
-        help="comma list of latency, ttft, itl, completion_length, surprisal; first is primary (all five)",
-    )
-    pol.add_argument(
-        "--rates",
-        metavar="LIST",
-        help="comma list of answer rates to test: refusal, bad_answer (both); '' for none",
-    )
-    pol.add_argument(
-        "--min-rate-increase", type=float, metavar="R", help="effect floor of a rate test (0.02 = 2 points)"
-    )
-    pol.add_argument("--max-refusal-rate", type=float, metavar="R", help="canary refusal rate limit (none)")
-    pol.add_argument(
-        "--max-bad-answer-rate", type=float, metavar="R", help="canary bad-answer rate limit (none)"
-    )
-    pol.add_argument(
-        "--method",
-        choices=("buckets", "quantile-series"),
-        help="buckets (default) or quantile-series (the weaker method)",
-    )
-    pol.add_argument("--quantile", type=float, help="quantile-series: the quantile (0.95)")
-    pol.add_argument("--step", metavar="DUR", help="quantile-series: the step (10s)")
+    options = add_model_flags(p, GateRequest, groups={"options": "what to analyse", "policy": "policy"})
+    p.set_defaults(gate_options=options)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -136,23 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _exit_on_error(report)
 
 
-def _parse_time(text: str) -> datetime:
-    from ggufship.gate import GateConfigError
-
-    try:
-        return datetime.fromtimestamp(float(text), tz=UTC)
-    except ValueError:
-        pass
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise GateConfigError(f"--at {text!r}: expected ISO 8601 or Unix seconds") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _prometheus_url(args: argparse.Namespace) -> str | None:
-    if args.prometheus:
-        return str(args.prometheus)
+def _prometheus_url(args: argparse.Namespace, given: dict[str, Any]) -> str | None:
+    if given.get("prometheus_url"):
+        return None  # the flag's
     if os.environ.get("GGUFSHIP_GATE_PROMETHEUS_URL"):
         return None  # the settings read it
     from ggufship.services import DEFAULT_STATE_DIR, ServiceError, load_state
@@ -174,41 +109,16 @@ def _prometheus_url(args: argparse.Namespace) -> str | None:
 
 
 def build_request(args: argparse.Namespace) -> Any:
-    """The :class:`~ggufship.gate.GateRequest` of the parsed options (validated)."""
-    from ggufship.gate import make_request, parse_duration
+    """The :class:`~ggufship.gate.GateRequest` of the parsed options (validated; the
+    environment and the model's defaults fill what was not given)."""
+    from ggufship.cli.settings_flags import given, spell
+    from ggufship.gate._analyze import build_request as build
 
-    overrides: dict[str, Any] = {
-        "prometheus_url": _prometheus_url(args),
-        "window_s": parse_duration(args.window) if args.window else None,
-        "model": args.model,
-        "endpoint": args.endpoint,
-        "matchers": tuple(args.matcher) if args.matcher else None,
-        "stable_track": args.stable_track,
-        "canary_track": args.canary_track,
-        "track_label": args.track_label,
-        "namespace": args.namespace,
-        "at": _parse_time(args.at) if args.at else None,
-        "timeout_s": args.timeout,
-        "max_p99_s": args.max_p99,
-        "max_error_ratio": args.max_error_ratio,
-        "alpha": args.alpha,
-        "planned_analyses": args.analyses,
-        "min_samples": args.min_samples,
-        "min_ks_d": args.min_ks_d,
-        "min_median_shift": args.min_median_shift,
-        "two_sided": args.two_sided,
-        "metrics": tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else None,
-        "rates": tuple(r.strip() for r in args.rates.split(",") if r.strip())
-        if args.rates is not None
-        else None,
-        "min_rate_increase": args.min_rate_increase,
-        "max_refusal_rate": args.max_refusal_rate,
-        "max_bad_answer_rate": args.max_bad_answer_rate,
-        "method": args.method,
-        "series_quantile": args.quantile,
-        "series_step_s": parse_duration(args.step) if args.step else None,
-    }
-    return make_request(None, **overrides)
+    data = given(args, args.gate_options)
+    url = _prometheus_url(args, data)
+    if url is not None:
+        data["prometheus_url"] = url
+    return build(None, data, spell=spell)
 
 
 def run_gate(args: argparse.Namespace) -> int:

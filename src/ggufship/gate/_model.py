@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ggufship.errors import GgufshipError
-from ggufship.metrics import HISTOGRAMS
+from ggufship.gate._errors import GateConfigError
+from ggufship.gate._promql import check_matcher
+from ggufship.options import option
 
 SCHEMA = "ggufship.gate/v1"
 Outcome = Literal["pass", "fail", "inconclusive"]
@@ -26,39 +27,18 @@ TWO_SIDED_METRICS: frozenset[str] = frozenset({"completion_length"})
 _LABEL_VALUE_MAX = 200
 
 
-class GateError(GgufshipError):
-    """A gate failure that is not a verdict (exit codes 10-19; verdicts use 0/1/2)."""
-
-    exit_code = 10
-
-
-class GateConfigError(GateError):
-    """Invalid gate options or policy (a value out of bounds, a bad matcher, an unreadable file)."""
-
-    exit_code = 11
+def _duration_input(value: object) -> object:
+    """Text such as ``5m`` → seconds (numbers pass through to the float validation)."""
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except GateConfigError as exc:
+            raise ValueError(str(exc)) from None
+    return value
 
 
-class PrometheusUnavailableError(GateError):
-    """Prometheus did not answer or answered with an error. ``analyze`` turns it into an
-    inconclusive verdict; only code that queries Prometheus directly sees it."""
-
-    exit_code = 12
-
-
-class PrometheusAnswerError(PrometheusUnavailableError):
-    """Prometheus answered, but with something the gate cannot use: a value that is not a
-    finite number (NaN, ±Inf, ``"abc"``) where a count or ratio must be, a malformed
-    sample or series, an unexpected result type, a histogram without finite buckets.
-    A subclass of :class:`PrometheusUnavailableError` because, for a verdict, an unusable
-    answer is no answer: ``analyze`` turns it into an inconclusive verdict naming the query."""
-
-    exit_code = 14
-
-
-class GateServeError(GateError):
-    """``gate serve`` could not bind its address."""
-
-    exit_code = 13
+#: Seconds, given as a number or a duration text (``300``, ``90s``, ``5m``, ``1h30m``).
+Duration = Annotated[float, BeforeValidator(_duration_input)]
 
 
 class GatePolicy(BaseModel):
@@ -66,18 +46,36 @@ class GatePolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_p99_s: float = Field(default=1.2, gt=0, le=3600, description="canary p99 latency above this fails")
+    max_p99_s: float = Field(
+        default=1.2,
+        gt=0,
+        le=3600,
+        description="canary p99 latency above this fails, seconds",
+        json_schema_extra=option("max_p99", metavar="S"),
+    )
     max_error_ratio: float = Field(
-        default=0.005, ge=0, le=1, description="canary 5xx ratio above this fails (0.005 = 0.5%)"
+        default=0.005,
+        ge=0,
+        le=1,
+        description="canary 5xx ratio above this fails (0.005 = 0.5%)",
+        json_schema_extra=option(metavar="R"),
     )
     alpha: float = Field(
         default=0.01, gt=0, lt=0.5, description="false-rollback budget of a whole rollout (all analyses)"
     )
     planned_analyses: int = Field(
-        default=1, ge=1, le=10_000, description="analyses planned in the rollout; each gets alpha / this"
+        default=1,
+        ge=1,
+        le=10_000,
+        description="analyses planned in the rollout; each gets alpha / this",
+        json_schema_extra=option("analyses", metavar="N"),
     )
     min_samples: int = Field(
-        default=50, ge=1, le=10_000_000, description="fewer requests than this on a track → inconclusive"
+        default=50,
+        ge=1,
+        le=10_000_000,
+        description="fewer requests than this on a track → inconclusive",
+        json_schema_extra=option(metavar="N"),
     )
     min_ks_d: float = Field(default=0.1, ge=0, le=1, description="effect-size floor: KS distance D")
     min_median_shift: float = Field(
@@ -88,12 +86,16 @@ class GatePolicy(BaseModel):
     )
     metrics: tuple[MetricName, ...] = Field(
         default=("latency", "ttft", "itl", "completion_length", "surprisal"),
-        description="histograms to test; the first is primary (it must have data)",
+        description="comma list of the histograms to test (latency, ttft, itl, completion_length, "
+        "surprisal); the first is primary (it must have data)",
+        json_schema_extra=option(metavar="LIST"),
     )
     rates: tuple[RateName, ...] = Field(
         default=("refusal", "bad_answer"),
-        description="answer rates to test (events / answers, canary vs stable: one-sided Fisher exact "
-        "test in the Holm family); fewer than min_samples answers on a track → inconclusive",
+        description="comma list of the answer rates to test (refusal, bad_answer; '' for none): events / "
+        "answers, canary vs stable, one-sided Fisher exact test in the Holm family; fewer than "
+        "min_samples answers on a track → inconclusive",
+        json_schema_extra=option(metavar="LIST"),
     )
     min_rate_increase: float = Field(
         default=0.02,
@@ -102,18 +104,30 @@ class GatePolicy(BaseModel):
         description="effect-size floor of a rate test: canary rate − stable rate (0.02 = 2 points)",
     )
     max_refusal_rate: float | None = Field(
-        default=None, ge=0, le=1, description="canary refusal rate above this fails (None: no threshold)"
+        default=None, ge=0, le=1, description="canary refusal rate above this fails (unset: no threshold)"
     )
     max_bad_answer_rate: float | None = Field(
-        default=None, ge=0, le=1, description="canary bad-answer rate above this fails (None: no threshold)"
+        default=None, ge=0, le=1, description="canary bad-answer rate above this fails (unset: no threshold)"
     )
     method: Method = Field(
         default="buckets",
         description="buckets: KS on bucket-reconstructed samples; quantile-series: KS on a quantile's "
         "time series (weaker)",
     )
-    series_quantile: float = Field(default=0.95, gt=0, lt=1, description="quantile-series: the quantile")
-    series_step_s: float = Field(default=10.0, ge=1, le=3600, description="quantile-series: step, seconds")
+    series_quantile: float = Field(
+        default=0.95,
+        gt=0,
+        lt=1,
+        description="quantile-series: the quantile",
+        json_schema_extra=option("quantile"),
+    )
+    series_step_s: Duration = Field(
+        default=10.0,
+        ge=1,
+        le=3600,
+        description="quantile-series: the step, seconds or a duration (10s, 1m)",
+        json_schema_extra=option("step", metavar="DUR"),
+    )
     min_series_points: int = Field(default=5, ge=2, le=100_000, description="quantile-series: min points")
 
     @field_validator("metrics")
@@ -148,12 +162,24 @@ class GateRequest(BaseSettings):
         env_prefix="GGUFSHIP_GATE_", env_nested_delimiter="__", frozen=True, extra="forbid"
     )
 
-    prometheus_url: str = Field(default="http://127.0.0.1:9090", description="Prometheus base URL")
-    window_s: float = Field(default=300.0, ge=1, le=7 * 86400, description="analysis window, seconds")
-    model: str | None = Field(default=None, description="`model` label of both tracks (None: any)")
-    endpoint: str | None = Field(default=None, description="`endpoint` label (None: all endpoints)")
+    prometheus_url: str = Field(
+        default="http://127.0.0.1:9090",
+        description="Prometheus base URL",
+        json_schema_extra=option("prometheus", metavar="URL", query=False),
+    )
+    window_s: Duration = Field(
+        default=300.0,
+        ge=1,
+        le=7 * 86400,
+        description="analysis window, seconds or a duration (90s, 5m, 1h30m)",
+        json_schema_extra=option("window", metavar="DUR"),
+    )
+    model: str | None = Field(default=None, description="`model` label of both tracks (unset: any)")
+    endpoint: str | None = Field(default=None, description="`endpoint` label (unset: all endpoints)")
     matchers: tuple[str, ...] = Field(
-        default=(), description='extra PromQL label matchers for both tracks, e.g. job="api"'
+        default=(),
+        description='an extra PromQL label matcher for both tracks, e.g. job="api" (repeatable)',
+        json_schema_extra=option("matcher", metavar='NAME="V"', repeat=True),
     )
     stable_track: str = Field(default="stable", description="`track` label value of the stable")
     canary_track: str = Field(default="canary", description="`track` label value of the canary")
@@ -163,9 +189,19 @@ class GateRequest(BaseSettings):
         description="label telling the tracks apart: `track` locally, `rollouts_pod_template_hash` "
         "in a cluster (stable_track/canary_track are then the pod-template hashes)",
     )
-    namespace: str | None = Field(default=None, description="`namespace` label of both tracks (None: any)")
-    at: datetime | None = Field(default=None, description="evaluation time (default: now)")
-    timeout_s: float = Field(default=10.0, gt=0, le=300, description="timeout of each Prometheus query")
+    namespace: str | None = Field(default=None, description="`namespace` label of both tracks (unset: any)")
+    at: datetime | None = Field(
+        default=None,
+        description="evaluation time: ISO 8601 (UTC unless it says) or Unix seconds; none: now",
+        json_schema_extra=option(metavar="TIME"),
+    )
+    timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="timeout of each Prometheus query, seconds",
+        json_schema_extra=option("timeout", metavar="S"),
+    )
     policy: GatePolicy = Field(default_factory=GatePolicy)
 
     @field_validator("prometheus_url")
@@ -174,6 +210,11 @@ class GateRequest(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value.rstrip("/")
+
+    @field_validator("at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
     @field_validator("model", "endpoint", "stable_track", "canary_track", "namespace")
     @classmethod
@@ -185,8 +226,6 @@ class GateRequest(BaseSettings):
     @field_validator("matchers")
     @classmethod
     def _matchers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from ggufship.gate._prometheus import check_matcher
-
         for matcher in value:
             try:
                 check_matcher(matcher)
@@ -282,9 +321,6 @@ class Verdict(BaseModel):
 def finite(value: float | None) -> float | None:
     """``value`` if it is a finite number, else None (Prometheus answers NaN for 0/0)."""
     return value if value is not None and math.isfinite(value) else None
-
-
-PROMETHEUS_NAMES: dict[str, str] = dict(HISTOGRAMS)
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")

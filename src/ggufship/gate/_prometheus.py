@@ -1,4 +1,5 @@
-"""The measuring edge of the gate: PromQL builders and the Prometheus HTTP API (httpx).
+"""The measuring edge of the gate (its only I/O): the Prometheus HTTP API (httpx), the parsers of
+its answers, and :func:`measure`. The query texts come from :mod:`ggufship.gate._promql`.
 
 Queries (``S`` = the track's selector, ``W`` = the window):
 
@@ -26,18 +27,18 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from ggufship.gate._model import (
-    GateConfigError,
-    GateRequest,
-    PrometheusAnswerError,
-    PrometheusUnavailableError,
-    QueryRecord,
+from ggufship.gate._errors import PrometheusAnswerError, PrometheusUnavailableError
+from ggufship.gate._model import GateRequest, QueryRecord
+from ggufship.gate._promql import (
+    bucket_samples_query,
+    counter_samples_query,
+    error_ratio_query,
+    p99_query,
+    quantile_query,
+    selector,
 )
 from ggufship.gate._stats import (
     CounterSeries,
@@ -47,84 +48,11 @@ from ggufship.gate._stats import (
     counter_increase,
     parse_le,
 )
-from ggufship.metrics import ANSWERS, HISTOGRAMS, RATES, REQUEST_DURATION, REQUESTS
+from ggufship.metrics import ANSWERS, HISTOGRAMS, RATES
 
 logger = logging.getLogger(__name__)
 
-_MATCHER_RE = re.compile(r'^\s*[A-Za-z_][A-Za-z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*$')
 _TRACKS = ("stable", "canary")
-_LABEL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-# ---------------------------------------------------------------- PromQL builders
-
-
-def check_matcher(matcher: str) -> str:
-    """A single PromQL label matcher such as ``job="api"``; raises :class:`GateConfigError`."""
-    if not _MATCHER_RE.match(matcher):
-        raise GateConfigError(f'label matcher {matcher!r}: expected name="value" (or !=, =~, !~)')
-    return matcher.strip()
-
-
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
-def duration(seconds: float) -> str:
-    """A PromQL duration: whole seconds when exact, else milliseconds."""
-    ms = max(1, round(seconds * 1000))
-    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
-
-
-def selector(
-    track: str,
-    model: str | None = None,
-    endpoint: str | None = None,
-    matchers: Sequence[str] = (),
-    *,
-    track_label: str = "track",
-    namespace: str | None = None,
-) -> str:
-    """The label matchers of one track, without braces: ``track="canary",model="m"``.
-
-    ``track_label`` names the label that tells the tracks apart: ``track`` locally (the
-    server's ``--track``), ``rollouts_pod_template_hash`` in a cluster, where ``track`` is the
-    pod-template hash of the stable or the latest ReplicaSet. ``namespace`` adds a
-    ``namespace`` matcher (one Prometheus may scrape staging and production of one model).
-    Order: track label, model, namespace, endpoint, extra matchers (the chart's queries match).
-    """
-    if not _LABEL_NAME_RE.match(track_label):
-        raise GateConfigError(f"track label {track_label!r}: not a Prometheus label name")
-    parts = [f"{track_label}={_quote(track)}"]
-    if model is not None:
-        parts.append(f"model={_quote(model)}")
-    if namespace is not None:
-        parts.append(f"namespace={_quote(namespace)}")
-    if endpoint is not None:
-        parts.append(f"endpoint={_quote(endpoint)}")
-    parts.extend(check_matcher(m) for m in matchers)
-    return ",".join(parts)
-
-
-def bucket_samples_query(histogram: str, sel: str, window_s: float) -> str:
-    return f"{histogram}_bucket{{{sel}}}[{duration(window_s)}]"
-
-
-def quantile_query(q: float, histogram: str, sel: str, window_s: float) -> str:
-    return f"histogram_quantile({q:g}, sum by (le) (rate({histogram}_bucket{{{sel}}}[{duration(window_s)}])))"
-
-
-def p99_query(sel: str, window_s: float, histogram: str = REQUEST_DURATION) -> str:
-    """The canary p99 latency query of the threshold check (and of the chart's AnalysisTemplate)."""
-    return quantile_query(0.99, histogram, sel, window_s)
-
-
-def error_ratio_query(sel: str, window_s: float, counter: str = REQUESTS) -> str:
-    """5xx / all requests; 0 (not empty) when there is traffic but no 5xx series."""
-    w = duration(window_s)
-    total = f"sum(rate({counter}{{{sel}}}[{w}]))"
-    errors = f'sum(rate({counter}{{{sel},code=~"5.."}}[{w}]))'
-    return f"({errors} or {total} * 0) / {total}"
 
 
 # ---------------------------------------------------------------- HTTP API
@@ -265,10 +193,6 @@ def _counter_series(data: dict[str, Any], what: str = "bucket samples") -> list[
             values.append(value)
         out.append(CounterSeries(le=le, values=tuple(values)))
     return out
-
-
-def counter_samples_query(counter: str, sel: str, window_s: float) -> str:
-    return f"{counter}{{{sel}}}[{duration(window_s)}]"
 
 
 def _counter_total(data: dict[str, Any], what: str) -> tuple[int, float | None]:
@@ -475,21 +399,3 @@ def _measure(
         rates=rates,
         queries=tuple(queries),
     )
-
-
-def wait_for_count(client: PrometheusClient, promql: str, expected: float, timeout_s: float = 30.0) -> float:
-    """Poll (bounded) until the instant ``promql`` returns at least ``expected``; the last value."""
-    deadline = time.monotonic() + timeout_s
-    value: float | None = None
-    while True:
-        try:
-            value = _scalar(client.query(promql, time.time()))
-        except PrometheusUnavailableError:
-            value = None
-        if value is not None and value >= expected:
-            return value
-        if time.monotonic() >= deadline:
-            raise PrometheusUnavailableError(
-                f"{promql} stayed at {value} (expected ≥ {expected}) for {timeout_s:.0f}s"
-            )
-        time.sleep(0.1)

@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ggufship.gate._model import Distribution, GateError, Series, Verdict
+from ggufship.gate._errors import GateError
+from ggufship.gate._model import Distribution, Series, Verdict
 
 logger = logging.getLogger(__name__)
 

@@ -3,134 +3,130 @@
 ``GET /gate`` runs one analysis and answers ``200`` with the verdict JSON whatever
 the outcome (Argo treats non-2xx answers as measurement *errors*, not failures);
 the AnalysisTemplate maps ``result.outcome`` to pass/fail, and anything else is
-inconclusive. Query parameters override the defaults given at start: ``window``
-(``5m``, ``300``), ``model``, ``endpoint``, ``matcher`` (repeatable), ``analyses``
-(planned analyses), ``alpha``, ``min_samples``, ``metrics`` (comma list), ``rates`` (comma
-list, empty for none), ``min_rate_increase``, ``max_refusal_rate``, ``max_bad_answer_rate``,
-``method``, ``max_p99``, ``max_error_ratio``, ``min_ks_d``, ``min_median_shift``,
-``two_sided``, ``stable_track``, ``canary_track``, ``track_label``, ``namespace`` (in a
-cluster the tracks are pod-template hashes under ``rollouts_pod_template_hash``). A bad
-parameter → ``400`` with
-``{"error": ...}``. ``GET /healthz`` → ``{"status": "ok"}``.
+inconclusive. Query parameters override the defaults given at start; they are the
+options of :class:`~ggufship.gate.GateRequest` under their option names (those of the
+CLI flags with ``_`` for ``-``: ``window``, ``model``, ``matcher`` (repeatable),
+``analyses``, ``metrics`` and ``rates`` (comma lists, empty for none), ``stable_track``,
+``canary_track``, ``track_label``, ``namespace``, …), all but ``prometheus`` (where the
+server connects is fixed at start). A bad or unknown parameter → ``400`` with
+``{"error": ...}``; any other path → ``404``. ``GET /healthz`` → ``{"status": "ok"}``.
 
-Standard library ``ThreadingHTTPServer``; binds 127.0.0.1 unless told otherwise.
+FastAPI on uvicorn, like the API; binds 127.0.0.1 unless told otherwise.
 """
 
-from __future__ import annotations
-
-import json
+# no `from __future__ import annotations`: FastAPI reads the route functions' annotations,
+# which name classes imported inside create_app
 import logging
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
-from ggufship.gate._model import GateConfigError, GateRequest, GateServeError, parse_duration
+from ggufship.gate._analyze import analyze, build_request, request_options
+from ggufship.gate._errors import GateConfigError, GateServeError
+from ggufship.gate._model import GateRequest
+from ggufship.options import model_input
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
-
-_SINGLE = {
-    "model": ("model", str),
-    "endpoint": ("endpoint", str),
-    "analyses": ("planned_analyses", int),
-    "alpha": ("alpha", float),
-    "min_samples": ("min_samples", int),
-    "method": ("method", str),
-    "max_p99": ("max_p99_s", float),
-    "max_error_ratio": ("max_error_ratio", float),
-    "min_ks_d": ("min_ks_d", float),
-    "min_median_shift": ("min_median_shift", float),
-    "stable_track": ("stable_track", str),
-    "canary_track": ("canary_track", str),
-    "track_label": ("track_label", str),
-    "namespace": ("namespace", str),
-    "min_rate_increase": ("min_rate_increase", float),
-    "max_refusal_rate": ("max_refusal_rate", float),
-    "max_bad_answer_rate": ("max_bad_answer_rate", float),
-}
 
 
 def request_from_query(base: GateRequest, query: str) -> GateRequest:
     """The base request with the URL's query parameters applied; raises :class:`GateConfigError`."""
-    from ggufship.gate import make_request
+    options = {o.name: o for o in request_options() if o.query}
+    values: dict[str, list[str]] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in options:
+            raise GateConfigError(f"unknown query parameter {key!r}; known: {', '.join(sorted(options))}")
+        values.setdefault(key, []).append(value)
+    data = model_input(tuple(options.values()), values)
+    return build_request(base, data, spell=lambda o: f"query parameter {o.name}")
 
-    params = parse_qs(query, keep_blank_values=True)
-    overrides: dict[str, Any] = {}
-    for key, values in params.items():
-        value = values[-1]
-        if key == "window":
-            overrides["window_s"] = parse_duration(value)
-        elif key == "matcher":
-            overrides["matchers"] = tuple(values)
-        elif key in ("metrics", "rates"):
-            overrides[key] = tuple(m.strip() for m in value.split(",") if m.strip())
-        elif key == "two_sided":
-            overrides["two_sided"] = value.lower() in ("1", "true", "yes")
-        elif key in _SINGLE:
-            field, kind = _SINGLE[key]
-            try:
-                overrides[field] = kind(value)
-            except ValueError:
-                raise GateConfigError(f"query parameter {key}={value!r}: not a {kind.__name__}") from None
+
+def create_app(base: GateRequest) -> "FastAPI":
+    """The gate's ASGI app: ``/gate`` and ``/healthz`` over ``base``."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="ggufship gate", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HTTPException)
+    def _not_found(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            detail = f"no such path {request.url.path!r}; use /gate or /healthz"
         else:
-            raise GateConfigError(f"unknown query parameter {key!r}")
-    return make_request(base, **overrides)
+            detail = str(exc.detail)
+        return JSONResponse({"error": detail}, status_code=exc.status_code)
 
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
 
-class _Handler(BaseHTTPRequestHandler):
-    server: GateHTTPServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("gate serve: " + format, *args)
-
-    def _send(self, status: int, body: str) -> None:
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        from ggufship.gate import analyze
-
-        url = urlsplit(self.path)
-        if url.path == "/healthz":
-            self._send(200, json.dumps({"status": "ok"}) + "\n")
-            return
-        if url.path != "/gate":
-            self._send(404, json.dumps({"error": f"no such path {url.path!r}; use /gate or /healthz"}) + "\n")
-            return
+    @app.get("/gate")
+    def gate(request: Request) -> Response:  # sync: FastAPI runs it in its thread pool
+        query = request.url.query
         try:
-            request = request_from_query(self.server.base_request, url.query)
+            gate_request = request_from_query(base, query)
         except GateConfigError as exc:
-            self._send(400, json.dumps({"error": str(exc)}) + "\n")
-            return
-        verdict = analyze(request)
-        logger.info("gate serve: %s → %s", url.query or "(defaults)", verdict.outcome)
-        self._send(200, verdict.to_json())
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        verdict = analyze(gate_request)
+        logger.info("gate serve: %s → %s", query or "(defaults)", verdict.outcome)
+        return Response(verdict.to_json(), media_type="application/json")
+
+    return app
 
 
-class GateHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+class GateHTTPServer:
+    """The gate server bound to its socket; :meth:`serve_forever` until :meth:`shutdown`."""
 
-    def __init__(self, address: tuple[str, int], base_request: GateRequest) -> None:
+    def __init__(self, sock: socket.socket, base_request: GateRequest) -> None:
+        import uvicorn
+
         self.base_request = base_request
-        super().__init__(address, _Handler)
+        self._sock = sock
+        config = uvicorn.Config(create_app(base_request), log_config=None, access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._stopped = threading.Event()
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        host, port = self._sock.getsockname()[:2]
+        return host, port
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.server_address
         return f"http://{host}:{port}"
+
+    def serve_forever(self) -> None:
+        try:
+            self._server.run(sockets=[self._sock])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop serving; returns once the server loop has ended (or after ``timeout_s``)."""
+        self._server.should_exit = True
+        self._stopped.wait(timeout_s)
+
+    def server_close(self) -> None:
+        self._sock.close()
 
 
 def make_server(base: GateRequest, host: str = "127.0.0.1", port: int = 0) -> GateHTTPServer:
     """Bind (port 0: a free one) without serving yet; call ``serve_forever`` or :func:`serve_in_thread`."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        return GateHTTPServer((host, port), base)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
     except OSError as exc:
+        sock.close()
         raise GateServeError(f"gate serve: cannot listen on {host}:{port}: {exc}") from exc
+    return GateHTTPServer(sock, base)
 
 
 def serve_in_thread(server: GateHTTPServer) -> threading.Thread:
@@ -138,3 +134,6 @@ def serve_in_thread(server: GateHTTPServer) -> threading.Thread:
     thread = threading.Thread(target=server.serve_forever, name="ggufship-gate-serve", daemon=True)
     thread.start()
     return thread
+
+
+__all__ = ["GateHTTPServer", "create_app", "make_server", "request_from_query", "serve_in_thread"]

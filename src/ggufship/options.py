@@ -1,0 +1,217 @@
+"""Options of a settings model: one declaration per option, read by every front end.
+
+A pydantic model's fields (with nested models flattened) are the options: the name, type,
+default, bounds and help (``description``) come from the field. A field may say how it is
+spelled outside Python with ``json_schema_extra=option(...)``: its flag/parameter name (for
+names that predate the model, e.g. ``--max-p99`` for ``max_p99_s``), a metavar, whether a
+list is given by repeating the option instead of as a comma list, and whether HTTP query
+parameters may set it. ``ggufship.cli.settings_flags`` turns these into argparse flags; the
+gate server parses its query parameters with :func:`model_input` and :func:`validated`.
+
+Values arrive as text and are validated by the model itself, so a flag, a query parameter and
+an environment variable go through the same validators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+M = TypeVar("M", bound=BaseModel)
+_KEY = "ggufship_option"
+
+
+def option(
+    name: str | None = None, *, metavar: str | None = None, repeat: bool = False, query: bool = True
+) -> dict[str, Any]:
+    """``json_schema_extra`` for a field: its option ``name`` (snake case; default the field's name),
+    ``metavar``, ``repeat`` (a list given by repeating the option, for values that may hold commas),
+    ``query`` (False: not settable by an HTTP query parameter, e.g. where the server connects)."""
+    spec: dict[str, Any] = {"repeat": repeat, "query": query}
+    if name is not None:
+        spec["name"] = name
+    if metavar is not None:
+        spec["metavar"] = metavar
+    return {_KEY: spec}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a model: where it lives (``path``), how it is spelled, and its field."""
+
+    name: str
+    path: tuple[str, ...]
+    field: FieldInfo
+    group: str
+    metavar: str | None = None
+    repeat: bool = False
+    query: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def is_list(self) -> bool:
+        return _origin(self.field.annotation) in (tuple, list)
+
+    @property
+    def is_bool(self) -> bool:
+        return self.field.annotation is bool
+
+    @property
+    def description(self) -> str:
+        return self.field.description or ""
+
+    @property
+    def default(self) -> Any:
+        """The field's default (a factory's value); ``PydanticUndefined`` for a required field."""
+        return self.field.get_default(call_default_factory=True)
+
+    def default_text(self) -> str | None:
+        value = self.default
+        if value is PydanticUndefined:
+            return None
+        if value is None:
+            return "none"
+        if isinstance(value, tuple | list):
+            return ",".join(map(str, value)) if value else "none"
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value)
+
+    def bounds_text(self) -> str | None:
+        parts = []
+        for meta in self.field.metadata:
+            for attr, sign in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")):
+                bound = getattr(meta, attr, None)
+                if bound is not None:
+                    parts.append(f"{sign} {bound:g}" if isinstance(bound, float) else f"{sign} {bound}")
+        return ", ".join(parts) or None
+
+    def help(self) -> str:
+        """The field's description, then what the model says about default and bounds."""
+        extra = []
+        if (default := self.default_text()) is not None:
+            extra.append(f"default: {default}")
+        if (bounds := self.bounds_text()) is not None:
+            extra.append(bounds)
+        return f"{self.description} ({'; '.join(extra)})" if extra else self.description
+
+
+def _origin(annotation: Any) -> Any:
+    origin = get_origin(annotation)
+    if origin is None:
+        return annotation
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if origin in (tuple, list):
+        return origin
+    if len(args) == 1:  # X | None
+        return _origin(args[0])
+    return origin
+
+
+def _nested_model(field: FieldInfo) -> type[BaseModel] | None:
+    ann = field.annotation
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def options_of(model: type[BaseModel], *, exclude: Iterable[str] = ()) -> tuple[Option, ...]:
+    """Every option of ``model``, nested models' fields flattened (grouped under the field's name).
+    Raises ValueError when two options share a name."""
+    skip = set(exclude)
+    out: list[Option] = []
+
+    def walk(cls: type[BaseModel], prefix: tuple[str, ...], group: str) -> None:
+        for fname, field in cls.model_fields.items():
+            if fname in skip:
+                continue
+            nested = _nested_model(field)
+            if nested is not None:
+                walk(nested, (*prefix, fname), fname)
+                continue
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            spec = dict(extra.get(_KEY) or {})  # type: ignore[call-overload]
+            out.append(
+                Option(
+                    name=spec.get("name", fname),
+                    path=(*prefix, fname),
+                    field=field,
+                    group=group,
+                    metavar=spec.get("metavar"),
+                    repeat=bool(spec.get("repeat", False)),
+                    query=bool(spec.get("query", True)),
+                )
+            )
+
+    walk(model, (), "options")
+    names = [o.name for o in out]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"{model.__name__}: option names repeat: {sorted(n for n in names if names.count(n) > 1)}"
+        )
+    return tuple(out)
+
+
+def model_input(options: Sequence[Option], values: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """The nested input dict of the options present in ``values`` (name → the values given, in
+    order). A list option takes every value of a repeatable option, else the last value split at
+    commas (an empty value: the empty list); any other option takes its last value."""
+    data: dict[str, Any] = {}
+    for opt in options:
+        given = values.get(opt.name)
+        if not given:
+            continue
+        if opt.is_list:
+            if opt.repeat:
+                value: Any = tuple(given)
+            else:
+                value = tuple(part.strip() for part in str(given[-1]).split(",") if part.strip())
+        else:
+            value = given[-1]
+        node = data
+        for key in opt.path[:-1]:
+            node = node.setdefault(key, {})
+        node[opt.path[-1]] = value
+    return data
+
+
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def validated(
+    model: type[M],
+    data: Mapping[str, Any],
+    options: Sequence[Option],
+    *,
+    spell: Callable[[Option], str],
+    error: Callable[[str], Exception],
+) -> M:
+    """``model(**data)``; a validation error becomes ``error(message)`` naming each bad option
+    as ``spell`` writes it (``--max-p99``, ``query parameter max_p99``)."""
+    by_path = {o.path: o for o in options}
+    try:
+        return model(**data)
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            loc = tuple(str(p) for p in e["loc"])
+            opt = next((by_path[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in by_path), None)
+            where = spell(opt) if opt is not None else ".".join(loc) or "value"
+            problems.append(f"{where}: {e['msg']}")
+        raise error("; ".join(problems)) from exc
