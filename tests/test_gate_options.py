@@ -189,3 +189,41 @@ def test_each_gate_module_imports_alone_in_a_fresh_interpreter(name: str) -> Non
         [sys.executable, "-c", f"import ggufship.gate.{name}"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- `ggufship gate serve` as a process
+
+
+def test_gate_serve_process_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
+    import signal
+
+    import httpx
+
+    argv = ["gate", "serve", "--port", "0", "--timeout", "1", "--prometheus", "http://127.0.0.1:9"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ggufship.cli.main", *argv, "--analyses", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()  # printed once bound
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/gate"), url
+        with httpx.Client(timeout=30, trust_env=False) as http:
+            assert http.get(url.removesuffix("/gate") + "/healthz").json() == {"status": "ok"}
+            bad = http.get(url, params={"window": "soon"})
+            assert bad.status_code == 400 and "query parameter window" in bad.json()["error"]
+            body = http.get(url, params={"model": "m", "rates": ""}).json()  # Prometheus down: a verdict
+            assert body["outcome"] == "inconclusive" and body["policy"]["planned_analyses"] == 3
+            assert body["policy"]["rates"] == [] and body["selector"]["model"] == "m"
+            assert http.get(url.removesuffix("/gate") + "/nope").status_code == 404
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught (uvicorn/server.py,
+        # Server.capture_signals): the exit status is the signal's, as for `ggufship serve`
+        assert proc.wait(timeout=20) == -signal.SIGTERM
+        assert proc.stderr is not None and "Shutting down" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
