@@ -13,7 +13,9 @@ import pkgutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
 import ggufship
@@ -101,6 +103,21 @@ def _default(field: object) -> str:
     return text if len(text) <= 60 else text[:57] + "…"
 
 
+def _fields(model: type[BaseModel], prefix: str, delimiter: str | None) -> Iterator[tuple[str, Any]]:
+    """(variable, field) of a settings model; a nested model's fields when the model has an
+    ``env_nested_delimiter`` (``GGUFSHIP_GATE_POLICY__ALPHA``)."""
+    for name, field in model.model_fields.items():
+        if isinstance(field.validation_alias, str):
+            yield field.validation_alias.upper(), field
+            continue
+        variable = (prefix + name).upper()
+        nested = field.annotation
+        if delimiter and isinstance(nested, type) and issubclass(nested, BaseModel):
+            yield from _fields(nested, variable + delimiter, delimiter)
+        else:
+            yield variable, field
+
+
 def env_settings() -> tuple[EnvSetting, ...]:
     """Every setting that can come from the environment, from each pydantic-settings model."""
     for _ in _modules():
@@ -108,10 +125,8 @@ def env_settings() -> tuple[EnvSetting, ...]:
     rows: list[EnvSetting] = []
     for model in _subclasses(BaseSettings):
         prefix = str(model.model_config.get("env_prefix", ""))
-        for name, field in model.model_fields.items():
-            variable = (field.validation_alias if isinstance(field.validation_alias, str) else None) or (
-                prefix + name
-            ).upper()
+        delimiter = model.model_config.get("env_nested_delimiter")
+        for variable, field in _fields(model, prefix, delimiter):
             rows.append(
                 EnvSetting(
                     variable=variable,
