@@ -20,7 +20,7 @@ from ggufship.publish import (
     publish,
 )
 from ggufship.services import load_state
-from tests.test_publish_s3 import make_export
+from tests.publish_fixtures import git_bare, git_log, git_show, make_export
 
 pytest_plugins = ["tests.services_fixtures"]
 
@@ -31,23 +31,9 @@ def remote(services_factory) -> str:
     return load_state(state_dir).services["git"].endpoint
 
 
-def _git(repo: str, *args: str) -> str:
-    path = repo.removeprefix("file://")
-    out = subprocess.run(["git", f"--git-dir={path}", *args], capture_output=True, text=True, check=True)
-    return out.stdout.strip()
-
-
-def _show(repo: str, path: str, rev: str = "main") -> str:
-    return _git(repo, "show", f"{rev}:{path}")
-
-
-def _log(repo: str) -> list[str]:
-    return _git(repo, "log", "--format=%H %an <%ae> %s", "main").splitlines()
-
-
 def test_one_commit_with_record_and_values_idempotent(remote, tmp_path):
     export = make_export(tmp_path / "exp", big=4096)
-    before = _log(remote)
+    before = git_log(remote)
     target = GitOpsTarget(
         url=remote,
         environment="staging",
@@ -57,14 +43,14 @@ def test_one_commit_with_record_and_values_idempotent(remote, tmp_path):
     )
     result = publish(export, PublishRequest(gitops=target)).gitops
     assert result is not None and not result.skipped and result.attempts == 1
-    log = _log(remote)
+    log = git_log(remote)
     assert len(log) == len(before) + 1
     sha = hashlib.sha256((export / "syn-1.0.0-Q4_K_M.gguf").read_bytes()).hexdigest()
     assert log[0] == f"{result.commit} Release Bot <bot@example.test> ship syn@1.0.0 to staging ({sha})"
-    changed = _git(remote, "show", "--name-only", "--format=", "main").splitlines()
+    changed = git_bare(remote, "show", "--name-only", "--format=", "main").splitlines()
     assert sorted(changed) == ["deploy/staging/syn.values.yaml", "models/syn/1.0.0.yaml"]
 
-    record = yaml.safe_load(_show(remote, "models/syn/1.0.0.yaml"))
+    record = yaml.safe_load(git_show(remote, "models/syn/1.0.0.yaml"))
     assert record["name"] == "syn" and record["version"] == "1.0.0"
     manifest_sha = hashlib.sha256((export / MANIFEST_NAME).read_bytes()).hexdigest()
     assert record["manifest_sha256"] == manifest_sha
@@ -72,13 +58,13 @@ def test_one_commit_with_record_and_values_idempotent(remote, tmp_path):
     assert record["signature"]["file"] == "model.sig"
     assert record["signature"]["sha256"] == hashlib.sha256((export / "model.sig").read_bytes()).hexdigest()
     assert record["metrics"] == {"accuracy": 0.8}
-    values = yaml.safe_load(_show(remote, "deploy/staging/syn.values.yaml"))
+    values = yaml.safe_load(git_show(remote, "deploy/staging/syn.values.yaml"))
     assert values["model"]["file"] == "syn-1.0.0-Q4_K_M.gguf" and values["model"]["sha256"] == sha
     assert values["model"]["record"] == "models/syn/1.0.0.yaml"
 
     again = publish(export, PublishRequest(gitops=target)).gitops
     assert again is not None and again.skipped and again.commit == result.commit
-    assert _log(remote) == log
+    assert git_log(remote) == log
 
 
 def test_values_keep_other_keys_and_conflict_needs_force(remote, tmp_path):
@@ -97,17 +83,17 @@ def test_values_keep_other_keys_and_conflict_needs_force(remote, tmp_path):
 
     second = make_export(tmp_path / "b", version="1.1.0", big=4096, seed=5)
     publish(second, PublishRequest(gitops=GitOpsTarget(url=remote)))
-    values = yaml.safe_load(_show(remote, "deploy/dev/syn.values.yaml"))
+    values = yaml.safe_load(git_show(remote, "deploy/dev/syn.values.yaml"))
     assert values["replicas"] == 3 and values["model"]["version"] == "1.1.0"
 
     other = make_export(tmp_path / "c", version="1.1.0", big=4096, seed=9)
-    head = _log(remote)
+    head = git_log(remote)
     with pytest.raises(PublishConflictError) as err:
         publish(other, PublishRequest(gitops=GitOpsTarget(url=remote)))
     assert "models/syn/1.1.0.yaml" in str(err.value) and "--force" in str(err.value)
-    assert _log(remote) == head
+    assert git_log(remote) == head
     forced = publish(other, PublishRequest(gitops=GitOpsTarget(url=remote), force=True)).gitops
-    assert forced is not None and not forced.skipped and _log(remote)[0].startswith(forced.commit)
+    assert forced is not None and not forced.skipped and git_log(remote)[0].startswith(forced.commit)
 
 
 def test_rejected_push_rebase_conflict_regenerates_from_new_head(remote, tmp_path):
@@ -134,10 +120,10 @@ def test_rejected_push_rebase_conflict_regenerates_from_new_head(remote, tmp_pat
         _before_push=competitor,
     )
     assert result.attempts == 2 and result.rebase_conflicts == 1 and not result.skipped
-    log = _log(remote)
+    log = git_log(remote)
     assert log[0].startswith(result.commit) and log[1].startswith(landed[0])  # nothing lost, linear
-    assert _show(remote, "models/syn/2.1.0.yaml") and _show(remote, "models/syn/2.0.0.yaml")
-    assert yaml.safe_load(_show(remote, "deploy/dev/syn.values.yaml"))["model"]["version"] == "2.0.0"
+    assert git_show(remote, "models/syn/2.1.0.yaml") and git_show(remote, "models/syn/2.0.0.yaml")
+    assert yaml.safe_load(git_show(remote, "deploy/dev/syn.values.yaml"))["model"]["version"] == "2.0.0"
 
 
 def test_rejected_push_clean_rebase(remote, tmp_path):
@@ -160,12 +146,12 @@ def test_rejected_push_clean_rebase(remote, tmp_path):
         _before_push=competitor,
     )
     assert result.attempts == 2 and result.rebase_conflicts == 0
-    assert _show(remote, "models/alpha/1.0.0.yaml") and _show(remote, "models/beta/1.0.0.yaml")
+    assert git_show(remote, "models/alpha/1.0.0.yaml") and git_show(remote, "models/beta/1.0.0.yaml")
 
 
 def test_concurrent_publishers_all_land(remote, tmp_path):
     exports = [make_export(tmp_path / f"e{i}", version=f"3.{i}.0", big=4096, seed=10 + i) for i in range(4)]
-    before = len(_log(remote))
+    before = len(git_log(remote))
     barrier = threading.Barrier(len(exports), timeout=60)
     results: list = [None] * len(exports)
     errors: list[BaseException] = []
@@ -185,7 +171,7 @@ def test_concurrent_publishers_all_land(remote, tmp_path):
         t.join(timeout=240)
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors
-    log = _log(remote)
+    log = git_log(remote)
     assert len(log) == before + len(exports)
     for i, result in enumerate(results):
         assert result is not None and not result.skipped
@@ -201,7 +187,7 @@ def test_concurrent_publishers_all_land(remote, tmp_path):
             ],
             check=True,
         )
-        assert _show(remote, f"models/syn/3.{i}.0.yaml")
+        assert git_show(remote, f"models/syn/3.{i}.0.yaml")
 
 
 def test_push_rejected_by_remote_is_reported(remote, tmp_path):
@@ -209,11 +195,11 @@ def test_push_rejected_by_remote_is_reported(remote, tmp_path):
     hook.write_text("#!/bin/sh\necho 'releases are frozen' >&2\nexit 1\n")
     hook.chmod(0o755)
     export = make_export(tmp_path / "exp", big=4096)
-    before = _log(remote)
+    before = git_log(remote)
     with pytest.raises(GitOpsError) as err:
         publish(export, PublishRequest(gitops=GitOpsTarget(url=remote, max_attempts=2, backoff_s=0.01)))
     assert remote in str(err.value) and "2 attempts" in str(err.value) and err.value.exit_code == 43
-    assert _log(remote) == before
+    assert git_log(remote) == before
 
 
 def test_bad_repository_and_settings(tmp_path):

@@ -38,7 +38,7 @@ from ggufship.publish import (
     pull,
 )
 from ggufship.services import load_state
-from tests.test_publish_s3 import make_export
+from tests.publish_fixtures import make_export
 
 pytest_plugins = ["tests.services_fixtures"]
 
@@ -278,14 +278,14 @@ def test_a_live_holder_stalled_mid_upload_is_never_aborted(stack, tmp_path):
     import os
     import select
 
-    from tests.test_publish_s3 import _CHILD, REPO
+    from tests.publish_fixtures import REPO, STALLING_PUBLISHER
 
     state_dir, _registry, _git_dir, request, writer = stack
     export = make_export(tmp_path / "exp", big=23 * MIB)  # 5 parts of 5 MiB; version 1.0.0
     base = "models/syn/1.0.0/"
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(export), str(state_dir)],
+        [sys.executable, "-c", STALLING_PUBLISHER, str(export), str(state_dir)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -14,7 +14,7 @@ import yaml
 from ggufship.manifest import MANIFEST_NAME
 from ggufship.publish import GitOpsTarget, PublishRequest, PullError, S3Target, publish, pull
 from ggufship.services import load_state
-from tests.test_publish_s3 import make_export
+from tests.publish_fixtures import make_export
 
 pytest_plugins = ["tests.services_fixtures"]
 

@@ -20,14 +20,12 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
 from ggufship.errors import IntegrityError, ManifestError
-from ggufship.integrity import sidecar_text
-from ggufship.manifest import MANIFEST_NAME, Manifest, ManifestFile, SourceInfo
+from ggufship.manifest import MANIFEST_NAME, Manifest
 from ggufship.publish import (
     PublishConflictError,
     PublishRequest,
@@ -40,55 +38,9 @@ from ggufship.publish import (
     publish,
     pull,
 )
+from tests.publish_fixtures import MIB, REPO, STALLING_PUBLISHER, make_export
 
 pytest_plugins = ["tests.services_fixtures"]
-
-REPO = Path(__file__).resolve().parents[1]
-MIB = 1024 * 1024
-
-
-def make_export(
-    root: Path,
-    name: str = "syn",
-    version: str = "1.0.0",
-    *,
-    big: int = 11 * MIB,
-    seed: int = 1,
-    signature: bool = True,
-) -> Path:
-    """An export with a real manifest: one 'big' GGUF (multipart), one small, a card, a signature."""
-    out = root / f"{name}-{version}"
-    out.mkdir(parents=True)
-    rng = __import__("random").Random(seed)
-    files = []
-    for quant, size in (("F16", big), ("Q4_K_M", 4096)):
-        fname = f"{name}-{version}-{quant}.gguf"
-        data = b"GGUF" + rng.randbytes(size - 4)
-        (out / fname).write_bytes(data)
-        digest = hashlib.sha256(data).hexdigest()
-        (out / f"{fname}.sha256").write_text(sidecar_text(digest, fname))
-        files.append(ManifestFile(path=fname, sha256=digest, size=size, kind="gguf", quantization=quant))
-    card = f"# {name} {version}\n".encode()
-    (out / "README.md").write_bytes(card)
-    files.append(
-        ManifestFile(
-            path="README.md", sha256=hashlib.sha256(card).hexdigest(), size=len(card), kind="model-card"
-        )
-    )
-    manifest = Manifest(
-        name=name,
-        version=version,
-        base_model="acme/base",
-        files=tuple(files),
-        source=SourceInfo(
-            checkpoint_sha256="0" * 64, architecture="LlamaForCausalLM", weights_format="safetensors"
-        ),
-        metadata={"evaluations": [{"task": "text-generation", "dataset": "d", "metrics": {"accuracy": 0.8}}]},
-    )
-    (out / MANIFEST_NAME).write_text(manifest.to_json())
-    if signature:
-        (out / "model.sig").write_text(json.dumps({"signature": rng.randbytes(16).hex()}))
-    return out
 
 
 @pytest.fixture
@@ -314,41 +266,12 @@ def test_settings_from_environment(monkeypatch, tmp_path):
         )
 
 
-_CHILD = r"""
-import sys, contextlib
-from pathlib import Path
-from ggufship.progress import Reporter
-from ggufship.publish import PublishRequest, S3Target, publish
-
-class Stall:
-    def __init__(self): self.parts = 0
-    def advance(self, amount=1):
-        self.parts += 1
-        if self.parts == 2:  # two parts of the big file are up: stop here until killed
-            sys.stdout.write("STALLED\n"); sys.stdout.flush()
-            sys.stdin.read()
-
-class Null:
-    def advance(self, amount=1): pass
-
-class StallingReporter(Reporter):
-    @contextlib.contextmanager
-    def task(self, description, total):
-        yield Stall() if description.endswith("F16.gguf") else Null()
-
-target = S3Target(bucket="models", state_dir=Path(sys.argv[2]), part_size=5 * 1024 * 1024, parallel=1,
-                  create_bucket=True)
-publish(Path(sys.argv[1]), PublishRequest(s3=target), reporter=StallingReporter(enabled=False))
-sys.stdout.write("FINISHED\n")
-"""
-
-
 def test_interrupted_upload_leaves_no_object_and_rerun_succeeds(s3, tmp_path):
     state_dir, target, client = s3
     export = make_export(tmp_path / "exp", big=23 * MIB)  # 5 parts of 5 MiB
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(export), str(state_dir)],
+        [sys.executable, "-c", STALLING_PUBLISHER, str(export), str(state_dir)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

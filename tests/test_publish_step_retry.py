@@ -21,7 +21,7 @@ from ggufship.publish import PublishConflictError
 from ggufship.publish._oci import OciUnavailableError
 from ggufship.services import load_state
 from ggufship.services._process import free_port
-from tests.test_publish_s3 import make_export
+from tests.publish_fixtures import make_export
 
 pytest_plugins = ["tests.services_fixtures"]
 

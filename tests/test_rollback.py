@@ -14,8 +14,7 @@ from ggufship.errors import UsageError
 from ggufship.publish import GitOpsTarget, PublishRequest, publish
 from ggufship.rollback import NoStableModelError, RollbackRequest, rollback
 from ggufship.services import load_state
-from tests.test_gitops import _git, _log, _show
-from tests.test_publish_s3 import make_export
+from tests.publish_fixtures import git_bare, git_log, git_show, make_export
 
 pytest_plugins = ["tests.services_fixtures"]
 
@@ -33,7 +32,7 @@ def _ship(remote: str, tmp_path: Path, version: str, seed: int) -> str:
     """Publish ``syn`` ``version`` to staging; the digest its values name."""
     export = make_export(tmp_path / f"e-{version}", version=version, big=4096, seed=seed)
     publish(export, PublishRequest(gitops=GitOpsTarget(url=remote, environment="staging")))
-    return yaml.safe_load(_show(remote, VALUES))["model"]["sha256"]
+    return yaml.safe_load(git_show(remote, VALUES))["model"]["sha256"]
 
 
 def _hand_edit(remote: str, tmp_path: Path, key: str, value: object) -> None:
@@ -53,7 +52,7 @@ def test_rollback_restores_the_stable_digest_keeps_other_keys_and_is_idempotent(
     stable = _ship(remote, tmp_path, "1.0.0", seed=1)
     rejected = _ship(remote, tmp_path, "1.1.0", seed=2)
     _hand_edit(remote, tmp_path, "replicas", 6)  # after the rejected release: must survive
-    before = _log(remote)
+    before = git_log(remote)
 
     request = RollbackRequest(
         url=remote,
@@ -65,20 +64,20 @@ def test_rollback_restores_the_stable_digest_keeps_other_keys_and_is_idempotent(
     result = rollback(request)
     assert result.rolled_back and result.stable_sha256 == stable and result.stable_version == "1.0.0"
     assert result.rejected_version == "1.1.0" and result.attempts == 1
-    log = _log(remote)
+    log = git_log(remote)
     assert len(log) == len(before) + 1 and log[0].startswith(result.commit)
-    subject = _git(remote, "log", "-1", "--format=%s", "main")
+    subject = git_bare(remote, "log", "-1", "--format=%s", "main")
     assert rejected in subject and "KS gate failed" in subject and "1.1.0" in subject
-    assert _git(remote, "show", "--name-only", "--format=", "main").splitlines() == [VALUES]
-    values = yaml.safe_load(_show(remote, VALUES))
+    assert git_bare(remote, "show", "--name-only", "--format=", "main").splitlines() == [VALUES]
+    values = yaml.safe_load(git_show(remote, VALUES))
     assert values["model"]["sha256"] == stable and values["model"]["version"] == "1.0.0"
     assert values["model"]["record"] == "models/syn/1.0.0.yaml"
     assert values["replicas"] == 6
-    assert _show(remote, "models/syn/1.1.0.yaml")  # the release record stays: it was published
+    assert git_show(remote, "models/syn/1.1.0.yaml")  # the release record stays: it was published
 
     again = rollback(request)
     assert not again.rolled_back and again.commit == result.commit and "nothing to roll back" in again.reason
-    assert _log(remote) == log
+    assert git_log(remote) == log
     # By version, too: the head names 1.0.0 now, so rejecting 1.1.0 again changes nothing.
     assert not rollback(RollbackRequest(remote, "syn", "staging", rejected_version="1.1.0")).rolled_back
 
@@ -87,10 +86,10 @@ def test_rollback_of_a_release_that_is_not_deployed_changes_nothing(remote, tmp_
     _ship(remote, tmp_path, "1.0.0", seed=1)
     first = _ship(remote, tmp_path, "1.1.0", seed=2)
     newest = _ship(remote, tmp_path, "1.2.0", seed=3)  # superseded 1.1.0 already
-    head = _log(remote)
+    head = git_log(remote)
     result = rollback(RollbackRequest(remote, "syn", "staging", rejected_sha256=first))
-    assert not result.rolled_back and _log(remote) == head
-    assert yaml.safe_load(_show(remote, VALUES))["model"]["sha256"] == newest
+    assert not result.rolled_back and git_log(remote) == head
+    assert yaml.safe_load(git_show(remote, VALUES))["model"]["sha256"] == newest
 
 
 def test_rollback_skips_older_rejected_commits_and_goes_to_the_last_other_model(remote, tmp_path):
@@ -103,11 +102,11 @@ def test_rollback_skips_older_rejected_commits_and_goes_to_the_last_other_model(
 
 def test_no_stable_to_go_back_to(remote, tmp_path):
     only = _ship(remote, tmp_path, "1.0.0", seed=1)
-    head = _log(remote)
+    head = git_log(remote)
     with pytest.raises(NoStableModelError, match="no stable to go back to") as err:
         rollback(RollbackRequest(remote, "syn", "staging", rejected_sha256=only))
     assert VALUES in str(err.value) and only in str(err.value)
-    assert _log(remote) == head
+    assert git_log(remote) == head
     with pytest.raises(NoStableModelError, match="nothing is deployed"):
         rollback(RollbackRequest(remote, "other", "staging", rejected_version="1.0.0"))
 
@@ -121,16 +120,16 @@ def test_concurrent_writer_rebases_and_never_forces(remote, tmp_path):
     def competitor(attempt: int) -> None:
         if attempt == 1:
             _hand_edit(remote, tmp_path, "replicas", 9)
-            landed.append(_log(remote)[0].split()[0])
+            landed.append(git_log(remote)[0].split()[0])
 
     result = rollback(
         RollbackRequest(remote, "syn", "staging", rejected_sha256=rejected, backoff_s=0.01),
         before_push=competitor,
     )
     assert result.rolled_back and result.attempts == 2
-    log = _log(remote)
+    log = git_log(remote)
     assert log[0].startswith(result.commit) and log[1].startswith(landed[0])  # linear: nothing lost
-    values = yaml.safe_load(_show(remote, VALUES))
+    values = yaml.safe_load(git_show(remote, VALUES))
     assert values["replicas"] == 9 and values["model"]["sha256"] == stable
 
 
@@ -147,7 +146,7 @@ def test_concurrent_rollbacks_land_once(remote, tmp_path):
 
     result = rollback(request, before_push=race)
     assert other[0].rolled_back and not result.rolled_back and result.attempts == 2
-    subjects = _git(remote, "log", "--format=%s", "main").splitlines()
+    subjects = git_bare(remote, "log", "--format=%s", "main").splitlines()
     assert sum(s.startswith("rollback syn") for s in subjects) == 1
 
 
@@ -193,10 +192,10 @@ def test_pipeline_exit_handler_rolls_back_only_failed_runs(remote, tmp_path):
     common = {"name": "syn", "version": "1.1.0", "environment": "staging", "error_message": ""}
     assert rollback_on_failure(state="SUCCEEDED", gitops=remote, **common) == "skipped"
     assert rollback_on_failure(state="FAILED", gitops="", **common) == "skipped"
-    head = _log(remote)
+    head = git_log(remote)
     failed = {**common, "error_message": "RolloutAbortedError: canary aborted (Degraded): KS failed\n..."}
     assert rollback_on_failure(state="FAILED", gitops=remote, **failed) == "rolled-back"
-    assert len(_log(remote)) == len(head) + 1
-    assert "pipeline FAILED: RolloutAbortedError" in _git(remote, "log", "-1", "--format=%s", "main")
-    assert yaml.safe_load(_show(remote, VALUES))["model"]["sha256"] == stable
+    assert len(git_log(remote)) == len(head) + 1
+    assert "pipeline FAILED: RolloutAbortedError" in git_bare(remote, "log", "-1", "--format=%s", "main")
+    assert yaml.safe_load(git_show(remote, VALUES))["model"]["sha256"] == stable
     assert rollback_on_failure(state="FAILED", gitops=remote, **failed) == "nothing-to-roll-back"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ggufship.retry import poll_until
 from ggufship.rollout import CANARY_HEADER, TRACK_HEADER, RolloutError, RolloutProxyError, trace_id
 from ggufship.rollout._load import LoadGenerator, LoadSpec, new_traceparent, read_records
 from ggufship.rollout._proxy import NginxProxy, ProxyRoutes, render_config
@@ -201,13 +202,21 @@ def test_reload_drains_in_flight_requests(proxy: NginxProxy, backends: tuple[Bac
     assert resp.json()["backend"] == "canary"
 
 
+def _wait_for_records(gen: LoadGenerator, count: int, timeout_s: float) -> bool:
+    """Wait (bounded) until ``count`` requests completed; False on timeout or when the load ended short."""
+    return (
+        poll_until(lambda: len(gen.records()) >= count or gen.done(), timeout_s=timeout_s, interval_s=0.05)
+        and len(gen.records()) >= count
+    )
+
+
 def test_load_generator_records_every_request(proxy: NginxProxy, tmp_path: Path) -> None:
     records_file = tmp_path / "load.jsonl"
     gen = LoadGenerator(
         LoadSpec(url=proxy.url, concurrency=3, max_requests=60, max_seconds=60, model="tiny"), records_file
     )
     gen.start()
-    assert gen.wait_for(60, timeout_s=60)
+    assert _wait_for_records(gen, 60, timeout_s=60)
     records = gen.stop()
     assert len(records) == 60
     assert sorted(r.index for r in records) == list(range(60))
@@ -229,7 +238,7 @@ def test_load_generator_paced(proxy: NginxProxy) -> None:
     # 10 requests at 1000/s: index i is not sent before i ms; all done and all recorded
     gen = LoadGenerator(LoadSpec(url=proxy.url, concurrency=2, max_requests=10, rate_per_s=1000))
     gen.start()
-    assert gen.wait_for(10, timeout_s=30)
+    assert _wait_for_records(gen, 10, timeout_s=30)
     records = sorted(gen.stop(), key=lambda r: r.index)
     assert all(b.started_at >= a.started_at - 0.05 for a, b in itertools.pairwise(records))
 
@@ -238,7 +247,7 @@ def test_transport_errors_are_recorded(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
     gen = LoadGenerator(LoadSpec(url=f"http://127.0.0.1:{port}", concurrency=1, max_requests=3, timeout_s=5))
     gen.start()
-    assert gen.wait_for(3, timeout_s=30)
+    assert _wait_for_records(gen, 3, timeout_s=30)
     records = gen.stop()
     assert len(records) == 3 and all(r.status is None and r.error for r in records)
 

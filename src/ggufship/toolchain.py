@@ -28,10 +28,6 @@ class LlamaCppToolchain:
     root: Path
     version: str
 
-    @property
-    def converter(self) -> Path:
-        return self.root / "convert_hf_to_gguf.py"
-
 
 def find_toolchain(root: Path | None = None) -> LlamaCppToolchain:
     """Locate the extracted converter; raise :class:`ToolchainError` if incomplete."""

@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 PIPELINE_FILE = Path("pipelines") / "export_to_canary.py"
-GOLDEN_YAML = Path("pipelines") / "export_to_canary.yaml"
 
 
 class PipelineDefinitionError(PipelineStepError):

@@ -165,15 +165,6 @@ class LoadGenerator:
     def summary(self) -> LoadSummary:
         return LoadSummary.of(self.records())
 
-    def wait_for(self, count: int, timeout_s: float) -> bool:
-        """Wait (bounded) until ``count`` requests completed; False on timeout or when the load ended."""
-        deadline = time.monotonic() + timeout_s
-        while len(self.records()) < count:
-            if time.monotonic() >= deadline or self.done():
-                return len(self.records()) >= count
-            time.sleep(0.05)
-        return True
-
     # -------------------------------------------------------------- engine
 
     def _main(self) -> None:

@@ -26,10 +26,10 @@ import pwd
 import re
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ggufship.retry import poll_until
 from ggufship.rollout._errors import RolloutError, RolloutProxyError
 from ggufship.services._process import LOOPBACK, child_pids, log_tail, spawn, stop_process
 
@@ -214,20 +214,23 @@ class NginxProxy:
         self.pid, self._ticks = spawn(
             self._base_command(), log=self.prefix / "logs" / "nginx.out", cwd=self.prefix
         )
-        deadline = time.monotonic() + self.start_timeout_s
-        while not self._pid_file_is_ours(pid_file):
+
+        def started() -> bool:
+            if self._pid_file_is_ours(pid_file):
+                return True
             if not self.alive():
                 self.pid = None
                 raise RolloutProxyError(
                     f"nginx exited during start-up; log {self.error_log}:\n{log_tail(self.error_log)}"
                 )
-            if time.monotonic() >= deadline:
-                self.stop()
-                raise RolloutProxyError(
-                    f"nginx did not start on {LOOPBACK}:{self.routes.listen_port} within "
-                    f"{self.start_timeout_s:.0f}s; log {self.error_log}:\n{log_tail(self.error_log)}"
-                )
-            time.sleep(_POLL_S)
+            return False
+
+        if not poll_until(started, timeout_s=self.start_timeout_s, interval_s=_POLL_S):
+            self.stop()
+            raise RolloutProxyError(
+                f"nginx did not start on {LOOPBACK}:{self.routes.listen_port} within "
+                f"{self.start_timeout_s:.0f}s; log {self.error_log}:\n{log_tail(self.error_log)}"
+            )
         logger.info("proxy (nginx pid %d) at %s: %s", self.pid, self.url, describe(self.routes))
 
     def _pid_file_is_ours(self, pid_file: Path) -> bool:
@@ -273,21 +276,24 @@ class NginxProxy:
 
     def wait_drained(self, old_workers: set[int], timeout_s: float) -> None:
         """Wait (bounded) until new workers run and the old ones, finishing their requests, exited."""
-        deadline = time.monotonic() + timeout_s
-        while True:
+        current: set[int] = set()
+
+        def drained() -> bool:
+            nonlocal current
             current = set(self.workers())
             if current and not (current & old_workers):
-                return
+                return True
             if not self.alive():
                 raise RolloutProxyError(
                     f"nginx died during reload; log {self.error_log}:\n{log_tail(self.error_log)}"
                 )
-            if time.monotonic() >= deadline:
-                raise RolloutProxyError(
-                    f"old nginx workers {sorted(current & old_workers)} still serve requests "
-                    f"{timeout_s:.0f}s after the reload"
-                )
-            time.sleep(_POLL_S)
+            return False
+
+        if not poll_until(drained, timeout_s=timeout_s, interval_s=_POLL_S):
+            raise RolloutProxyError(
+                f"old nginx workers {sorted(current & old_workers)} still serve requests "
+                f"{timeout_s:.0f}s after the reload"
+            )
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Graceful stop: SIGTERM (then SIGKILL after ``grace_s``)."""

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ggufship.retry import poll_until
 from ggufship.rollout._errors import RolloutServerError
 from ggufship.services._process import (
     LOOPBACK,
@@ -109,8 +109,8 @@ def start_tracks(servers: list[TrackServer], timeout_s: float, grace_s: float, a
         for server in pending:
             server.spawn(ports)
             tries[server.track] += 1
-        deadline = time.monotonic() + timeout_s
-        while pending:
+
+        def all_ready() -> bool:
             for server in list(pending):
                 if server.ready():
                     logger.info("%s API server ready at %s", server.track, server.url)
@@ -127,14 +127,14 @@ def start_tracks(servers: list[TrackServer], timeout_s: float, grace_s: float, a
                         f"{server.track} API server for {server.model} exited during start-up; "
                         f"log {server.log}:\n{tail}"
                     )
-            if pending and time.monotonic() >= deadline:
-                names = ", ".join(f"{s.track} ({s.model})" for s in pending)
-                raise RolloutServerError(
-                    f"API server(s) {names} not ready within {timeout_s:.0f}s; log {pending[0].log}:\n"
-                    f"{log_tail(pending[0].log, 25)}"
-                )
-            if pending:
-                time.sleep(_POLL_S)
+            return not pending
+
+        if not poll_until(all_ready, timeout_s=timeout_s, interval_s=_POLL_S):
+            names = ", ".join(f"{s.track} ({s.model})" for s in pending)
+            raise RolloutServerError(
+                f"API server(s) {names} not ready within {timeout_s:.0f}s; log {pending[0].log}:\n"
+                f"{log_tail(pending[0].log, 25)}"
+            )
     except BaseException:
         for server in servers:
             server.stop(grace_s)
