@@ -224,3 +224,23 @@ def test_pull_one_quantization(published: dict[str, Any], kind: str, tmp_path: P
     with pytest.raises(PullError, match="available"):
         pull_verified(published[f"{kind}_uri"], tmp_path / "nope", s3=published["s3"], quant="Q2_K")
     assert not (tmp_path / "nope").exists()
+
+
+def test_cli_pull_quant_as_the_chart_runs_it(
+    published: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The chart's init container (templates/rollout.yaml): pull URI -o DIR --quant Q --public-key K."""
+    from ggufship.cli.main import main
+
+    monkeypatch.setenv("GGUFSHIP_STATE_DIR", str(published["state_dir"]))
+    dest = tmp_path / "models" / "export"
+    args = ["pull", published["oci_uri"], "-o", str(dest), "--quant", SERVED]
+    assert main([*args, "--public-key", str(published["public"])]) == 0
+    assert capsys.readouterr().out.strip() == str(dest)
+    ggufs = sorted(p.name for p in dest.glob("*.gguf"))
+    assert ggufs == [f"tiny-1.0.0-{SERVED}.gguf"]
+    assert main(["pull", published["s3_uri"], "-o", str(tmp_path / "bad"), "--quant", "Q2_K"]) == 44
+    assert not (tmp_path / "bad").exists()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,70 @@ def sha256_file(path: Path, on_bytes: ProgressFn | None = None) -> tuple[str, in
             if on_bytes is not None:
                 on_bytes(n)
     return digest.hexdigest(), size
+
+
+class HashingFileSink:
+    """Write a stream of chunks to ``path`` and SHA256 them, overlapped with whoever produces them.
+
+    A download's one hashing pass: the network reader calls :meth:`write` with each chunk;
+    one thread hashes and another writes (both release the GIL on large buffers), each
+    through a bounded queue, so receiving, hashing and writing run at the same time
+    instead of one after another. :meth:`finish` waits for both and returns
+    ``(hex digest, size)``; an error in either thread is raised there (or at the next
+    :meth:`write`). Use as a context manager: leaving on an exception stops the threads.
+    """
+
+    _DONE = object()
+
+    def __init__(self, path: Path, max_queued: int = 16) -> None:
+        self._fh = Path(path).open("wb")  # noqa: SIM115 - closed in _stop (the object is the context)
+        self._hasher = hashlib.sha256()
+        self._queues: tuple[queue.Queue[object], ...] = (queue.Queue(max_queued), queue.Queue(max_queued))
+        self._error: BaseException | None = None
+        self.size = 0
+        self._threads = (
+            threading.Thread(target=self._drain, args=(self._queues[0], self._hasher.update), daemon=True),
+            threading.Thread(target=self._drain, args=(self._queues[1], self._fh.write), daemon=True),
+        )
+        for thread in self._threads:
+            thread.start()
+        self._open = True
+
+    def _drain(self, source: queue.Queue[object], sink: Callable[[bytes], object]) -> None:
+        while (item := source.get()) is not self._DONE:
+            if self._error is None:
+                try:
+                    sink(item)  # type: ignore[arg-type]
+                except BaseException as exc:  # handed to the producer in write()/finish()
+                    self._error = exc
+
+    def write(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        for q in self._queues:
+            q.put(chunk)
+        self.size += len(chunk)
+
+    def _stop(self) -> None:
+        if self._open:
+            self._open = False
+            for q in self._queues:
+                q.put(self._DONE)
+            for thread in self._threads:
+                thread.join()
+            self._fh.close()
+
+    def finish(self) -> tuple[str, int]:
+        self._stop()
+        if self._error is not None:
+            raise self._error
+        return self._hasher.hexdigest(), self.size
+
+    def __enter__(self) -> HashingFileSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
 
 
 def sidecar_text(digest: str, filename: str) -> str:
@@ -193,10 +259,12 @@ def frozen_digests(digests: Mapping[str, str]) -> Mapping[str, str]:
 
 
 def hash_export_dir(export_dir: Path) -> dict[str, str]:
-    """SHA256 of every regular file under ``export_dir`` but ``model.sig`` and git files: one pass each.
+    """SHA256 of every file under ``export_dir`` but ``model.sig`` and git files: one pass each.
 
-    A symlink anywhere is an :class:`IntegrityError` (model_signing refuses them
-    too; a link could point outside the export).
+    What a signature check compares (model_signing hashes the whole directory, so a file
+    added after signing is found). A symlink leading outside is :class:`UnsafePathError`,
+    any other symlink or non-regular file (socket, FIFO) :class:`IntegrityError` (model_signing
+    refuses symlinks too).
     """
     root = Path(export_dir)
     digests: dict[str, str] = {}
@@ -207,13 +275,33 @@ def hash_export_dir(export_dir: Path) -> dict[str, str]:
             dirs[:] = [d for d in dirs if d not in GIT_NAMES]
             files = [f for f in files if f not in GIT_NAMES]
         for name in [*dirs, *files]:
+            rel = (rel_dir / name).as_posix()
             if (here / name).is_symlink():
+                confined_join(root, rel, what=f"{root}: {rel}")  # outside: UnsafePathError
                 raise IntegrityError(f"{here / name}: a symlink in an export directory (refused)")
         for name in files:
             rel = (rel_dir / name).as_posix()
             if rel == SIGNATURE_NAME:
                 continue
+            if not (here / name).is_file():
+                raise IntegrityError(f"{here / name}: not a regular file (refused in an export directory)")
             digests[rel], _ = sha256_file(here / name)
+    return digests
+
+
+def hash_listed_files(export_dir: Path, manifest: Manifest, absent: Iterable[str] = ()) -> dict[str, str]:
+    """SHA256 of what the export delivers — ``manifest.json``, each listed file present (but
+    ``absent``) and its sidecar — one pass each; for checks without a signature."""
+    root = Path(export_dir)
+    skipped = set(absent)
+    digests = {MANIFEST_NAME: sha256_file(root / MANIFEST_NAME)[0]}
+    for index, entry in enumerate(manifest.files):
+        if entry.path in skipped:
+            continue
+        for rel in (entry.path, entry.path + SIDECAR_SUFFIX):
+            path = confined_join(root, rel, what=f"{root / MANIFEST_NAME}: files[{index}]")
+            if path.is_file():
+                digests[rel], _ = sha256_file(path)
     return digests
 
 
@@ -253,6 +341,7 @@ __all__ = [
     "GIT_NAMES",
     "SIDECAR_SUFFIX",
     "FetchedFiles",
+    "HashingFileSink",
     "IntegrityError",
     "ManifestError",
     "UnsafePathError",
@@ -261,6 +350,7 @@ __all__ = [
     "export_digest_problems",
     "frozen_digests",
     "hash_export_dir",
+    "hash_listed_files",
     "parse_sidecar",
     "sha256_file",
     "sidecar_text",

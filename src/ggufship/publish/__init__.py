@@ -160,7 +160,7 @@ def publish(export_dir: Path, request: PublishRequest, *, reporter: Reporter | N
     from ggufship.sign import verify_export_once
 
     # one hashing pass; raises IntegrityError naming every mismatch: never publish bad bytes
-    verified = verify_export_once(export_dir, None)
+    verified = verify_export_once(export_dir, None, warn_unchecked=False)
     manifest = verified.manifest
     # a signature over other files than the published ones could never verify: refuse it
     check_signed_files(export_dir, export_files(export_dir, manifest))

@@ -19,7 +19,6 @@ something incomplete.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import tempfile
@@ -43,6 +42,7 @@ from ggufship.errors import (
 from ggufship.integrity import (
     SIDECAR_SUFFIX,
     FetchedFiles,
+    HashingFileSink,
     VerifiedExport,
     frozen_digests,
     sha256_file,
@@ -731,25 +731,22 @@ def _fetch_listed_layers(
 def _download(client: RegistryClient, digest: str, size: int | None, out: Path) -> None:
     """Stream a blob to ``out``, checking size and SHA256 as it arrives."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    hasher = hashlib.sha256()
-    written = 0
     with client.stream("GET", f"{client.t.repository}/blobs/{digest}") as response:
         if response.status_code != 200:
             response.read()
             raise OciError(f"{out.name}: blob {digest}: {registry_message(response)}")
         try:
-            with out.open("wb") as fh:
+            with HashingFileSink(out) as sink:  # hashed and written while the next chunk arrives
                 for chunk in response.iter_bytes(chunk_size=DOWNLOAD_CHUNK):
-                    hasher.update(chunk)
-                    fh.write(chunk)
-                    written += len(chunk)
-                    if size is not None and written > size:
+                    sink.write(chunk)
+                    if size is not None and sink.size > size:
                         break
+                hexdigest, written = sink.finish()
         except httpx.HTTPError as exc:
             raise OciUnavailableError(
                 f"{client.t.registry}: {out.name}: download of {digest} broke off: {exc}"
             ) from exc
-    actual = "sha256:" + hasher.hexdigest()
+    actual = "sha256:" + hexdigest
     if size is not None and written != size:
         raise IntegrityError(f"{out.name}: blob {digest} has {written}+ bytes, the manifest says {size}")
     if actual != digest:
@@ -799,9 +796,10 @@ def fetch_export(
     returned digests), and fetches exactly the layers ``manifest.json`` lists (``quant``:
     GGUFs of other quantizations are left out); the signature referrer (if any) lands
     as ``model.sig`` with its digest checked. ``target_auth`` gives credentials and
-    transport; its repository is ignored, its credentials are only sent if its
-    registry is the reference's. The caller verifies the digests against the manifest
-    and stages/renames the directory.
+    transport (default: :func:`oci_settings`, the ``GGUFSHIP_OCI_*`` environment); its
+    repository is ignored, its credentials are only sent if its registry is the
+    reference's; without credentials the Docker config's login for the registry is used.
+    The caller verifies the digests against the manifest and stages/renames the directory.
     """
     registry, repository, ref = parse_oci_uri(reference)
     if not ref:
@@ -809,7 +807,7 @@ def fetch_export(
     staging = Path(staging)
     auth = _credentials_for(registry, target_auth)
     if target_auth is None:
-        target = OciTarget(registry=registry, repository=repository)
+        target = oci_settings().target(registry, repository)  # GGUFSHIP_OCI_*, else defaults
     else:
         target = replace(
             target_auth,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ggufship.integrity import CHUNK_SIZE, SIDECAR_SUFFIX, FetchedFiles, frozen_digests
+from ggufship.integrity import CHUNK_SIZE, SIDECAR_SUFFIX, FetchedFiles, HashingFileSink, frozen_digests
 from ggufship.layout import confined_join
 from ggufship.manifest import MANIFEST_NAME, Manifest
 from ggufship.progress import Reporter
@@ -485,8 +485,6 @@ def _download(
     from minio.error import S3Error
 
     where = f"s3://{bucket}/{key}"
-    digest = hashlib.sha256()
-    got = 0
     dest.parent.mkdir(parents=True, exist_ok=True)
     with s3_errors(conn, bucket, key, "download"):
         try:
@@ -496,22 +494,20 @@ def _download(
                 raise PullError(f"{where}: listed in the manifest but missing in the bucket") from exc
             raise
         try:
-            with dest.open("wb") as out:
+            with HashingFileSink(dest) as out:  # hashed and written while the next chunk arrives
                 for chunk in response.stream(CHUNK_SIZE):
-                    digest.update(chunk)
                     out.write(chunk)
-                    got += len(chunk)
                     if on_bytes is not None:
                         on_bytes(len(chunk))
-                    if got > size:
+                    if out.size > size:
                         raise PullError(f"{where}: larger than the {size} bytes the manifest lists")
+                digest, got = out.finish()
         finally:
             response.close()
             response.release_conn()
     if got != size:
         raise PullError(f"{where}: {got} bytes, the manifest lists {size} (truncated or tampered)")
-    if digest.hexdigest() != sha256:
+    if digest != sha256:
         raise PullError(
-            f"{where}: sha256 {digest.hexdigest()} does not match the manifest's {sha256} "
-            "(tampered or corrupted)"
+            f"{where}: sha256 {digest} does not match the manifest's {sha256} (tampered or corrupted)"
         )

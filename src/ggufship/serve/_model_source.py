@@ -115,6 +115,8 @@ def _verify_dir(export_dir: Path, policy: Any, quant: str | None) -> VerifiedExp
 
     try:
         return verify_export_once(export_dir, policy, quant=quant)
+    except UnsafePathError as exc:
+        raise ModelVerificationError(f"MODEL {export_dir}: {exc}; refusing to serve it") from exc
     except GgufshipError as exc:
         what = "signature verification" if policy is not None else "verification"
         raise ModelVerificationError(f"MODEL {export_dir}: {what} failed: {exc}") from exc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -17,6 +17,7 @@ from ggufship.integrity import (
     export_digest_problems,
     frozen_digests,
     hash_export_dir,
+    hash_listed_files,
 )
 from ggufship.manifest import MANIFEST_NAME, Manifest
 from ggufship.sign._errors import SignatureMismatchError, SignError, TamperedError, UnsignedExportError
@@ -210,13 +211,15 @@ def verify_export_once(
     *,
     fetched: FetchedFiles | None = None,
     quant: str | None = None,
+    warn_unchecked: bool = True,
 ) -> VerifiedExport:
     """Check an export directory: every file hashed once, the signature (with ``policy``) checked once.
 
     ``fetched``: the digests a pull computed while the bytes streamed in (nothing is
     hashed again). Without it every file is hashed in one local pass. ``quant``: a
     partial export of that quantization is accepted — GGUFs of other quantizations may
-    be absent; the served one may not.
+    be absent; the served one may not. ``warn_unchecked=False``: no warning about a
+    ``model.sig`` left unchecked (publish, which does not verify signatures).
 
     Signature first (so a changed file under a valid signature is :class:`TamperedError`),
     then every digest against ``manifest.json`` (:class:`~ggufship.errors.IntegrityError`).
@@ -235,11 +238,18 @@ def verify_export_once(
     absent: tuple[str, ...] = ()
     if fetched is not None:
         manifest, digests, absent = fetched.manifest, dict(fetched.digests), tuple(fetched.absent)
-    else:
+    elif policy is not None:
+        # every file, as model_signing would hash them (a file added after signing is found)
         digests = hash_export_dir(export_dir)
         if quant is not None:  # otherwise the manifest is read after the signature check
             manifest = Manifest.load(export_dir / MANIFEST_NAME)
             absent = _absent_ggufs(export_dir, manifest, digests, quant)
+    else:  # no signature to check: what the manifest lists
+        manifest = Manifest.load(export_dir / MANIFEST_NAME)
+        if quant is not None:
+            present = {f.path for f in manifest.files if (export_dir / f.path).is_file()}
+            absent = _absent_ggufs(export_dir, manifest, present, quant)
+        digests = hash_listed_files(export_dir, manifest, absent)
     statement = dict(digests)
     if manifest is not None:
         for entry in manifest.files:
@@ -248,7 +258,7 @@ def verify_export_once(
     report = None
     if policy is not None:
         report = check_signature(export_dir, policy, statement)
-    elif (export_dir / SIGNATURE_NAME).exists():
+    elif (export_dir / SIGNATURE_NAME).exists() and warn_unchecked:
         logger.warning(
             "%s: has %s but no verification policy was given: signature NOT checked (digests only)",
             export_dir,
@@ -274,7 +284,7 @@ def verify_export_once(
 
 
 def _absent_ggufs(
-    export_dir: Path, manifest: Manifest, digests: Mapping[str, str], quant: str | None
+    export_dir: Path, manifest: Manifest, present: Container[str], quant: str | None
 ) -> tuple[str, ...]:
     """Listed GGUFs of other quantizations than ``quant`` that are not on disk (None: none may be absent)."""
     if quant is None:
@@ -286,7 +296,7 @@ def _absent_ggufs(
             f"{export_dir}: no quantization {quant!r} in {MANIFEST_NAME} (available: {available})"
         )
     return tuple(
-        f.path for f in ggufs if f.path not in digests and (f.quantization or "").upper() != quant.upper()
+        f.path for f in ggufs if f.path not in present and (f.quantization or "").upper() != quant.upper()
     )
 
 
