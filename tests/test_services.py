@@ -33,6 +33,7 @@ from ggufship.services import (
     status,
 )
 from ggufship.services._process import is_alive
+from tests.process_fixtures import listening_sockets
 
 pytest_plugins = ["tests.services_fixtures"]  # the services_factory fixture
 
@@ -41,37 +42,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 import minio  # noqa: E402
 
 # ---------------------------------------------------------------- helpers
-
-
-def _hex_addr(hex_ip: str) -> str:
-    raw = bytes.fromhex(hex_ip)
-    if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    # IPv6 in /proc: four 32-bit words, each in host (little-endian) order.
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-    return socket.inet_ntop(socket.AF_INET6, words)
-
-
-def listening_sockets(pid: int) -> set[tuple[str, int]]:
-    """(address, port) of every TCP socket in LISTEN state that process ``pid`` holds (from /proc)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = str(fd.readlink())
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        lines = Path(table).read_text().splitlines()[1:]
-        for line in lines:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and inode in inodes:
-                hex_ip, hex_port = local.split(":")
-                found.add((_hex_addr(hex_ip), int(hex_port, 16)))
-    return found
 
 
 def http_get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, dict[str, str]]:
@@ -406,3 +376,15 @@ def test_cli_up_status_down(tmp_path, capsys):
 def test_cli_rejects_bad_options(tmp_path):
     with pytest.raises(UsageError, match="s3_port"):
         cli("up", "--state-dir", str(tmp_path), "--s3-port", "80")
+
+
+def test_state_dir_resolution_given_then_environment_then_default(monkeypatch, tmp_path):
+    from ggufship.services import DEFAULT_STATE_DIR, resolve_state_dir
+
+    monkeypatch.delenv("GGUFSHIP_STATE_DIR", raising=False)
+    assert resolve_state_dir() == DEFAULT_STATE_DIR == Path(".ggufship")
+    monkeypatch.setenv("GGUFSHIP_STATE_DIR", str(tmp_path / "env"))
+    assert resolve_state_dir() == tmp_path / "env"
+    assert resolve_state_dir(None) == tmp_path / "env"
+    assert resolve_state_dir(tmp_path / "flag") == tmp_path / "flag"
+    assert ServicesSettings().state_dir == tmp_path / "env"  # `up` reads the same declaration

@@ -44,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     r.add_argument(
         "--state-dir",
         type=Path,
-        default=Path(".ggufship"),
-        help="embedded services state dir: fills s3/oci/gitops targets and credentials not given",
+        help="embedded services state dir (default: $GGUFSHIP_STATE_DIR or .ggufship): fills "
+        "s3/oci/gitops targets and credentials not given",
     )
     r.add_argument("--root", type=Path, help="repository root holding pipelines/")
     r.set_defaults(func=run_local_cmd)
@@ -119,7 +119,9 @@ def run_local_cmd(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--param: missing {', '.join(missing)} (e.g. -p checkpoint=DIR -p name=N -p version=V)"
         )
-    targets, env = embedded_targets(args.state_dir, str(params["name"]))
+    from ggufship.services import resolve_state_dir
+
+    targets, env = embedded_targets(resolve_state_dir(args.state_dir).absolute(), str(params["name"]))
     for key, value in targets.items():
         params.setdefault(key, value)
     result = run_local(params, pipeline_root=args.pipeline_root, root=args.root, env=env)

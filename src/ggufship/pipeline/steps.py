@@ -398,10 +398,11 @@ def _local_model(uri: str, workdir: Path) -> Path:
 
 def _local_rollout(model_uri: str, stable_model: str, state_dir: str) -> dict[str, Any]:
     from ggufship.rollout import RolloutRequest, run_rollout
+    from ggufship.services import resolve_state_dir
 
     if not stable_model:
         raise UsageError("deploy mode 'local' needs stable_model (the export currently serving)")
-    state = Path(state_dir) if state_dir else Path(".ggufship")
+    state = resolve_state_dir(state_dir)
     status = run_rollout(
         RolloutRequest(
             stable=_local_model(stable_model, state),

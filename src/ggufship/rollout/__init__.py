@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +67,7 @@ from ggufship.rollout._steps import (
     plan_steps,
 )
 from ggufship.rollout._tracks import resolve_model
+from ggufship.services import resolve_state_dir
 
 __all__ = [
     "CANARY_HEADER",
@@ -110,10 +110,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SERVED_NAME_ENV = "GGUFSHIP_SERVE_SERVED_MODEL_NAME"
-
-
-def _default_state_dir() -> Path:
-    return Path(os.environ.get("GGUFSHIP_STATE_DIR", ".ggufship"))
 
 
 class RolloutSettings(BaseSettings):
@@ -221,7 +217,7 @@ class RolloutRequest(BaseModel):
     stable: Path = Field(description="the current model: an export directory or a .gguf")
     canary: Path = Field(description="the new model: an export directory or a .gguf")
     state_dir: Path = Field(
-        default_factory=_default_state_dir, description="state directory (Prometheus, status)"
+        default_factory=resolve_state_dir, description="state directory (Prometheus, status)"
     )
     auto_promote: bool = Field(default=False, description="skip the manual pause (inconclusive still pauses)")
     settings: RolloutSettings = Field(default_factory=RolloutSettings)
@@ -350,17 +346,17 @@ def run_rollout(request: RolloutRequest, analyzer: Analyzer | None = None) -> Ro
 
 def promote(state_dir: Path | str | None = None) -> RolloutStatus:
     """Promote the running rollout of ``state_dir`` past its pause (like the Argo dashboard's Promote)."""
-    return request_control(Path(state_dir) if state_dir is not None else _default_state_dir(), "promote")
+    return request_control(resolve_state_dir(state_dir), "promote")
 
 
 def abort(state_dir: Path | str | None = None) -> RolloutStatus:
     """Abort the running rollout of ``state_dir``: traffic back to the stable, canary stopped."""
-    return request_control(Path(state_dir) if state_dir is not None else _default_state_dir(), "abort")
+    return request_control(resolve_state_dir(state_dir), "abort")
 
 
 def rollout_status(state_dir: Path | str | None = None) -> RolloutStatus:
     """The last status of the rollout of ``state_dir`` (running or finished)."""
-    return read_status(Path(state_dir) if state_dir is not None else _default_state_dir())
+    return read_status(resolve_state_dir(state_dir))
 
 
 def load_records(status: RolloutStatus) -> list[RequestRecord]:

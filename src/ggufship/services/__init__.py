@@ -90,6 +90,7 @@ __all__ = [
     "ServicesNotRunningError",
     "ServicesSettings",
     "ServicesState",
+    "StateDirSettings",
     "add_scrape_target",
     "down",
     "load_credentials",
@@ -97,6 +98,7 @@ __all__ = [
     "port_accepts",
     "prometheus_url",
     "remove_scrape_target",
+    "resolve_state_dir",
     "status",
     "targets_dir",
     "up",
@@ -206,14 +208,33 @@ class ServiceStatus(BaseModel):
         return self.state == "running"
 
 
-class ServicesSettings(BaseSettings):
-    """Options of ``ggufship up`` (environment: ``GGUFSHIP_<FIELD>``)."""
+class StateDirSettings(BaseSettings):
+    """Where the embedded stack (``ggufship up``) keeps its state: the one declaration of
+    ``GGUFSHIP_STATE_DIR``. The CLI resolves it (:func:`resolve_state_dir`); library
+    functions take the directory as an argument."""
 
     model_config = SettingsConfigDict(env_prefix="GGUFSHIP_", frozen=True, extra="ignore")
 
     state_dir: Path = Field(
         default=DEFAULT_STATE_DIR, description="directory holding state.json, credentials, logs and data"
     )
+
+
+def resolve_state_dir(given: Path | str | None = None) -> Path:
+    """``given`` if set, else ``$GGUFSHIP_STATE_DIR``, else ``.ggufship``."""
+    if given:
+        return Path(given)
+    try:
+        return StateDirSettings().state_dir
+    except ValidationError as exc:
+        raise ServiceStateError(f"GGUFSHIP_STATE_DIR: {exc.errors()[0]['msg']}") from exc
+
+
+class ServicesSettings(StateDirSettings):
+    """Options of ``ggufship up`` (environment: ``GGUFSHIP_<FIELD>``)."""
+
+    model_config = SettingsConfigDict(env_prefix="GGUFSHIP_", frozen=True, extra="ignore")
+
     services: tuple[str, ...] = Field(
         default=("s3", "registry", "git", "prometheus"),
         description="services to start, a subset of s3, registry, git, prometheus (`up --service`)",
