@@ -169,6 +169,7 @@ class Issuer:
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (scope, user)
     expired: bool = False  # issue only tokens that expired an hour ago
     expire_first_push: bool = False  # the first pull,push token is expired, later ones are fine
+    expires_in: float = 300  # the lifetime the answer announces (the JWT itself stays valid)
     _push_tokens: int = 0
 
     def answer(self, query: dict[str, list[str]], authorization: str | None) -> tuple[int, dict[str, Any]]:
@@ -203,7 +204,7 @@ class Issuer:
             "access": access,
         }
         token = self.key.jwt(claims)
-        return 200, {"token": token, "access_token": token, "expires_in": 300}
+        return 200, {"token": token, "access_token": token, "expires_in": self.expires_in}
 
 
 @contextlib.contextmanager
@@ -409,6 +410,10 @@ def test_docker_config_credential_helpers(
     _docker_config(config_dir, {"auths": {host: {"auth": "not base64!"}}})
     with pytest.raises(OciAuthError, match=r"auths\[.*\]\.auth: not base64"):
         pull_export(f"{host}/models/tiny:1.0.0", tmp_path / "pulled")
+    _docker_config(config_dir, {"auths": {host: {"identitytoken": "opaque-refresh-token"}}})
+    with pytest.raises(OciAuthError, match="only an OAuth identitytoken") as info:
+        pull_export(f"{host}/models/tiny:1.0.0", tmp_path / "pulled")
+    assert "opaque-refresh-token" not in str(info.value)
     assert not (tmp_path / "pulled").exists()
 
 
@@ -490,6 +495,15 @@ def test_bearer_token_flow_against_the_real_registry(
     assert push_scopes == ["repository:models/other:pull,push"] * 2
     assert again.digest == result.digest
 
+    # a token announced to live 1 µs is not reused: each request of that scope fetches a new one
+    issuer.requests.clear()
+    issuer.expire_first_push = False
+    issuer.expires_in = 1e-6
+    third = OciTarget(registry.host, "models/third", username=USER, password=SecretStr(PASSWORD))
+    push_export(signed_export, third)
+    push_scopes = [s for s, _ in issuer.requests if s.endswith("pull,push")]
+    assert len(push_scopes) >= 2 * len(list(signed_export.iterdir()))  # >= POST + PUT per blob
+
 
 def test_bearer_token_bad_inputs(
     token_registry: tuple[Registry, Issuer], signed_export: Path, tmp_path: Path
@@ -548,6 +562,10 @@ def test_tls_with_a_private_ca(
     uri = f"oci://{registry.host}/models/tiny:1.0.0"
     assert main(["pull", uri, "-o", str(tmp_path / "cli"), "--oci-tls"]) == 0
     _same_files(signed_export, tmp_path / "cli")
+    # a library pull without a target reads the same settings (GGUFSHIP_OCI_INSECURE=0: HTTPS on loopback)
+    monkeypatch.setenv("GGUFSHIP_OCI_INSECURE", "0")
+    _same_files(signed_export, pull_export(uri, tmp_path / "settings"))
+    monkeypatch.delenv("GGUFSHIP_OCI_INSECURE")
     monkeypatch.delenv("GGUFSHIP_OCI_CA_BUNDLE")
 
     # or the process-wide SSL_CERT_FILE
