@@ -46,7 +46,14 @@ def _libggml() -> ctypes.CDLL:
     path = lib_dir / "libggml.so"
     if not path.is_file():
         raise GgmlBackendError(f"{path}: libggml not found next to llama-cpp-python")
-    lib = ctypes.CDLL(str(path))
+    # A wheel holds libggml.so and libggml.so.0 as two copies (no symlinks in wheels);
+    # libllama loaded the one its DT_NEEDED names (soname libggml.so.0). Opening the other
+    # file would map a second ggml whose backend registry llama.cpp never sees ("no
+    # backends are loaded"), so take the loaded one by soname first.
+    try:
+        lib = ctypes.CDLL("libggml.so.0", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+    except OSError:
+        lib = ctypes.CDLL(str(path))
     lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_load_all_from_path.restype = None
     lib.ggml_backend_dev_count.argtypes = []

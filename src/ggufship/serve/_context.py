@@ -10,11 +10,13 @@ a raw completion prompt loses its oldest tokens (the BOS token is kept).
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ggufship.serve._tools import ToolSpec, call_arguments, fallback_instruction
 from ggufship.serve.errors import ContextLengthExceededError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -35,6 +37,27 @@ FALLBACK_TEMPLATE = (
 class Message:
     role: str
     content: str
+    # assistant: the calls it made ({"id", "type", "function": {"name", "arguments": <object>}})
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_id: str | None = None  # role tool: the call this message answers
+
+    def as_template(self, native_tools: bool) -> dict[str, Any]:
+        """The dict a chat template sees. Without native tool support a tool result becomes a user
+        message and an assistant's calls become JSON text, so any template can render them."""
+        if native_tools or (not self.tool_calls and self.role != "tool"):
+            out: dict[str, Any] = {"role": self.role, "content": self.content}
+            if self.tool_calls:
+                out["tool_calls"] = list(self.tool_calls)
+            if self.tool_call_id is not None:
+                out["tool_call_id"] = self.tool_call_id
+            return out
+        if self.role == "tool":
+            return {"role": "user", "content": f"Result of function call {self.tool_call_id}: {self.content}"}
+        calls = "\n".join(
+            json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+            for c in self.tool_calls
+        )
+        return {"role": self.role, "content": f"{self.content}\n{calls}" if self.content else calls}
 
 
 @dataclass(frozen=True)
@@ -62,6 +85,8 @@ class ContextWindow:
         self.default_max_tokens = default_max_tokens
         self.n_ctx = engine.n_ctx
         source = engine.metadata.get("tokenizer.chat_template") or FALLBACK_TEMPLATE
+        # a template that reads a ``tools`` variable renders tools, calls and results itself
+        self.native_tools = "tools" in source
 
         def raise_exception(message: str) -> None:
             raise InvalidRequestError(f"chat template: {message}", param="messages")
@@ -75,16 +100,23 @@ class ContextWindow:
 
     # --- counting ----------------------------------------------------------------------------------------
 
-    def render(self, messages: Sequence[Message]) -> str:
+    def render(self, messages: Sequence[Message], tools: Sequence[ToolSpec] = ()) -> str:
         from jinja2 import TemplateError
 
+        variables: dict[str, Any] = {}
+        dicts = [m.as_template(self.native_tools) for m in messages]
+        if tools and self.native_tools:
+            variables["tools"] = [t.as_openai() for t in tools]
+        elif tools:
+            dicts = _with_system(dicts, fallback_instruction(tuple(tools)))
         try:
             return str(
                 self._template.render(
-                    messages=[{"role": m.role, "content": m.content} for m in messages],
+                    messages=dicts,
                     add_generation_prompt=True,
                     bos_token=self._bos_text,
                     eos_token=self._eos_text,
+                    **variables,
                 )
             )
         except TemplateError as exc:
@@ -92,8 +124,9 @@ class ContextWindow:
                 f"messages: the model's chat template failed: {exc}", param="messages"
             ) from exc
 
-    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
-        text = self.render(messages)
+    def chat_tokens(self, messages: Sequence[Message], tools: Sequence[ToolSpec] = ()) -> list[int]:
+        # (one argument without tools: the hostile tests count renders through a one-argument wrapper)
+        text = self.render(messages, tools) if tools else self.render(messages)
         add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
         return self.engine.tokenize(text, add_bos=add_bos, special=True)
 
@@ -117,15 +150,23 @@ class ContextWindow:
             param=param,
         )
 
-    def chat_prompt(self, messages: Sequence[Message], requested: int | None) -> Prompt:
-        tokens = self.chat_tokens(messages)
+    def chat_prompt(
+        self, messages: Sequence[Message], requested: int | None, tools: Sequence[ToolSpec] = ()
+    ) -> Prompt:
+        tokens = self.chat_tokens(messages, tools) if tools else self.chat_tokens(messages)
         if self._fits(len(tokens), requested):
             return Prompt(tuple(tokens), self._budget(len(tokens), requested))
         if self.policy != "truncate":
             raise self._exceeded(len(tokens), requested, "messages")
-        return self._truncated(messages, requested, len(tokens))
+        return self._truncated(messages, requested, len(tokens), tools)
 
-    def _truncated(self, messages: Sequence[Message], requested: int | None, original: int) -> Prompt:
+    def _truncated(
+        self,
+        messages: Sequence[Message],
+        requested: int | None,
+        original: int,
+        tools: Sequence[ToolSpec] = (),
+    ) -> Prompt:
         """Keep the newest ``k`` droppable messages for the largest ``k`` that fits.
 
         Only whole rendered prompts are measured (a template may join messages in any way), but
@@ -139,7 +180,8 @@ class ContextWindow:
 
         def attempt(k: int) -> list[int]:
             newest = droppable[len(droppable) - k :] if k else []
-            return self.chat_tokens([messages[i] for i in [*heapq.merge(fixed, newest), *tail]])
+            kept = [messages[i] for i in [*heapq.merge(fixed, newest), *tail]]
+            return self.chat_tokens(kept, tools) if tools else self.chat_tokens(kept)
 
         best = attempt(0)
         if not self._fits(len(best), requested):
@@ -190,9 +232,42 @@ class ContextWindow:
 
 
 def to_messages(raw: Sequence[Any]) -> list[Message]:
-    """OpenAI messages → template messages (``developer`` is the newer name of ``system``)."""
+    """OpenAI messages → template messages (``developer`` is the newer name of ``system``); an
+    assistant's ``tool_calls`` carry their arguments as objects (400 when one does not parse)."""
     out = []
-    for m in raw:
+    for i, m in enumerate(raw):
         role = "system" if m.role == "developer" else m.role
-        out.append(Message(role=role, content=m.text()))
+        calls = tuple(
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {
+                    "name": c.function.name,
+                    "arguments": call_arguments(
+                        c.function.arguments, f"messages[{i}].tool_calls[{j}].function.arguments"
+                    ),
+                },
+            }
+            for j, c in enumerate(getattr(m, "tool_calls", None) or ())
+        )
+        if calls and role != "assistant":
+            raise InvalidRequestError(
+                f"messages[{i}].tool_calls: only assistant messages carry tool calls",
+                param=f"messages[{i}].tool_calls",
+            )
+        call_id = getattr(m, "tool_call_id", None)
+        if role == "tool" and not call_id:
+            raise InvalidRequestError(
+                f"messages[{i}].tool_call_id: a tool message needs the id of the call it answers",
+                param=f"messages[{i}].tool_call_id",
+            )
+        out.append(Message(role=role, content=m.text(), tool_calls=calls, tool_call_id=call_id))
     return out
+
+
+def _with_system(messages: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
+    """``instruction`` appended to the first system message, or as a new one in front."""
+    if messages and messages[0]["role"] == "system":
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{instruction}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": instruction}, *messages]
