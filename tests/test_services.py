@@ -388,3 +388,72 @@ def test_state_dir_resolution_given_then_environment_then_default(monkeypatch, t
     assert resolve_state_dir(None) == tmp_path / "env"
     assert resolve_state_dir(tmp_path / "flag") == tmp_path / "flag"
     assert ServicesSettings().state_dir == tmp_path / "env"  # `up` reads the same declaration
+
+
+class _RacyHttp:
+    """A real ``python -m http.server`` that loses its port race (exits with the kernel's
+    message) on its first ``losses`` starts."""
+
+    name = "racy"
+    engine = "python-http"
+
+    def __init__(self, losses: int) -> None:
+        self.losses = losses
+        self.starts = 0
+
+    def start(self, state_dir, ports):
+        import sys
+        from datetime import UTC, datetime
+
+        from ggufship.services._process import ServiceInfo, spawn
+
+        self.starts += 1
+        port = ports.pick()
+        lose = "import sys; print('listen tcp: bind: address already in use'); sys.exit(1)"
+        command = (
+            [sys.executable, "-c", lose]
+            if self.starts <= self.losses
+            else [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)]
+        )
+        log = state_dir / "logs" / "racy.log"
+        pid, ticks = spawn(command, log=log, cwd=state_dir)
+        return ServiceInfo(
+            name=self.name,
+            engine=self.engine,
+            endpoint=f"http://127.0.0.1:{port}",
+            pid=pid,
+            pid_start_ticks=ticks,
+            port=port,
+            log=log,
+            data_dir=state_dir,
+            started_at=datetime.now(UTC),
+        )
+
+    def probe(self, info):
+        from ggufship.services._process import http_status
+
+        return http_status(info.endpoint + "/") is not None
+
+    def stop(self, info, grace_s):
+        from ggufship.services._process import stop_service
+
+        return stop_service(info, grace_s)
+
+
+@pytest.mark.parametrize(("losses", "started"), [(2, True), (3, False)])
+def test_a_lost_port_race_is_retried_twice_with_new_ports(tmp_path, losses, started):
+    from ggufship.services import _start
+
+    service = _RacyHttp(losses)
+    settings = ServicesSettings(state_dir=tmp_path, start_timeout_s=30, stop_timeout_s=5)
+    if started:
+        info = _start(service, tmp_path, settings)  # type: ignore[arg-type]
+        try:
+            assert service.starts == 3 and info.pid is not None and is_alive(info.pid, info.pid_start_ticks)
+        finally:
+            service.stop(info, 5)
+        assert not is_alive(info.pid, info.pid_start_ticks)
+    else:
+        with pytest.raises(ServiceStartError, match="address already in use"):
+            _start(service, tmp_path, settings)  # type: ignore[arg-type]
+        assert service.starts == 3

@@ -41,6 +41,7 @@ from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ggufship.retry import call_with_retries
 from ggufship.services._git import GitRemote
 from ggufship.services._process import (
     LOOPBACK,
@@ -412,23 +413,26 @@ def _locked(state_dir: Path, timeout_s: float) -> Iterator[None]:
 
 def _start(service: Service, state_dir: Path, settings: ServicesSettings) -> ServiceInfo:
     """Start one service and wait until it answers; a lost port race is retried with new ports."""
-    attempts = 3
-    for attempt in range(1, attempts + 1):
+
+    def start_and_wait() -> ServiceInfo:
         info = service.start(state_dir, PortAllocator())
         try:
             wait_ready(info, service.probe, settings.start_timeout_s)
-        except ServiceStartError as exc:
-            service.stop(info, settings.stop_timeout_s)
-            if "address already in use" in str(exc) and attempt < attempts:
-                logger.warning("%s lost a port race; retrying with other ports", service.name)
-                continue
-            raise
         except BaseException:
             service.stop(info, settings.stop_timeout_s)
             raise
-        logger.info("%s (%s) ready at %s", info.name, info.engine, info.endpoint)
         return info
-    raise ServiceStartError(f"{service.name}: could not start")  # pragma: no cover (loop always returns)
+
+    info = call_with_retries(
+        start_and_wait,
+        attempts=3,
+        backoff_s=(0.0,),
+        may_pass=lambda exc: isinstance(exc, ServiceStartError) and "address already in use" in str(exc),
+        logger=logger,
+        what=f"{service.name} start (lost a port race; other ports next)",
+    )
+    logger.info("%s (%s) ready at %s", info.name, info.engine, info.endpoint)
+    return info
 
 
 def up(settings: ServicesSettings | None = None) -> list[ServiceStatus]:
