@@ -241,21 +241,13 @@ def _version_lease(
 # ---------------------------------------------------------------- pull
 
 
-def pull(
-    uri: str,
-    dest: Path,
-    *,
-    policy: VerificationPolicy | None = None,
-    s3: S3Target | None = None,
-    oci_auth: Any | None = None,
-    force: bool = False,
-    reporter: Reporter | None = None,
-    quant: str | None = None,
-) -> Path:
-    """Fetch a published export into ``dest``, verify it, and return ``dest`` (see :func:`pull_verified`)."""
-    return pull_verified(
-        uri, dest, policy=policy, s3=s3, oci_auth=oci_auth, force=force, reporter=reporter, quant=quant
-    ).export_dir
+def pull(uri: str, dest: Path, **options: Any) -> Path:
+    """Fetch a published export into ``dest``, verify it, and return ``dest``.
+
+    :func:`pull_verified` (same keyword options: ``policy``, ``s3``, ``oci_auth``,
+    ``force``, ``reporter``, ``quant``), returning only the path.
+    """
+    return pull_verified(uri, dest, **options).export_dir
 
 
 def pull_verified(
