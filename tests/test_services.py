@@ -33,7 +33,7 @@ from ggufship.services import (
     status,
 )
 from ggufship.services._process import is_alive
-from tests.process_fixtures import listening_sockets
+from tests.process_fixtures import listening_sockets, processes_under
 
 pytest_plugins = ["tests.services_fixtures"]  # the services_factory fixture
 
@@ -74,20 +74,6 @@ def wait_gone(pid: int, ticks: int | None, timeout_s: float = 10.0) -> None:
     while is_alive(pid, ticks):
         assert time.monotonic() < deadline, f"pid {pid} still alive"
         time.sleep(0.05)
-
-
-def processes_under(path: Path) -> list[int]:
-    """PIDs whose command line mentions ``path`` (a state dir of this test)."""
-    needle = str(path.resolve()).encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if needle in (proc / "cmdline").read_bytes() and is_alive(int(proc.name)):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
 
 
 def git(*args: str, cwd: Path | None = None) -> str:
