@@ -126,7 +126,7 @@ def test_tgi_and_vllm_parameter_names(client: openai.OpenAI, caplog: pytest.LogC
     [
         ({"temperature": 3.0}, "temperature"),
         ({"top_p": 0}, "top_p"),
-        ({"n": 2}, "n"),
+        ({"n": 3}, "n"),  # more choices than the server's parallel (2)
         ({"extra_body": {"top_k": -1}}, "top_k"),
         ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
         ({"extra_body": {"stop_sequences": ["a", "b", "c", "d", "e"]}}, "stop_sequences"),

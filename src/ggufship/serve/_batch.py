@@ -42,13 +42,14 @@ from ggufship.serve._engine import (
     SamplingParams,
     TextDelta,
     TokenFault,
+    TokenLogprob,
     _Failed,
     _Run,
     stop_cut,
+    token_logprob,
 )
-from ggufship.serve._metrics import ServeMetrics
 from ggufship.serve._quality import token_nll
-from ggufship.serve.errors import GenerationError, InjectedFaultError, ModelLoadError
+from ggufship.serve.errors import GenerationError, InjectedFaultError, InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -90,28 +91,9 @@ class _Sequence:
 class BatchEngine(Engine):
     """``parallel`` sequences of one llama.cpp context, decoded together (continuous batching)."""
 
-    def __init__(
-        self,
-        model_path: Path,
-        *,
-        parallel: int = 8,
-        queue_size: int = 16,
-        n_ctx: int = 0,
-        n_threads: int | None = None,
-        n_batch: int = 512,
-        retry_after: int = 1,
-        metrics: ServeMetrics | None = None,
-    ) -> None:
-        super().__init__(
-            model_path,
-            parallel=parallel,
-            queue_size=queue_size,
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            n_batch=n_batch,
-            retry_after=retry_after,
-            metrics=metrics,
-        )
+    def __init__(self, model_path: Path, *, n_threads: int | None = None, **options: Any) -> None:
+        """The options of :class:`Engine`; ``parallel`` is the number of sequences in the batch."""
+        super().__init__(model_path, n_threads=n_threads, **options)
         # one context uses every core the container may use (cgroup quota, affinity)
         self._n_threads = n_threads or cpu_budget()
         self._model: Any = None
@@ -360,6 +342,15 @@ class BatchEngine(Engine):
 
         seq.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         seq.sampler = self._sampler(seq.params)
+        if seq.sampler is None:  # a grammar llama.cpp rejects (checked before; never the batch's problem)
+            self._active[seq.seq_id] = seq
+            self._fail(
+                seq,
+                InvalidRequestError(
+                    "response_format: llama.cpp cannot compile its grammar", param="response_format"
+                ),
+            )
+            return
         if seq.limit <= 0:
             self._active[seq.seq_id] = seq
             self._finish(seq, "length")
@@ -391,6 +382,12 @@ class BatchEngine(Engine):
 
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
+        if p.grammar is not None:  # first: every later sampler only sees tokens the grammar allows
+            grammar = llama_cpp.llama_sampler_init_grammar(self._vocab_p, p.grammar.encode("utf-8"), b"root")
+            if not grammar:
+                llama_cpp.llama_sampler_free(chain)
+                return None
+            add(chain, grammar)
         if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             add(
                 chain,
@@ -467,6 +464,8 @@ class BatchEngine(Engine):
                 continue
             token = int(llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.batch_index))
             nll = self._nll(seq.batch_index, token)
+            if seq.params.logprobs is not None:
+                seq.run.logprobs.append(self._logprob(seq.batch_index, token, seq.params.logprobs))
             seq.batch_index = -1
             delay = seq.fault.delay_seconds if seq.fault is not None else 0.0
             if delay > 0:
@@ -487,9 +486,22 @@ class BatchEngine(Engine):
         )
         return token_nll(row, token)
 
+    def _logprob(self, index: int, token: int, k: int) -> TokenLogprob:
+        """The sampled token's logprob and the ``k`` most likely tokens, from the same logits as
+        :meth:`_nll` (valid until the next ``llama_decode``)."""
+        import llama_cpp
+        import numpy as np
+
+        row = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._vocab_size,)
+        )
+        return token_logprob(row, token, k, lambda t: self._piece(t, special=False))
+
     def _deliver(self, seq: _Sequence, token: int, now: float, nll: float | None) -> None:
         """One sampled token reaches its request (the body of the one-instance engine's loop)."""
         if self._is_eog(self._vocab, token):
+            if seq.params.logprobs is not None and seq.run.logprobs:
+                seq.run.logprobs.pop()  # the end-of-generation token is not part of the answer
             self._finish(seq, "stop")
             return
         run = seq.run
@@ -505,7 +517,7 @@ class BatchEngine(Engine):
         run.text += seq.decoder.decode(self._piece(token, special=False))
         ready, stopped = stop_cut(run.text, run.sent, seq.params.stop)
         if ready:
-            seq.emit(TextDelta(ready))
+            seq.emit(run.delta(ready))
             run.sent += len(ready)
         if stopped:
             run.text = run.text[: run.sent]
@@ -553,7 +565,7 @@ class BatchEngine(Engine):
         if not cut_by_stop and seq.decoder is not None:
             run.text += seq.decoder.decode(b"", final=True)
         if reason != "cancelled" and run.sent < len(run.text):
-            seq.emit(TextDelta(run.text[run.sent :]))
+            seq.emit(run.delta(run.text[run.sent :]))
             run.sent = len(run.text)
         refused = False
         if self._metrics is not None:
@@ -569,7 +581,7 @@ class BatchEngine(Engine):
                 nlls=run.nlls,
             )
         with contextlib.suppress(Exception):
-            seq.emit(Finished(reason, run.prompt_tokens, run.tokens, run.text[: run.sent], run.ttft, refused))
+            seq.emit(run.finished(reason, refused, seq.params.logprobs is not None))
         seq.done.set()
 
 

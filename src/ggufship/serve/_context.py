@@ -3,8 +3,10 @@ with the model's own tokenizer, and apply the policy when prompt + completion > 
 
 ``reject`` (default): 400 ``context_length_exceeded``. ``truncate``: keep the system
 message(s) and the latest user turn (and anything after it), drop the oldest other
-messages first, whole messages only (so no message's template markers are ever cut);
-a raw completion prompt loses its oldest tokens (the BOS token is kept).
+messages first, whole messages only (so no message's template markers are ever cut) — whole
+turns (a user message with the assistant/tool messages after it) for templates that require
+alternating roles (Mistral, Llama 2, Gemma); a raw completion prompt loses its oldest tokens
+(the BOS token is kept).
 """
 
 from __future__ import annotations
@@ -77,14 +79,20 @@ class Prompt:
 class ContextWindow:
     """Token counting and the truncate/reject policy for one loaded model."""
 
-    def __init__(self, engine: Engine, *, policy: str, default_max_tokens: int) -> None:
+    def __init__(
+        self, engine: Engine, *, policy: str, default_max_tokens: int, chat_template: str | None = None
+    ) -> None:
+        """``chat_template`` overrides the GGUF's ``tokenizer.chat_template``."""
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         self.engine = engine
         self.policy = policy
         self.default_max_tokens = default_max_tokens
         self.n_ctx = engine.n_ctx
-        source = engine.metadata.get("tokenizer.chat_template") or FALLBACK_TEMPLATE
+        source = chat_template or engine.metadata.get("tokenizer.chat_template") or FALLBACK_TEMPLATE
+        # templates that raise unless roles alternate user/assistant (Mistral, Llama 2, Gemma): the
+        # truncate policy drops whole turns there, never a lone message
+        self.alternating = "alternate" in source
         # a template that reads a ``tools`` variable renders tools, calls and results itself
         self.native_tools = "tools" in source
 
@@ -167,7 +175,8 @@ class ContextWindow:
         original: int,
         tools: Sequence[ToolSpec] = (),
     ) -> Prompt:
-        """Keep the newest ``k`` droppable messages for the largest ``k`` that fits.
+        """Keep the newest ``k`` droppable messages (turns, for alternating templates) for the largest
+        ``k`` that fits.
 
         Only whole rendered prompts are measured (a template may join messages in any way), but
         never once per dropped message: ``k`` = 0, 1, 2, 4, ... until one does not fit, then a binary
@@ -177,9 +186,17 @@ class ContextWindow:
         droppable = [i for i in range(last_user) if messages[i].role not in ("system", "developer")]
         fixed = [i for i in range(last_user) if messages[i].role in ("system", "developer")]
         tail = list(range(last_user, len(messages)))
+        # what is dropped together: one message, or (alternating templates) one turn — a user message
+        # and the assistant/tool messages after it
+        units: list[list[int]] = []
+        for i in droppable:
+            if not units or not self.alternating or messages[i].role == "user":
+                units.append([i])
+            else:
+                units[-1].append(i)
 
         def attempt(k: int) -> list[int]:
-            newest = droppable[len(droppable) - k :] if k else []
+            newest = [i for unit in units[len(units) - k :] for i in unit] if k else []
             kept = [messages[i] for i in [*heapq.merge(fixed, newest), *tail]]
             return self.chat_tokens(kept, tools) if tools else self.chat_tokens(kept)
 
@@ -191,7 +208,7 @@ class ContextWindow:
                 "messages",
                 " (even with every message but the system message(s) and the latest user turn dropped)",
             )
-        fits, too_many = 0, len(droppable)  # attempt(len(droppable)) is the whole prompt: it did not fit
+        fits, too_many = 0, len(units)  # attempt(len(units)) is the whole prompt: it did not fit
         step = 1
         while step < too_many:
             tokens = attempt(step)
@@ -207,7 +224,7 @@ class ContextWindow:
                 fits, best = mid, tokens
             else:
                 too_many = mid
-        dropped = len(droppable) - fits
+        dropped = sum(len(unit) for unit in units[: len(units) - fits])
         logger.info("context: dropped the %d oldest message(s) to fit n_ctx %d", dropped, self.n_ctx)
         return Prompt(
             tuple(best),

@@ -57,6 +57,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: str | None = None  # GBNF text (root rule "root"): constrains every sampled token
+    logprobs: int | None = None  # None: off; else the logprob of each token and this many alternatives
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,23 @@ class TokenFault:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability (nats, under the raw logits of its position: before
+    temperature, top-k/p, penalties and grammar) and the ``top`` most likely tokens there."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
-    """Text ready to send (stop sequences already held back and cut)."""
+    """Text ready to send (stop sequences already held back and cut), with the logprobs of the tokens
+    generated since the previous delta when they were asked for."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,7 @@ class Finished:
     text: str
     ttft: float | None
     refused: bool = False
+    logprobs: tuple[TokenLogprob, ...] | None = None  # every generated token's, when asked for
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,46 @@ class _Run:
     last: float | None = None
     token_ids: list[int] = field(default_factory=list)
     nlls: list[float] = field(default_factory=list)  # per generated token, under the raw logits
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asks for them
+    logprobs_sent: int = 0
+
+    def delta(self, text: str) -> TextDelta:
+        """``text`` with the logprobs not sent yet."""
+        fresh = tuple(self.logprobs[self.logprobs_sent :])
+        self.logprobs_sent = len(self.logprobs)
+        return TextDelta(text, fresh)
+
+    def finished(self, reason: FinishReason, refused: bool, logprobs: bool) -> Finished:
+        return Finished(
+            reason,
+            self.prompt_tokens,
+            self.tokens,
+            self.text[: self.sent],
+            self.ttft,
+            refused,
+            tuple(self.logprobs) if logprobs else None,
+        )
+
+
+def token_logprob(row: Any, token: int, k: int, piece: Callable[[int], bytes]) -> TokenLogprob:
+    """The :class:`TokenLogprob` of ``token`` from one position's raw ``row`` of logits (log-softmax in
+    float64; ``piece`` gives a token's bytes)."""
+    logits = np.asarray(row, dtype=np.float64)
+    peak = float(np.max(logits))
+    logz = peak + float(np.log(np.sum(np.exp(logits - peak))))
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+    if k > 0:
+        k = min(k, logits.shape[0])
+        best = np.argpartition(-logits, k - 1)[:k]
+        best = best[np.argsort(-logits[best], kind="stable")]
+        top = tuple(_entry(int(t), float(logits[t]) - logz, piece) for t in best)
+    text, lp, raw = _entry(token, float(logits[token]) - logz, piece)
+    return TokenLogprob(text, lp, raw, top)
+
+
+def _entry(token: int, logprob: float, piece: Callable[[int], bytes]) -> tuple[str, float, tuple[int, ...]]:
+    raw = piece(token)
+    return raw.decode("utf-8", "replace"), logprob, tuple(raw)
 
 
 def stop_cut(text: str, sent: int, stops: Sequence[str]) -> tuple[str, bool]:
@@ -213,6 +269,16 @@ class Engine:
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self._logits_ith = llama_cpp.llama_get_logits_ith
         self._n_vocab = int(first.n_vocab())
+
+    def grammar_compiles(self, gbnf: str) -> bool:
+        """Whether llama.cpp's grammar parser accepts ``gbnf`` for this model's vocabulary."""
+        import llama_cpp
+
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, gbnf.encode("utf-8"), b"root")
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
 
     @property
     def loaded(self) -> bool:
@@ -383,6 +449,8 @@ class Engine:
         started: float,
         fault: TokenFault | None = None,
     ) -> None:
+        from llama_cpp.llama_grammar import LlamaGrammar
+
         inst.set_seed(p.seed if p.seed is not None else random.getrandbits(31))
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         run = _Run(prompt_tokens=len(prompt), started=started)
@@ -401,6 +469,7 @@ class Engine:
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
             reset=True,
+            grammar=None if p.grammar is None else LlamaGrammar.from_string(p.grammar, verbose=False),
         )
         try:
             while run.tokens < limit:
@@ -420,6 +489,9 @@ class Engine:
                 run.tokens += 1
                 run.token_ids.append(token)
                 self._record_nll(inst, token, run)
+                if p.logprobs is not None:
+                    row = np.ctypeslib.as_array(self._logits_ith(inst.ctx, -1), shape=(self._n_vocab,))
+                    run.logprobs.append(token_logprob(row, token, p.logprobs, lambda t: inst.detokenize([t])))
                 if run.last is None:
                     run.ttft = now - started
                 else:
@@ -428,7 +500,7 @@ class Engine:
                 run.text += decoder.decode(inst.detokenize([token]))
                 ready, stopped = stop_cut(run.text, run.sent, p.stop)
                 if ready:
-                    emit(TextDelta(ready))
+                    emit(run.delta(ready))
                     run.sent += len(ready)
                 if stopped:
                     run.text = run.text[: run.sent]
@@ -453,7 +525,7 @@ class Engine:
             run.text += decoder.decode(b"", final=True)
         if reason != "cancelled" and run.sent < len(run.text):
             tail, _ = stop_cut(run.text, run.sent, ())
-            emit(TextDelta(tail))
+            emit(run.delta(tail))
             run.sent = len(run.text)
         refused = False
         if self._metrics is not None:
@@ -468,7 +540,7 @@ class Engine:
                 tokens=run.token_ids,
                 nlls=run.nlls,
             )
-        emit(Finished(reason, run.prompt_tokens, run.tokens, run.text[: run.sent], run.ttft, refused))
+        emit(run.finished(reason, refused, p.logprobs is not None))
 
     def _record_nll(self, inst: Any, token: int, run: _Run) -> None:
         """The sampled token's NLL from the logits it was sampled from.

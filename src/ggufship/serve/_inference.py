@@ -8,13 +8,14 @@ import heapq
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import BaseModel
 
 from ggufship.serve._context import ContextWindow, Message, Prompt
 from ggufship.serve._engine import Engine, Finished, SamplingParams, Slot, TextDelta, TokenFault
+from ggufship.serve._tools import ToolUse, call_schema, tool_use
 from ggufship.serve.errors import ClientGoneError, InvalidRequestError
 from ggufship.serve.settings import ServeSettings
 
@@ -33,6 +34,7 @@ class Job:
 
     prompt: Prompt
     params: SamplingParams
+    tools: ToolUse | None = None  # tools offered (their answers are parsed into tool_calls)
 
 
 def log_unknown_fields(model: BaseModel, where: str) -> None:
@@ -88,8 +90,69 @@ def stop_sequences(req: Any, settings: ServeSettings) -> tuple[str, ...]:
 def reject_unsupported(req: Any) -> None:
     if req.logit_bias:
         raise InvalidRequestError("logit_bias is not supported by this server", param="logit_bias")
-    if req.logprobs:
-        raise InvalidRequestError("logprobs are not supported by this server", param="logprobs")
+    top = getattr(req, "top_logprobs", None)
+    if top is not None and req.logprobs is not True:
+        raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+
+
+def requested_logprobs(req: Any) -> int | None:
+    """How many alternatives per token (None: no logprobs). Chat: ``logprobs: true`` with
+    ``top_logprobs: k``; completions: ``logprobs: k``."""
+    if isinstance(req.logprobs, bool) or req.logprobs is None:
+        return (getattr(req, "top_logprobs", None) or 0) if req.logprobs else None
+    return int(req.logprobs)
+
+
+def check_response_format(req: Any) -> None:
+    """The cheap part of ``response_format``: its shape, and a schema that is a JSON schema."""
+    fmt = getattr(req, "response_format", None)
+    if fmt is None or fmt.type != "json_schema":
+        return
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise InvalidRequestError(
+            "response_format: type json_schema needs json_schema.schema", param="response_format"
+        )
+    check_json_schema(fmt.json_schema.schema_, "response_format")
+
+
+def check_json_schema(schema: Any, param: str) -> None:
+    """``schema`` is a valid JSON schema (Draft 2020-12 meta-schema), or a 400 naming ``param``."""
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise InvalidRequestError(
+            f"{param}: not a valid JSON schema at {where}: {exc.message}", param=param
+        ) from None
+
+
+def schema_grammar(schema: Any, param: str) -> str:
+    """llama-cpp-python's JSON-schema → GBNF conversion, or a 400 naming ``param``."""
+    import json
+
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter raises bare Exceptions/KeyErrors for what it cannot do
+        raise InvalidRequestError(
+            f"{param}: llama.cpp cannot turn this JSON schema into a grammar: {exc!r}", param=param
+        ) from None
+
+
+def response_grammar(req: Any) -> str | None:
+    """The GBNF grammar for ``response_format`` (None for plain text)."""
+    fmt = getattr(req, "response_format", None)
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        from llama_cpp.llama_grammar import JSON_GBNF
+
+        return JSON_GBNF
+    check_response_format(req)
+    return schema_grammar(fmt.json_schema.schema_, "response_format")
 
 
 def sampling(req: Any, settings: ServeSettings, max_tokens: int) -> SamplingParams:
@@ -104,6 +167,7 @@ def sampling(req: Any, settings: ServeSettings, max_tokens: int) -> SamplingPara
         frequency_penalty=req.frequency_penalty or 0.0,
         seed=req.seed,
         stop=stop_sequences(req, settings),
+        logprobs=requested_logprobs(req),
     )
 
 
@@ -114,17 +178,31 @@ class Inference:
         self.engine = engine
         self.context = context
         self.settings = settings
+        # requests with n > 1 gather their slots one request at a time: two of them each holding
+        # part of what they need would wait on each other forever
+        self._gathering = asyncio.Lock()
 
     # --- cheap checks, on the event loop: a bad parameter is a 400 even when every instance is busy ---
 
     def check(self, req: Any) -> None:
         """Validate what costs nothing to validate (everything but the prompt)."""
         self._params(req)
+        tool_use(req)
+        n = getattr(req, "n", None) or 1
+        if n > self.engine.parallel:
+            raise InvalidRequestError(
+                f"n: at most {self.engine.parallel} choices per request (the server's parallel "
+                f"sequences), got {n}",
+                param="n",
+            )
+        if n > 1 and getattr(req, "stream", False):
+            raise InvalidRequestError("n: several choices are not streamed; send stream: false", param="n")
         if getattr(req, "echo", None):
             raise InvalidRequestError("echo is not supported by this server", param="echo")
 
     def _params(self, req: Any) -> tuple[int | None, SamplingParams]:
         reject_unsupported(req)
+        check_response_format(req)
         requested = requested_max_tokens(req)
         return requested, sampling(req, self.settings, 1)
 
@@ -132,8 +210,24 @@ class Inference:
 
     def chat_job(self, req: Any, messages: Sequence[Message]) -> Job:
         requested, params = self._params(req)
-        prompt = self.context.chat_prompt(messages, requested)
-        return Job(prompt, _with_max(params, prompt.max_tokens))
+        tools = tool_use(req)
+        if tools is not None and tools.forced:
+            if response_grammar(req) is not None:
+                raise InvalidRequestError(
+                    "tool_choice: a forced tool call and a JSON response_format exclude each other",
+                    param="tool_choice",
+                )
+            grammar = self.grammar(schema_grammar(call_schema(tools.forced), "tools"), "tools")
+        else:
+            grammar = self.grammar(response_grammar(req), "response_format")
+        prompt = self.context.chat_prompt(messages, requested, tools.offered if tools else ())
+        return Job(prompt, replace(params, max_tokens=prompt.max_tokens, grammar=grammar), tools)
+
+    def grammar(self, gbnf: str | None, param: str) -> str | None:
+        """``gbnf`` if llama.cpp compiles it for this model, else a 400 naming ``param``."""
+        if gbnf is not None and not self.engine.grammar_compiles(gbnf):
+            raise InvalidRequestError(f"{param}: llama.cpp cannot compile the grammar for it", param=param)
+        return gbnf
 
     def completion_job(self, req: Any) -> Job:
         self.check(req)
@@ -162,6 +256,48 @@ class Inference:
         params = SamplingParams(max_tokens=1, temperature=0.7, top_k=DEFAULT_TOP_K, min_p=DEFAULT_MIN_P)
         prompt = self.context.chat_prompt(messages, None)
         return Job(prompt, _with_max(params, prompt.max_tokens))
+
+    async def prepare_many(self, build: Callable[[], Job], n: int) -> list[tuple[Job, Slot]]:
+        """:meth:`prepare` for ``n`` choices: ``n`` slots (all or none), one prompt, choice ``i`` sampled
+        with ``seed + i`` when a seed is given (so the choices differ and each is reproducible)."""
+        if n == 1:
+            return [await self.prepare(build)]
+        slots: list[Slot] = []
+        try:
+            async with self._gathering:
+                for _ in range(n):
+                    slots.append(await self.reserve())
+            job = await asyncio.to_thread(build)
+        except BaseException:
+            for slot in slots:
+                slot.release_unused()
+            raise
+        seed = job.params.seed
+        return [
+            (
+                job
+                if seed is None
+                else replace(job, params=replace(job.params, seed=(seed + i) % (2**32 - 1))),
+                slot,
+            )
+            for i, slot in enumerate(slots)
+        ]
+
+    async def complete_many(self, prepared: list[tuple[Job, Slot]], **kw: Any) -> list[Finished]:
+        """:meth:`complete` for every choice at once (the batch decodes them together); one failing
+        stops the others."""
+        if len(prepared) == 1:
+            job, slot = prepared[0]
+            return [await self.complete(job, slot, **kw)]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.complete(job, slot, **kw)) for job, slot in prepared]
+        except BaseExceptionGroup as group_error:
+            raise group_error.exceptions[0] from None
+        finally:
+            for _, slot in prepared:
+                slot.release_unused()
+        return [t.result() for t in tasks]
 
     async def reserve(self) -> Slot:
         """A llama instance for one request (waits in the queue; 429 when it is full)."""

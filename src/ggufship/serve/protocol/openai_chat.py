@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
 # The TGI / vLLM parameter names both request models accept (declared once, so their bounds agree).
 MaxNewTokens = Annotated[int | None, Field(ge=1, description="TGI name of max_tokens")]
@@ -35,6 +35,25 @@ class TextContentPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    """A function call: ``arguments`` is a JSON object serialized as a string (as OpenAI sends it)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One entry of an assistant message's ``tool_calls`` (request and response)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     """One message of the conversation (system, developer, user, assistant or tool)."""
 
@@ -43,6 +62,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128, description="assistant")
+    tool_call_id: str | None = Field(default=None, max_length=128, description="role tool: the answered call")
 
     def text(self) -> str:
         if self.content is None:
@@ -52,10 +73,51 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the answer must match (a llama.cpp grammar)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    type: Literal["text"] = Field(description="only plain text is supported")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``: call this function."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(BaseModel):
@@ -67,10 +129,10 @@ class ChatCompletionRequest(BaseModel):
     model: str = Field(description="model id (see /v1/models)")
     frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = Field(default=False, description="not supported: false or null")
+    logprobs: bool | None = Field(default=False, description="each answer token's log-probability")
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1, description="older max_completion_tokens")
-    n: int | None = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    n: int | None = Field(default=1, ge=1, le=64, description="choices; at most the server's parallel")
     presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
     seed: int | None = Field(default=None, ge=0, le=2**32 - 2)
@@ -78,9 +140,10 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
-    tool_choice: Literal["none"] | None = Field(default=None, description="tools are not supported")
-    tools: list[dict[str, Any]] | None = Field(default=None, max_length=0, description="not supported")
-    top_logprobs: int | None = Field(default=None, ge=0, le=0, description="not supported")
+    parallel_tool_calls: bool | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="alternatives per token")
     top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = None
 
@@ -112,13 +175,32 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobs(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobs] | None
+    refusal: list[TokenLogprobs] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None
 
 
 class ChatCompletion(BaseModel):
@@ -136,11 +218,24 @@ class ChoiceDelta(BaseModel):
     content: str | None = None
 
 
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall | None = None
+
+
+class ToolCallsDelta(ChoiceDelta):
+    """The delta of a chunk carrying tool calls (other chunks keep the two fields of ChoiceDelta)."""
+
+    tool_calls: list[ToolCallDelta]
+
+
 class ChunkChoice(BaseModel):
     index: int
-    delta: ChoiceDelta
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    delta: SerializeAsAny[ChoiceDelta]
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

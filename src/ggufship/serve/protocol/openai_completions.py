@@ -28,9 +28,9 @@ class CompletionRequest(BaseModel):
     echo: bool | None = Field(default=False, description="prepend the prompt to the completion")
     frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=0, description="not supported: null or 0")
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="alternatives per token (0-5)")
     max_tokens: int | None = Field(default=None, ge=1)
-    n: int | None = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    n: int | None = Field(default=1, ge=1, le=64, description="choices; at most the server's parallel")
     presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 2)
     stop: str | list[str] | None = None
@@ -49,10 +49,17 @@ class CompletionRequest(BaseModel):
     min_p: MinP = None
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

@@ -1,0 +1,303 @@
+"""Function calling (``tools`` / ``tool_choice``) against a real server and the tiny exported model:
+the official openai client for forced calls (grammar-constrained, greedy), the exact request shapes
+Dify's OpenAI-API-compatible provider sends, and the 400s for bad tool inputs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.serve_fixtures import RunningServer, running_server, sse_events
+
+KEY = "sk-test-tools"
+WEATHER = {
+    "type": "object",
+    "properties": {
+        # ASCII only and bounded: the untrained tiny model would otherwise write until max_tokens
+        "city": {"type": "string", "pattern": "^[A-Za-z ]{1,12}$"},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer"},
+    },
+    "required": ["city", "unit", "days"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"zone": {"enum": ["UTC", "CET"]}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather forecast", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "get_time", "description": "Current time", "parameters": TIME}},
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _settings(model: Path, **kw: object):
+    from ggufship.serve import ServeSettings
+
+    base: dict[str, object] = {"model": str(model), "n_threads": 1, "api_keys": (KEY,)}
+    base.update(kw)
+    return ServeSettings(**base)
+
+
+@pytest.fixture(scope="module", params=["batch", "instances"])
+def server(request: pytest.FixtureRequest, tiny_export: Path) -> Iterator[RunningServer]:
+    # the tiny tokenizer spends ~650 tokens on the tool listing: more than its own 512-token window
+    settings = _settings(tiny_export, engine=request.param, parallel=2, queue_size=8, n_ctx=2048)
+    with running_server(settings) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _check_call(call, allowed: set[str]) -> None:
+    assert call.type == "function"
+    assert call.id.startswith("call_")
+    assert call.function.name in allowed
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+@pytest.mark.parametrize("text", ["What is the weather in Paris?", "Time please", "hello"])
+def test_required_tool_choice_gives_a_schema_valid_call(client: openai.OpenAI, text: str) -> None:
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": text}],
+        tools=TOOLS,
+        tool_choice="required",
+        temperature=0,
+        max_tokens=200,
+    )
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content is None
+    assert len(choice.message.tool_calls) == 1
+    _check_call(choice.message.tool_calls[0], set(SCHEMAS))
+
+
+def test_named_tool_choice_calls_that_function(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=CHAT,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        temperature=0,
+        max_tokens=200,
+    )
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    _check_call(choice.message.tool_calls[0], {"get_time"})
+
+
+def test_streamed_tool_call(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=CHAT,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+        max_tokens=200,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["tool_calls"]
+    assert len(calls) == 1 and calls[0].index == 0
+    _check_call(calls[0], {"get_weather"})
+    assert not any(c.choices and c.choices[0].delta.content for c in chunks)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    # the same call as the blocking answer (greedy)
+    blocking = client.chat.completions.create(
+        model="tiny",
+        messages=CHAT,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+        max_tokens=200,
+    )
+    assert blocking.choices[0].message.tool_calls[0].function.arguments == calls[0].function.arguments
+
+
+def test_tool_choice_none_and_auto_answer_text_or_a_parsed_call(client: openai.OpenAI) -> None:
+    none = client.chat.completions.create(
+        model="tiny", messages=CHAT, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=8
+    )
+    assert none.choices[0].message.tool_calls is None
+    assert none.choices[0].finish_reason in ("stop", "length")
+    auto = client.chat.completions.create(
+        model="tiny", messages=CHAT, tools=TOOLS, tool_choice="auto", temperature=0, max_tokens=8
+    )
+    choice = auto.choices[0]
+    if choice.message.tool_calls:  # the untrained model hardly ever writes a call unconstrained
+        assert choice.finish_reason == "tool_calls"
+        _check_call(choice.message.tool_calls[0], set(SCHEMAS))
+    else:
+        assert choice.finish_reason in ("stop", "length")
+        assert isinstance(choice.message.content, str)
+
+
+# The request bodies Dify's "OpenAI-API-compatible" model provider sends with function calling on
+# (api/core/model_runtime/model_providers/openai_api_compatible/llm/llm.py, OAICompatLargeLanguageModel:
+# _generate builds "tools" with type function, _convert_prompt_message_to_dict turns an assistant
+# message's tool calls into "tool_calls" with content "" / null and a tool result into role "tool" with
+# "tool_call_id" and "name"); streaming is Dify's default.
+DIFY_FIRST_TURN = {
+    "model": "tiny",
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the weather in Paris?"},
+    ],
+    "max_tokens": 64,
+    "temperature": 0,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "tools": TOOLS,
+    "tool_choice": "auto",
+}
+DIFY_FOLLOW_UP = {
+    **DIFY_FIRST_TURN,
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_abc123",
+                    "type": "function",
+                    "function": {
+                        "name": "get_weather",
+                        "arguments": '{"city": "Paris", "unit": "celsius", "days": 1}',
+                    },
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_abc123", "name": "get_weather", "content": "18 C, sunny"},
+    ],
+}
+
+
+@pytest.mark.parametrize("body", [DIFY_FIRST_TURN, DIFY_FOLLOW_UP], ids=["first-turn", "follow-up"])
+def test_dify_shaped_tool_requests(server: RunningServer, body: dict) -> None:
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {KEY}"},
+        json=body,
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    events = [json.loads(d) for _, d in sse_events(r.text) if d != "[DONE]"]
+    assert sse_events(r.text)[-1][1] == "[DONE]"
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    finishes = [
+        e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]
+    ]
+    assert len(finishes) == 1 and finishes[0] in ("stop", "length", "tool_calls")
+    assert events[-1]["usage"]["prompt_tokens"] > 0
+    # the same request, not streamed
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {KEY}"},
+        json={**body, "stream": False, "stream_options": None},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == finishes[0]
+
+
+def test_the_tool_result_reaches_the_prompt(server: RunningServer) -> None:
+    """The follow-up's prompt holds the call and its result (rendered, so longer than without them)."""
+    from ggufship.serve._context import to_messages
+    from ggufship.serve._tools import tool_use
+    from ggufship.serve.protocol.openai_chat import ChatCompletionRequest
+
+    inference = server.state.require_inference()
+    window = inference.context
+    follow = ChatCompletionRequest.model_validate(DIFY_FOLLOW_UP)
+    first = ChatCompletionRequest.model_validate(DIFY_FIRST_TURN)
+    offered = tool_use(follow).offered
+    text = window.render(to_messages(follow.messages), offered)
+    assert "18 C, sunny" in text and "get_weather" in text and "Paris" in text
+    assert len(window.chat_tokens(to_messages(follow.messages), offered)) > len(
+        window.chat_tokens(to_messages(first.messages), offered)
+    )
+    if not window.native_tools:  # the documented fallback instruction
+        assert "To call one, answer with exactly one JSON object" in text
+
+
+BAD_SCHEMA_TOOL = [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": BAD_SCHEMA_TOOL}, "tools[0].function.parameters"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+            "tools[0].function.parameters",
+        ),
+        ({"tools": [TOOLS[0], TOOLS[0]]}, "tools[1].function.name"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "tools": TOOLS,
+                "messages": [
+                    *CHAT,
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": "c1",
+                                "type": "function",
+                                "function": {"name": "get_time", "arguments": "{zone"},
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
+                ],
+            },
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            {"tools": TOOLS, "messages": [*CHAT, {"role": "tool", "content": "12:00"}]},
+            "messages[1].tool_call_id",
+        ),
+        (
+            {
+                "tools": TOOLS,
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "tool_choice",
+        ),
+    ],
+)
+def test_bad_tool_inputs_are_400_naming_the_parameter(server: RunningServer, extra: dict, param: str) -> None:
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 4, **extra}
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"}, json=body, timeout=60
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    assert param.split("[")[0] in err["message"]
+    assert err["type"] == "invalid_request_error"
