@@ -7,6 +7,7 @@ helpers keep the bounds in one place instead of hand-written ``while True`` loop
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -22,6 +23,21 @@ from tenacity import (
 )
 
 T = TypeVar("T")
+
+
+class Rejected(Exception):
+    """An attempt the other side refused in a way a later attempt may pass (a push that is not a
+    fast-forward): raised inside a tenacity attempt so that it is retried."""
+
+
+def jittered_backoff(base_s: float, cap_s: float = 5.0) -> Callable[[RetryCallState], float]:
+    """A tenacity wait: ``base_s * 2**(n-1)`` after the n-th attempt, at most ``cap_s``, times a
+    random factor in [0.5, 1.5) so that writers racing for the same ref do not retry in step."""
+
+    def wait(state: RetryCallState) -> float:
+        return min(cap_s, base_s * 2 ** (state.attempt_number - 1)) * random.uniform(0.5, 1.5)
+
+    return wait
 
 
 def poll_until(condition: Callable[[], bool], *, timeout_s: float, interval_s: float) -> bool:

@@ -18,20 +18,20 @@ is at the head. The commit message names the rejected digest and the verdict.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from ggufship.errors import UsageError
 from ggufship.publish import GitOpsError
+from ggufship.retry import Rejected, jittered_backoff
 
 if TYPE_CHECKING:
     from git import Repo
@@ -252,82 +252,97 @@ def rollback(request: RollbackRequest, *, before_push: Callable[[int], None] | N
                 f"rollback: cannot clone branch {request.branch!r} of {request.url}: {_git_error(exc)}"
             ) from exc
         repo.git.update_environment(**_env(request))
-        for attempt in range(1, request.max_attempts + 1):
-            text, stable, rejected = _decide(repo, request)
-            rejected_sha = str(rejected.get("sha256") or "")
-            rejected_version = str(rejected.get("version") or "")
-            if not text or stable is None:
-                head = repo.head.commit.hexsha
-                reason = (
-                    f"{path} names {rejected_version or '?'} ({rejected_sha[:12] or 'no digest'}), not the "
-                    "rejected release: nothing to roll back"
-                )
-                logger.info("rollback: %s (head %s)", reason, head[:12])
-                return RollbackResult(
-                    request.url,
-                    request.branch,
-                    head,
-                    path,
-                    False,
-                    reason,
-                    request.rejected_sha256 or "",
-                    request.rejected_version or "",
-                    attempts=attempt,
-                )
-            stable_sha, stable_version = str(stable["sha256"]), str(stable.get("version") or "")
-            (workdir / path).write_text(text, encoding="utf-8")
-            message = (
-                f"rollback {request.name} in {request.environment}: reject {rejected_version} "
-                f"(sha256 {rejected_sha}): {request.verdict.strip()}\n\n"
-                f"The deploy values name {stable_version} (sha256 {stable_sha}) again, the model "
-                f"{path} named before {rejected_version}.\n\n"
-                f"{REJECTED_TRAILER}: {rejected_sha}\n"
-            )
-            repo.git.add("--", path)
-            repo.git.commit(
-                "--no-verify",
-                "--no-gpg-sign",
-                "--quiet",
-                "-m",
-                message,
-                f"--author={request.author_name} <{request.author_email}>",
-            )
-            if before_push is not None:
-                before_push(attempt)
-            ok, summary = _push(repo, request)
-            if ok:
-                commit = repo.head.commit.hexsha
-                logger.info(
-                    "rollback: %s back to %s (%s); pushed %s (attempt %d)",
-                    path,
-                    stable_version,
-                    stable_sha[:12],
-                    commit[:12],
-                    attempt,
-                )
-                return RollbackResult(
-                    request.url,
-                    request.branch,
-                    commit,
-                    path,
-                    True,
-                    f"{rejected_version} rejected: {request.verdict.strip()}",
-                    rejected_sha,
-                    rejected_version,
-                    stable_sha,
-                    stable_version,
-                    attempt,
-                )
-            logger.info("rollback: push rejected (attempt %d/%d): %s", attempt, request.max_attempts, summary)
-            if attempt == request.max_attempts:
-                break
-            time.sleep(min(5.0, request.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
-            # Decide again on the new remote head (another writer may have rolled back, or shipped).
-            try:
-                repo.remote("origin").fetch(request.branch, kill_after_timeout=_GIT_TIMEOUT_S)
-            except GitCommandError as exc:
-                raise RollbackError(f"rollback: fetch from {request.url} failed: {_git_error(exc)}") from exc
-            repo.git.reset("--hard", f"origin/{request.branch}")
+        retrying = Retrying(
+            stop=stop_after_attempt(request.max_attempts),
+            wait=jittered_backoff(request.backoff_s),
+            retry=retry_if_exception_type(Rejected),
+            reraise=True,
+        )
+        try:
+            for trial in retrying:
+                with trial:
+                    attempt = trial.retry_state.attempt_number
+                    if attempt > 1:
+                        # Decide again on the new remote head (another writer may have rolled back,
+                        # or shipped).
+                        try:
+                            repo.remote("origin").fetch(request.branch, kill_after_timeout=_GIT_TIMEOUT_S)
+                        except GitCommandError as exc:
+                            raise RollbackError(
+                                f"rollback: fetch from {request.url} failed: {_git_error(exc)}"
+                            ) from exc
+                        repo.git.reset("--hard", f"origin/{request.branch}")
+                    text, stable, rejected = _decide(repo, request)
+                    rejected_sha = str(rejected.get("sha256") or "")
+                    rejected_version = str(rejected.get("version") or "")
+                    if not text or stable is None:
+                        head = repo.head.commit.hexsha
+                        reason = (
+                            f"{path} names {rejected_version or '?'} ({rejected_sha[:12] or 'no digest'}), "
+                            "not the rejected release: nothing to roll back"
+                        )
+                        logger.info("rollback: %s (head %s)", reason, head[:12])
+                        return RollbackResult(
+                            request.url,
+                            request.branch,
+                            head,
+                            path,
+                            False,
+                            reason,
+                            request.rejected_sha256 or "",
+                            request.rejected_version or "",
+                            attempts=attempt,
+                        )
+                    stable_sha, stable_version = str(stable["sha256"]), str(stable.get("version") or "")
+                    (workdir / path).write_text(text, encoding="utf-8")
+                    message = (
+                        f"rollback {request.name} in {request.environment}: reject {rejected_version} "
+                        f"(sha256 {rejected_sha}): {request.verdict.strip()}\n\n"
+                        f"The deploy values name {stable_version} (sha256 {stable_sha}) again, the model "
+                        f"{path} named before {rejected_version}.\n\n"
+                        f"{REJECTED_TRAILER}: {rejected_sha}\n"
+                    )
+                    repo.git.add("--", path)
+                    repo.git.commit(
+                        "--no-verify",
+                        "--no-gpg-sign",
+                        "--quiet",
+                        "-m",
+                        message,
+                        f"--author={request.author_name} <{request.author_email}>",
+                    )
+                    if before_push is not None:
+                        before_push(attempt)
+                    ok, summary = _push(repo, request)
+                    if ok:
+                        commit = repo.head.commit.hexsha
+                        logger.info(
+                            "rollback: %s back to %s (%s); pushed %s (attempt %d)",
+                            path,
+                            stable_version,
+                            stable_sha[:12],
+                            commit[:12],
+                            attempt,
+                        )
+                        return RollbackResult(
+                            request.url,
+                            request.branch,
+                            commit,
+                            path,
+                            True,
+                            f"{rejected_version} rejected: {request.verdict.strip()}",
+                            rejected_sha,
+                            rejected_version,
+                            stable_sha,
+                            stable_version,
+                            attempt,
+                        )
+                    logger.info(
+                        "rollback: push rejected (attempt %d/%d): %s", attempt, request.max_attempts, summary
+                    )
+                    raise Rejected(summary)
+        except Rejected:
+            pass
         raise RollbackError(
             f"rollback: push of {path} to {request.url} ({request.branch}) still rejected after "
             f"{request.max_attempts} attempts"

@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from ggufship.manifest import Manifest, ManifestFile
 from ggufship.publish._errors import GitOpsError, PublishConflictError, PublishSettingsError
+from ggufship.retry import Rejected, jittered_backoff
 
 if TYPE_CHECKING:
     from git import Repo
@@ -365,83 +365,98 @@ def publish_gitops(
         repo = _clone(target, workdir)
         rebase_conflicts = 0
         need_commit = True
-        for attempt in range(1, target.max_attempts + 1):
-            if need_commit:
-                changed = _write_release(
-                    repo,
-                    workdir,
-                    record,
-                    record_path,
-                    values_path,
-                    manifest,
-                    deployed,
-                    where,
-                    signature,
-                    target.force,
-                )
-                if not changed:
-                    head = repo.head.commit.hexsha
+        retrying = Retrying(
+            stop=stop_after_attempt(target.max_attempts),
+            wait=jittered_backoff(target.backoff_s),
+            retry=retry_if_exception_type(Rejected),
+            reraise=True,
+        )
+        try:
+            for trial in retrying:
+                with trial:
+                    attempt = trial.retry_state.attempt_number
+                    if attempt > 1:
+                        clean = _sync(repo, target)
+                        need_commit = not clean
+                        if not clean:
+                            rebase_conflicts += 1
+                        elif repo.head.commit.hexsha == _remote_head(repo, target):
+                            # Our change was already upstream (identical commit content): rebase dropped it.
+                            need_commit = True
+                    if need_commit:
+                        changed = _write_release(
+                            repo,
+                            workdir,
+                            record,
+                            record_path,
+                            values_path,
+                            manifest,
+                            deployed,
+                            where,
+                            signature,
+                            target.force,
+                        )
+                        if not changed:
+                            head = repo.head.commit.hexsha
+                            logger.info(
+                                "gitops: %s already records %s %s (head %s); nothing to commit",
+                                target.url,
+                                manifest.name,
+                                manifest.version,
+                                head[:12],
+                            )
+                            return GitOpsResult(
+                                target.url,
+                                target.branch,
+                                head,
+                                record_path,
+                                values_path,
+                                attempt,
+                                rebase_conflicts,
+                                skipped=True,
+                            )
+                        # The git CLI, not repo.index: GitPython's index.add changes the process's cwd,
+                        # which is not safe with other threads. No hooks, no signing, author as configured.
+                        repo.git.add("--", record_path, values_path)
+                        repo.git.commit(
+                            "--no-verify", "--no-gpg-sign", "--quiet", "-m", message, f"--author={actor}"
+                        )
+                    if _before_push is not None:
+                        _before_push(attempt)
+                    ok, summary = _push(repo, target)
+                    if ok:
+                        commit = repo.head.commit.hexsha
+                        logger.info(
+                            "gitops: pushed %s to %s %s (attempt %d)",
+                            commit[:12],
+                            target.url,
+                            target.branch,
+                            attempt,
+                        )
+                        return GitOpsResult(
+                            target.url,
+                            target.branch,
+                            commit,
+                            record_path,
+                            values_path,
+                            attempt,
+                            rebase_conflicts,
+                            skipped=False,
+                        )
                     logger.info(
-                        "gitops: %s already records %s %s (head %s); nothing to commit",
-                        target.url,
-                        manifest.name,
-                        manifest.version,
-                        head[:12],
-                    )
-                    return GitOpsResult(
+                        "gitops: push to %s %s rejected (attempt %d/%d): %s",
                         target.url,
                         target.branch,
-                        head,
-                        record_path,
-                        values_path,
                         attempt,
-                        rebase_conflicts,
-                        skipped=True,
+                        target.max_attempts,
+                        summary,
                     )
-                # The git CLI, not repo.index: GitPython's index.add changes the process's cwd,
-                # which is not safe with other threads. No hooks, no signing, author as configured.
-                repo.git.add("--", record_path, values_path)
-                repo.git.commit("--no-verify", "--no-gpg-sign", "--quiet", "-m", message, f"--author={actor}")
-            if _before_push is not None:
-                _before_push(attempt)
-            ok, summary = _push(repo, target)
-            if ok:
-                commit = repo.head.commit.hexsha
-                logger.info(
-                    "gitops: pushed %s to %s %s (attempt %d)", commit[:12], target.url, target.branch, attempt
-                )
-                return GitOpsResult(
-                    target.url,
-                    target.branch,
-                    commit,
-                    record_path,
-                    values_path,
-                    attempt,
-                    rebase_conflicts,
-                    skipped=False,
-                )
-            logger.info(
-                "gitops: push to %s %s rejected (attempt %d/%d): %s",
-                target.url,
-                target.branch,
-                attempt,
-                target.max_attempts,
-                summary,
-            )
-            if attempt == target.max_attempts:
-                raise GitOpsError(
-                    f"gitops: push of {record_path} to {target.url} ({target.branch}) still rejected after "
-                    f"{attempt} attempts: {summary}"
-                )
-            delay = min(5.0, target.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
-            time.sleep(delay)
-            clean = _sync(repo, target)
-            need_commit = not clean
-            if not clean:
-                rebase_conflicts += 1
-            elif repo.head.commit.hexsha == _remote_head(repo, target):
-                # Our change was already upstream (identical commit content): rebase dropped it.
-                need_commit = True
+                    raise Rejected(summary)
+        except Rejected as exc:
+            raise GitOpsError(
+                f"gitops: push of {record_path} to {target.url} ({target.branch}) still rejected after "
+                f"{target.max_attempts} attempts: {exc}"
+            ) from None
     raise GitOpsError(f"gitops: gave up on {target.url}")  # pragma: no cover (the loop returns or raises)
 
 
