@@ -15,6 +15,7 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception,
+    retry_if_exception_type,
     retry_if_result,
     stop_after_attempt,
     stop_after_delay,
@@ -84,3 +85,15 @@ def call_with_retries(
         reraise=True,
     )
     return retrying(fn)
+
+
+def retry_rejected(attempts: int, backoff_s: float) -> Retrying:
+    """Up to ``attempts`` tries, each try a ``with`` block of the returned iterator, the next one
+    after a :func:`jittered_backoff` wait when the try raised :class:`Rejected`; the last
+    :class:`Rejected` (or any other exception at once) propagates."""
+    return Retrying(
+        stop=stop_after_attempt(attempts),
+        wait=jittered_backoff(backoff_s),
+        retry=retry_if_exception_type(Rejected),
+        reraise=True,
+    )

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from ggufship.errors import UsageError
 from ggufship.publish import GitOpsError
-from ggufship.retry import Rejected, jittered_backoff
+from ggufship.retry import Rejected, retry_rejected
 
 if TYPE_CHECKING:
     from git import Repo
@@ -252,14 +251,8 @@ def rollback(request: RollbackRequest, *, before_push: Callable[[int], None] | N
                 f"rollback: cannot clone branch {request.branch!r} of {request.url}: {_git_error(exc)}"
             ) from exc
         repo.git.update_environment(**_env(request))
-        retrying = Retrying(
-            stop=stop_after_attempt(request.max_attempts),
-            wait=jittered_backoff(request.backoff_s),
-            retry=retry_if_exception_type(Rejected),
-            reraise=True,
-        )
         try:
-            for trial in retrying:
+            for trial in retry_rejected(request.max_attempts, request.backoff_s):
                 with trial:
                     attempt = trial.retry_state.attempt_number
                     if attempt > 1:

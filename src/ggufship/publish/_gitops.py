@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from ggufship.manifest import Manifest, ManifestFile
 from ggufship.publish._errors import GitOpsError, PublishConflictError, PublishSettingsError
-from ggufship.retry import Rejected, jittered_backoff
+from ggufship.retry import Rejected, retry_rejected
 
 if TYPE_CHECKING:
     from git import Repo
@@ -365,14 +364,8 @@ def publish_gitops(
         repo = _clone(target, workdir)
         rebase_conflicts = 0
         need_commit = True
-        retrying = Retrying(
-            stop=stop_after_attempt(target.max_attempts),
-            wait=jittered_backoff(target.backoff_s),
-            retry=retry_if_exception_type(Rejected),
-            reraise=True,
-        )
         try:
-            for trial in retrying:
+            for trial in retry_rejected(target.max_attempts, target.backoff_s):
                 with trial:
                     attempt = trial.retry_state.attempt_number
                     if attempt > 1:
