@@ -408,7 +408,7 @@ def test_scrape_targets_files(stack: Stack) -> None:
 def test_prometheus_listens_on_loopback_only(stack: Stack) -> None:
     info = load_state(stack.state_dir).services["prometheus"]
     assert info.endpoint.startswith("http://127.0.0.1:")
-    from tests.test_services import listening_sockets
+    from tests.process_fixtures import listening_sockets
 
     assert listening_sockets(info.pid) == {("127.0.0.1", info.port)}
 
