@@ -58,3 +58,20 @@ def test_truncation_drops_whole_turns(server: RunningServer, turns: int) -> None
     # what dropping one message more would give: the template refuses it (the old behaviour's 400)
     with pytest.raises(InvalidRequestError, match="alternate"):
         window.chat_tokens(messages[prompt.messages_dropped + 1 :])
+
+
+def test_templates_render_like_transformers(server: RunningServer) -> None:
+    """Rendering goes through llama-cpp-python's Jinja2ChatFormatter: the Jinja features Transformers'
+    chat templates use (loop controls, {% generation %}, strftime_now, tojson) work."""
+    from ggufship.serve._context import ContextWindow, Message
+
+    template = (
+        "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+        "{% else %}{{ m['content'] | tojson }}{% endif %}|{% endfor %}{{ strftime_now('%Y') }}"
+    )
+    engine = server.state.require_inference().engine
+    window = ContextWindow(engine, policy="reject", default_max_tokens=16, chat_template=template)
+    text = window.render([Message("user", "é"), Message("assistant", "b"), Message("user", "never")])
+    assert text.startswith('"é"|b|') and "never" not in text
+    assert text[-4:].isdigit()

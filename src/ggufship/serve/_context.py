@@ -83,7 +83,7 @@ class ContextWindow:
         self, engine: Engine, *, policy: str, default_max_tokens: int, chat_template: str | None = None
     ) -> None:
         """``chat_template`` overrides the GGUF's ``tokenizer.chat_template``."""
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.engine = engine
         self.policy = policy
@@ -96,15 +96,14 @@ class ContextWindow:
         # a template that reads a ``tools`` variable renders tools, calls and results itself
         self.native_tools = "tools" in source
 
-        def raise_exception(message: str) -> None:
-            raise InvalidRequestError(f"chat template: {message}", param="messages")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        self._template = env.from_string(source)
         self._bos_text = engine.token_text(engine.bos_token())
         self._eos_text = engine.token_text(engine.eos_token())
         self._add_bos = engine.add_bos()
+        # llama-cpp-python's renderer (a sandboxed Jinja2 environment set up like Transformers':
+        # trim/lstrip blocks, loop controls, {% generation %}, tojson, strftime_now, raise_exception)
+        self._formatter = Jinja2ChatFormatter(
+            template=source, eos_token=self._eos_text, bos_token=self._bos_text, add_generation_prompt=True
+        )
 
     # --- counting ----------------------------------------------------------------------------------------
 
@@ -118,15 +117,9 @@ class ContextWindow:
         elif tools:
             dicts = _with_system(dicts, fallback_instruction(tuple(tools)))
         try:
-            return str(
-                self._template.render(
-                    messages=dicts,
-                    add_generation_prompt=True,
-                    bos_token=self._bos_text,
-                    eos_token=self._eos_text,
-                    **variables,
-                )
-            )
+            return str(self._formatter(messages=dicts, **variables).prompt)
+        except ValueError as exc:  # the template's raise_exception(...)
+            raise InvalidRequestError(f"chat template: {exc}", param="messages") from exc
         except TemplateError as exc:
             raise InvalidRequestError(
                 f"messages: the model's chat template failed: {exc}", param="messages"
