@@ -91,7 +91,6 @@ _REGISTRY_RE = re.compile(
     r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*|\[[0-9a-fA-F:]+\])(?::\d{1,5})?$"
 )
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the size OCI distribution says registries should accept
-DOWNLOAD_CHUNK = 1024 * 1024
 UPLOAD_CHUNK = 16 * 1024 * 1024
 
 
@@ -737,7 +736,7 @@ def _download(client: RegistryClient, digest: str, size: int | None, out: Path) 
             raise OciError(f"{out.name}: blob {digest}: {registry_message(response)}")
         try:
             with HashingFileSink(out) as sink:  # hashed and written while the next chunk arrives
-                for chunk in response.iter_bytes(chunk_size=DOWNLOAD_CHUNK):
+                for chunk in response.iter_bytes():  # as received: no re-chunking copies
                     sink.write(chunk)
                     if size is not None and sink.size > size:
                         break
