@@ -58,13 +58,20 @@ def evaluate_step(
         if stable_export:
             if not release:
                 raise UsageError("evaluate: a release spec with a golden_set is required (release is empty)")
-            from ggufship.evaluate import EvaluateRequest, evaluate
+            import tempfile
 
-            result = evaluate(
-                EvaluateRequest(
-                    candidate=tmp, stable=Path(stable_export), release=Path(release), report_dir=report
+            from ggufship.evaluate import EvaluateRequest, evaluate
+            from ggufship.pipeline.inputs import resolve_release_input
+
+            with tempfile.TemporaryDirectory(prefix="ggufship-inputs-") as inputs:
+                result = evaluate(
+                    EvaluateRequest(
+                        candidate=tmp,
+                        stable=Path(stable_export),
+                        release=resolve_release_input(release, Path(inputs)),
+                        report_dir=report,
+                    )
                 )
-            )
             outcome, reason, metrics = result.verdict.outcome, result.verdict.reason, result.record.metrics
         else:
             logger.warning("evaluate: %s — skipped", reason)

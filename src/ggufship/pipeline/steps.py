@@ -101,17 +101,24 @@ def export(
     quants = _split(quantizations)
     if not quants:
         raise UsageError("quantizations: give at least one, comma-separated (e.g. 'F16,Q4_K_M')")
-    export_checkpoint(
-        ExportRequest(
-            checkpoint=Path(checkpoint),
-            out_dir=Path(out_dir),
-            name=name,
-            version=version,
-            adapter=Path(adapter) if adapter else None,
-            release=Path(release) if release else None,
-            quants=quants,
+    import tempfile
+
+    from ggufship.pipeline.inputs import resolve_dir_input, resolve_release_input
+
+    # s3:// inputs are fetched (every object under the prefix, sizes checked) into a temp dir first.
+    with tempfile.TemporaryDirectory(prefix="ggufship-inputs-") as tmp:
+        work = Path(tmp)
+        export_checkpoint(
+            ExportRequest(
+                checkpoint=resolve_dir_input(checkpoint, "checkpoint", work),
+                out_dir=Path(out_dir),
+                name=name,
+                version=version,
+                adapter=resolve_dir_input(adapter, "adapter", work) if adapter else None,
+                release=resolve_release_input(release, work) if release else None,
+                quants=quants,
+            )
         )
-    )
     return model_metadata(Path(out_dir))
 
 
