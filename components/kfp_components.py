@@ -32,7 +32,9 @@ def export_model(
 ) -> None:
     """Export a Hugging Face checkpoint (LoRA adapter merged when given) to GGUF files with
     SHA256 digests, manifest.json and a model card. ``model.metadata`` gets ``sha256``,
-    ``size`` and ``quantization`` of the primary GGUF plus every file's digest."""
+    ``size`` and ``quantization`` of the primary GGUF plus every file's digest. ``checkpoint``,
+    ``adapter`` and ``release`` are local/volume paths or ``s3://bucket/prefix`` URIs (fetched
+    first; ``release`` then names the spec object, e.g. ``s3://b/p/release.yaml``)."""
     from ggufship.pipeline import steps
 
     model.metadata.update(

@@ -12,7 +12,8 @@ Secrets come from Kubernetes Secrets via kfp-kubernetes (they are ignored by
 | Secret | keys → environment / mount |
 |---|---|
 | ``ggufship-s3`` | ``endpoint``, ``access-key``, ``secret-key`` → ``GGUFSHIP_S3_ENDPOINT``, |
-| | ``GGUFSHIP_S3_ACCESS_KEY``, ``GGUFSHIP_S3_SECRET_KEY`` |
+| | ``GGUFSHIP_S3_ACCESS_KEY``, ``GGUFSHIP_S3_SECRET_KEY`` (publish, deploy; export and |
+| | evaluate too: their ``checkpoint``/``adapter``/``release`` may be ``s3://bucket/prefix``) |
 | ``ggufship-oci`` | ``username``, ``password`` → ``GGUFSHIP_OCI_USERNAME``, ``GGUFSHIP_OCI_PASSWORD`` |
 | ``ggufship-git`` | ``token`` → ``GGUFSHIP_GIT_TOKEN`` |
 | ``ggufship-signing`` | mounted at ``/etc/ggufship/signing`` (``private.pem``) |
@@ -116,6 +117,7 @@ def export_to_canary(
         # Same inputs give byte-identical outputs, so a cached export is a correct export.
         exported.set_caching_options(True)
         exported.set_cpu_request("2").set_memory_request("8G").set_retry(num_retries=1)
+        _with_secrets(exported, s3=True)  # an s3:// checkpoint/adapter/release is fetched with these
         kubernetes.set_timeout(exported, 4 * 3600)
 
         # Quality before trust: the measured evaluation goes into the manifest that sign covers; a
@@ -127,6 +129,7 @@ def export_to_canary(
             on_inconclusive=on_inconclusive,
         ).set_display_name("evaluate")
         evaluated.set_caching_options(False).set_cpu_request("2").set_memory_request("8G")
+        _with_secrets(evaluated, s3=True)  # an s3:// release spec
         kubernetes.set_timeout(evaluated, 4 * 3600)
 
         signed = sign_model(

@@ -75,6 +75,9 @@ def test_compiled_pipeline_shape() -> None:
     assert publish_secrets == {"ggufship-s3", "ggufship-oci", "ggufship-git"}
     assert k8s["exec-sign-model"]["secretAsVolume"][0]["secretName"] == "ggufship-signing"
     assert {s["secretName"] for s in k8s["exec-rollback-release"]["secretAsEnv"]} == {"ggufship-git"}
+    # s3:// checkpoint/adapter/release: export and evaluate get the S3 credentials too
+    assert {s["secretName"] for s in k8s["exec-export-model"]["secretAsEnv"]} == {"ggufship-s3"}
+    assert {s["secretName"] for s in k8s["exec-evaluate-model"]["secretAsEnv"]} == {"ggufship-s3"}
     assert int(k8s["exec-export-model"]["activeDeadlineSeconds"]) == 4 * 3600
 
 
