@@ -112,7 +112,10 @@ def test_json_object_is_json(client: openai.OpenAI) -> None:
         {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strange"}}},
         {"type": "json_schema", "json_schema": {"name": "x", "schema": {"properties": 3}}},
         # valid JSON schema, but llama-cpp-python's converter cannot follow a remote $ref
-        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "https://example.invalid/s"}}},
+        {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"$ref": "https://example.invalid/s"}},
+        },
         {"type": "xml"},
     ],
 )
