@@ -30,6 +30,7 @@ import yaml
 
 from ggufship.errors import UsageError
 from ggufship.publish import GitOpsError
+from ggufship.publish._git_auth import auth_env, redact
 from ggufship.retry import Rejected, retry_rejected
 
 if TYPE_CHECKING:
@@ -124,11 +125,12 @@ def _env(request: RollbackRequest) -> dict[str, str]:
         "GIT_COMMITTER_NAME": request.author_name,
         "GIT_COMMITTER_EMAIL": request.author_email,
         "GIT_TERMINAL_PROMPT": "0",
+        **auth_env(request.url),  # GGUFSHIP_GIT_TOKEN as an http.extraHeader, never in a URL or file
     }
 
 
 def _git_error(exc: Any) -> str:
-    return (getattr(exc, "stderr", "") or str(exc)).strip()
+    return redact((getattr(exc, "stderr", "") or str(exc)).strip())
 
 
 def _model_block(text: str | None, where: str) -> dict[str, Any] | None:

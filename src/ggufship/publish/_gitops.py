@@ -33,6 +33,7 @@ import yaml
 
 from ggufship.manifest import Manifest, ManifestFile
 from ggufship.publish._errors import GitOpsError, PublishConflictError, PublishSettingsError
+from ggufship.publish._git_auth import auth_env, redact
 from ggufship.retry import Rejected, retry_rejected
 
 if TYPE_CHECKING:
@@ -264,6 +265,7 @@ def _env(target: GitOpsTarget) -> dict[str, str]:
         "GIT_COMMITTER_NAME": target.author_name,
         "GIT_COMMITTER_EMAIL": target.author_email,
         "GIT_TERMINAL_PROMPT": "0",
+        **auth_env(target.url),  # GGUFSHIP_GIT_TOKEN as an http.extraHeader, never in a URL or file
     }
 
 
@@ -277,7 +279,7 @@ def _clone(target: GitOpsTarget, path: Path) -> Repo:
     except GitCommandError as exc:
         raise GitOpsError(
             f"gitops: cannot clone branch {target.branch!r} of {target.url}: "
-            f"{(exc.stderr or str(exc)).strip()}"
+            f"{redact((exc.stderr or str(exc)).strip())}"
         ) from exc
     repo.git.update_environment(**_env(target))
     with repo.config_writer() as cfg:
@@ -298,7 +300,7 @@ def _push(repo: Repo, target: GitOpsTarget) -> tuple[bool, str]:
             refspec=f"HEAD:refs/heads/{target.branch}", kill_after_timeout=_GIT_TIMEOUT_S
         )
     except GitCommandError as exc:
-        return False, (exc.stderr or str(exc)).strip()
+        return False, redact((exc.stderr or str(exc)).strip())
     if not infos:
         return False, "git push reported nothing"
     failed = [i for i in infos if i.flags & bad]
@@ -324,7 +326,7 @@ def _sync(repo: Repo, target: GitOpsTarget) -> bool:
         repo.remote("origin").fetch(target.branch, kill_after_timeout=_GIT_TIMEOUT_S)
     except GitCommandError as exc:
         raise GitOpsError(
-            f"gitops: fetch from {target.url} failed: {(exc.stderr or str(exc)).strip()}"
+            f"gitops: fetch from {target.url} failed: {redact((exc.stderr or str(exc)).strip())}"
         ) from exc
     try:
         repo.git.rebase(origin)
@@ -333,7 +335,7 @@ def _sync(repo: Repo, target: GitOpsTarget) -> bool:
         logger.info(
             "gitops: rebase onto the new %s conflicts; regenerating from it (%s)",
             origin,
-            (exc.stderr or "").strip().splitlines()[-1:] or "",
+            redact(exc.stderr or "").strip().splitlines()[-1:] or "",
         )
         with contextlib.suppress(GitCommandError):
             repo.git.rebase("--abort")
