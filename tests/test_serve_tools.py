@@ -153,10 +153,10 @@ def test_tool_choice_none_and_auto_answer_text_or_a_parsed_call(client: openai.O
 
 
 # The request bodies Dify's "OpenAI-API-compatible" model provider sends with function calling on
-# (api/core/model_runtime/model_providers/openai_api_compatible/llm/llm.py, OAICompatLargeLanguageModel:
-# _generate builds "tools" with type function, _convert_prompt_message_to_dict turns an assistant
-# message's tool calls into "tool_calls" with content "" / null and a tool result into role "tool" with
-# "tool_call_id" and "name"); streaming is Dify's default.
+# (Dify's OAICompatLargeLanguageModel, today the openai_api_compatible model plugin): "tools" with
+# type function, tool_choice auto, an assistant message's calls as "tool_calls" with null content,
+# a tool result as role "tool" with "tool_call_id" and "name"; streaming is Dify's default. Shapes
+# written from that code's behaviour, not captured from a running Dify.
 DIFY_FIRST_TURN = {
     "model": "tiny",
     "messages": [
