@@ -51,14 +51,15 @@ class HashingFileSink:
     A download's one hashing pass: the network reader calls :meth:`write` with each chunk;
     one thread hashes and another writes (both release the GIL on large buffers), each
     through a bounded queue, so receiving, hashing and writing run at the same time
-    instead of one after another. :meth:`finish` waits for both and returns
+    instead of one after another (memory: at most ``max_queued`` chunks waiting in each queue; a
+    chunk waiting in both is held once). :meth:`finish` waits for both and returns
     ``(hex digest, size)``; an error in either thread is raised there (or at the next
     :meth:`write`). Use as a context manager: leaving on an exception stops the threads.
     """
 
     _DONE = object()
 
-    def __init__(self, path: Path, max_queued: int = 16) -> None:
+    def __init__(self, path: Path, max_queued: int = 3) -> None:
         self._fh = Path(path).open("wb")  # noqa: SIM115 - closed in _stop (the object is the context)
         self._hasher = hashlib.sha256()
         self._queues: tuple[queue.Queue[object], ...] = (queue.Queue(max_queued), queue.Queue(max_queued))
