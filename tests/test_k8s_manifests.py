@@ -165,7 +165,7 @@ def test_webhook_is_hmac_authenticated() -> None:
     assert generic["authSecret"]["key"] in secret["stringData"]
 
 
-def test_kfp_sensor_posts_a_v2beta1_run() -> None:
+def test_kfp_sensor_posts_a_v2beta1_run(tmp_path: Path) -> None:
     sensor = find("Sensor", "ggufship-release-kfp")
     for trigger in sensor["spec"]["triggers"]:
         http = trigger["template"]["http"]
@@ -179,7 +179,24 @@ def test_kfp_sensor_posts_a_v2beta1_run() -> None:
             "runtime_config.parameters.version",
             "runtime_config.parameters.release",
             "runtime_config.parameters.checkpoint",
+            "experiment_id",  # multi-user KFP rejects a run without one
         } <= dests
+    # Every pipeline parameter without a default, and every one the default would get wrong for a
+    # cluster release (targets, where the canary runs), is sent.
+    from ggufship.pipeline import compile_pipeline
+
+    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", root=ROOT).read_text()))
+    declared = spec["root"]["inputDefinitions"]["parameters"]
+    required = {n for n, d in declared.items() if not d.get("isOptional")}
+    needed = required | {"s3", "oci", "gitops", "environment", "deploy_mode", "rollout_name", "namespace"}
+    for trigger in sensor["spec"]["triggers"]:
+        sent = {
+            p["dest"].removeprefix("runtime_config.parameters.")
+            for p in trigger["template"]["http"]["payload"]
+            if p["dest"].startswith("runtime_config.parameters.")
+        }
+        assert needed <= sent, needed - sent
+        assert sent <= set(declared), sent - set(declared)  # KFP rejects an unknown parameter
 
 
 def test_argocd_application_renders_this_chart() -> None:
@@ -245,6 +262,10 @@ def test_sensor_templates_extract_release(sensor_name: str, tmp_path: Path) -> N
         assert got["runtime_config.parameters.version"] == "1.4.0-rc.1"
         assert got["runtime_config.parameters.release"] == "releases/support-bot-1.4.0-rc.1.yaml"
         assert got["runtime_config.parameters.checkpoint"] == "/checkpoints/support-bot/1.4.0-rc.1/checkpoint"
+        # the chart's Rollout for helm releaseName <name> (see test_workflow_argocd_and_chart_agree_on_names)
+        assert got["runtime_config.parameters.rollout_name"] == "support-bot-ggufship-api"
+        assert got["runtime_config.parameters.oci"] == "registry.example.com/models/support-bot"
+        assert got["runtime_config.parameters.deploy_mode"] == "gitops"
         assert (
             got["display_name"] == f"ggufship release releases/support-bot-1.4.0-rc.1.yaml @ {PUSH['after']}"
         )
