@@ -1,4 +1,4 @@
-"""Exceptions of the local rollout (exit codes 60–69, documented in README "Local rollout")."""
+"""Exceptions of the local rollout (exit codes 60–69, documented in docs/reference/exit-codes.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Exceptions of the API server.
 
-Startup failures (exit codes 50–54, documented in README "Serve") and the
+Startup failures (exit codes 50–54, documented in docs/reference/exit-codes.md) and the
 request-level :class:`APIError` family, each mapped to an HTTP status and an
 OpenAI error body ``{"error": {"message", "type", "param", "code"}}`` by
 :mod:`ggufship.serve.protocol.errors`.

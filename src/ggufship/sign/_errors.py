@@ -1,4 +1,4 @@
-"""Exceptions of the sign stage (exit codes 30–39, documented in README "Sign and verify")."""
+"""Exceptions of the sign stage (exit codes 30–39, documented in docs/reference/exit-codes.md)."""
 
 from __future__ import annotations
 
