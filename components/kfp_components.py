@@ -17,7 +17,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Metrics, Model, Output
 
-IMAGE = os.environ.get("GGUFSHIP_IMAGE", "ghcr.io/ggufship/ggufship:0.1.0")
+IMAGE = os.environ.get("GGUFSHIP_IMAGE", "ghcr.io/acme/ggufship:0.1.0")
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -444,3 +445,41 @@ def test_eventbus_for_the_sensors_and_eventsource() -> None:
         obj = find(kind, name)
         assert obj["metadata"]["namespace"] == bus["metadata"]["namespace"]
         assert obj["spec"].get("eventBusName", "default") == bus["metadata"]["name"]
+
+
+def _images(node: Any) -> Iterator[str]:
+    """Every string under an ``image`` key of a parsed YAML document (containers, scripts...)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "image" and isinstance(value, str):
+                yield value
+            else:
+                yield from _images(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _images(item)
+
+
+def test_one_ggufship_image_everywhere() -> None:
+    """KFP components (source default and golden YAML), the Hera workflow (source and YAML), the
+    manifests and the chart's default values all name the same ggufship image."""
+    import re
+
+    found: dict[str, set[str]] = {}
+    kfp_src = (ROOT / "components" / "kfp_components.py").read_text()
+    found["components/kfp_components.py"] = set(re.findall(r'"GGUFSHIP_IMAGE", "([^"]+)"', kfp_src))
+    hera_src = (ROOT / "pipelines" / "argo" / "release_workflow.py").read_text()
+    found["pipelines/argo/release_workflow.py"] = set(re.findall(r'^IMAGE = "([^"]+)"', hera_src, re.M))
+    pipelines = ROOT / "pipelines"
+    yamls = [pipelines / "export_to_canary.yaml", pipelines / "argo" / "release-workflow.yaml"]
+    for path in [*yamls, *MANIFEST_FILES]:
+        images = {i for doc in yaml.safe_load_all(path.read_text()) for i in _images(doc) if "ggufship" in i}
+        if images:
+            found[str(path.relative_to(ROOT))] = images
+    values = yaml.safe_load((ROOT / "charts" / "ggufship-api" / "values.yaml").read_text())
+    found["charts/ggufship-api/values.yaml"] = {f"{values['image']['repository']}:{values['image']['tag']}"}
+    for must in ("components/kfp_components.py", "pipelines/export_to_canary.yaml",
+                 "pipelines/argo/release-workflow.yaml", "charts/ggufship-api/values.yaml"):  # fmt: skip
+        assert found.get(must), f"no ggufship image found in {must}"
+    distinct = set().union(*found.values())
+    assert len(distinct) == 1, found

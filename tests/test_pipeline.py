@@ -63,7 +63,7 @@ def test_compiled_pipeline_shape() -> None:
     executors = spec["deploymentSpec"]["executors"]
     for executor in executors.values():
         container = executor["container"]
-        assert container["image"].startswith("ghcr.io/ggufship/ggufship:")
+        assert container["image"].startswith("ghcr.io/acme/ggufship:")
         assert "pip install" not in json.dumps(container)  # everything is in the image
     outputs = spec["components"]["comp-export-model"]["outputDefinitions"]["artifacts"]
     assert outputs["model"]["artifactType"]["schemaTitle"] == "system.Model"
