@@ -129,3 +129,13 @@ def test_local_run_checkpoint_from_s3(tmp_path: Path, services_factory, llama_ck
     published = json.loads((run_dir / "publish-model" / "executor_output.json").read_text())
     published = published["parameterValues"]
     assert published["s3_uri"] == "s3://ggufship-models/models/tiny/3.0.0/"
+
+
+def test_export_step_refuses_bad_s3_checkpoint_writing_nothing(s3, tmp_path: Path) -> None:
+    """The export step (what the KFP component calls) fails on a missing prefix before writing output."""
+    from ggufship.pipeline import steps
+
+    out = tmp_path / "out"
+    with pytest.raises(InputFetchError, match=r"s3://ckpts/runs/404: no objects under this prefix"):
+        steps.export(checkpoint=f"s3://{BUCKET}/runs/404", out_dir=str(out), name="tiny", version="1.0.0")
+    assert not out.exists()
