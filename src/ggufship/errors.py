@@ -2,7 +2,8 @@
 
 Every failure the product reports on purpose is a :class:`GgufshipError`. Each
 class carries the process exit code the CLI uses for it, so scripts can tell
-failures apart without parsing messages. The codes are listed in docs/reference/exit-codes.md (generated: `ggufship reference`).
+failures apart without parsing messages. The codes are listed in
+docs/reference/exit-codes.md (generated: ``ggufship reference``).
 """
 
 from __future__ import annotations
