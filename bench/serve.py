@@ -429,6 +429,9 @@ def start_llama_cpp_server(model: Path, args: argparse.Namespace, work: Path) ->
         str(args.n_batch),
         "--seed",
         str(SEED),
+        # its default (True) cuts a running stream short when the next request arrives
+        "--interrupt_requests",
+        "False",
     ]
     # the server's request defaults differ from Llama.create_completion's; align them
     extra = {"repeat_penalty": 1.0}
@@ -481,6 +484,7 @@ class LoadRun:
     wall_s: float
     tokens: int
     requests: int
+    short: int  # requests that delivered fewer tokens than the prompt's greedy answer has
     e2e_s: list[float]
     ttft_s: list[float]
     loadavg: tuple[float, float]  # 1-minute load average before and after
@@ -489,7 +493,9 @@ class LoadRun:
 
 def run_load(b: Any, clients: int, rnd: int, tokens_of: dict[int, int], args: argparse.Namespace) -> LoadRun:
     """``clients`` threads, up to ``--load-requests`` streaming requests each, none started after
-    ``--load-timeout`` seconds; tokens counted from the prompt's greedy non-streaming answer."""
+    ``--load-timeout`` seconds. Tokens: the text chunks a stream delivered (one per token on every
+    backend here), at most the prompt's greedy non-streaming ``completion_tokens``; a stream that
+    delivered fewer counts as short."""
     errors: list[BaseException] = []
     out: list[Sample] = []
     lock = threading.Lock()
@@ -523,8 +529,9 @@ def run_load(b: Any, clients: int, rnd: int, tokens_of: dict[int, int], args: ar
         clients,
         rnd,
         wall,
-        sum(tokens_of[s.prompt] for s in out),
+        sum(min(s.tokens or 0, tokens_of[s.prompt]) for s in out),
         len(out),
+        sum(1 for s in out if (s.tokens or 0) < tokens_of[s.prompt]),
         [s.e2e_s for s in out],
         [s.ttft_s for s in out if s.ttft_s is not None],
         (load0, os.getloadavg()[0]),
@@ -546,6 +553,7 @@ def load_summary(runs: list[LoadRun]) -> dict[str, dict[int, dict[str, Any]]]:
                 "tok_s": sum(r.tokens for r in rs) / sum(r.wall_s for r in rs),
                 "tok_s_per_round": [round(r.tokens / r.wall_s, 1) for r in rs],
                 "requests": sum(r.requests for r in rs),
+                "short": sum(r.short for r in rs),
                 "e2e_p50_s": pct(e2e, 50),
                 "e2e_p99_s": pct(e2e, 99),
                 "ttft_p50_ms": pct(ttft, 50) * 1e3,
@@ -570,7 +578,8 @@ def load_markdown(summary: dict[str, dict[int, dict[str, Any]]], levels: list[in
             rows.append(
                 f"| {name} | {c} | {d['tok_s']:.1f} | {', '.join(map(str, d['tok_s_per_round']))} "
                 f"| {d['e2e_p50_s']:.2f} | {d['e2e_p99_s']:.2f} | {d['ttft_p50_ms']:.0f} "
-                f"| {d['ttft_p99_ms']:.0f} | {d['requests']}{' (time bound hit)' if d['timed_out'] else ''} "
+                f"| {d['ttft_p99_ms']:.0f} | {d['requests']}{' (time bound hit)' if d['timed_out'] else ''}"
+                f"{f' ({short} short)' if (short := d['short']) else ''} "
                 f"| {' '.join(map(str, d['loadavg']))} |"
             )
     return "\n".join(rows)
@@ -707,7 +716,7 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
         + "; ".join(f"{n}: completion_tokens {s.get('completion_tokens')}" for n, s in summary.items()),
         f"Samples per backend: streaming {', '.join(str(s.get('stream_n')) for s in summary.values())}; "
         f"TTFT {', '.join(str(s.get('ttft_n')) for s in summary.values())}; "
-        f"percentiles interpolated (p99 of ~{max((s.get('ttft_n') or 0) for s in summary.values())} "
+        f"percentiles interpolated (p99 of ~{max(((s.get('ttft_n') or 0) for s in summary.values()), default=0)} "
         "samples is close to the max).",
         "Startup (process start → /v1/models answers; in-process: Llama()): "
         + ", ".join(f"{n} {fmt(s.get('startup_s'), '.1f')} s" for n, s in summary.items()),
@@ -816,10 +825,13 @@ def main() -> None:
         served = [b for b in backends if b.name != "in-process"]
         tokens_of: dict[str, dict[int, int]] = {}
         for b in served:  # completion tokens per prompt (greedy: the same in every request)
-            samples = [b.plain(i, args.max_tokens, mode="plain") for i in range(len(PROMPTS))]
-            tokens_of[b.name] = {s.prompt: s.tokens or 0 for s in samples}
-            if b not in single:
-                results[b.name].samples.extend(samples)
+            known = {s.prompt: s.tokens or 0 for s in results[b.name].samples if s.mode == "plain"}
+            for i in range(len(PROMPTS)):
+                if i not in known:
+                    sample = b.plain(i, args.max_tokens, mode="plain")
+                    results[b.name].samples.append(sample)
+                    known[i] = sample.tokens or 0
+            tokens_of[b.name] = known
         step = 0
         for rnd in range(args.rounds):
             for c in levels:
@@ -830,7 +842,8 @@ def main() -> None:
                     runs.append(run)
                     print(
                         f"round {rnd + 1} {c:>2} clients {b.name:<22} {run.tokens / run.wall_s:7.1f} tok/s "
-                        f"({run.requests} requests, {run.wall_s:.0f}s, load {run.loadavg[0]:.1f})",
+                        f"({run.requests} requests, {run.short} short, {run.wall_s:.0f}s, "
+                        f"load {run.loadavg[0]:.1f})",
                         flush=True,
                     )
     finally:
