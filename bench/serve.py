@@ -707,6 +707,7 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
             f"| {fmt(s['paired_ttft_delta_median_ms'], '+.1f')} "
             f"| {fmt(s['plain_e2e_p50_s'], '.3f')} | {fmt(s['plain_tok_s_mean'], '.1f')} |"
         )
+    max_ttft_n = max(((s.get("ttft_n") or 0) for s in summary.values()), default=0)
     same = {n: s.get("texts") for n, s in summary.items() if "texts" in s}
     identical = len({json.dumps(t, sort_keys=True) for t in same.values()}) == 1 if same else None
     lines = [
@@ -716,7 +717,7 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
         + "; ".join(f"{n}: completion_tokens {s.get('completion_tokens')}" for n, s in summary.items()),
         f"Samples per backend: streaming {', '.join(str(s.get('stream_n')) for s in summary.values())}; "
         f"TTFT {', '.join(str(s.get('ttft_n')) for s in summary.values())}; "
-        f"percentiles interpolated (p99 of ~{max(((s.get('ttft_n') or 0) for s in summary.values()), default=0)} "
+        f"percentiles interpolated (p99 of ~{max_ttft_n} "
         "samples is close to the max).",
         "Startup (process start → /v1/models answers; in-process: Llama()): "
         + ", ".join(f"{n} {fmt(s.get('startup_s'), '.1f')} s" for n, s in summary.items()),
