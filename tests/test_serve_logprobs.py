@@ -126,16 +126,15 @@ def test_bad_completion_logprobs_is_400(client: openai.OpenAI) -> None:
 # --- n > 1: several sequences of the batch ------------------------------------------------------------
 
 
-def test_n_greedy_choices(server: RunningServer, client: openai.OpenAI) -> None:
+def test_n_greedy_choices(client: openai.OpenAI) -> None:
     one = client.chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=10)
     two = client.chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=10, n=2)
     assert [c.index for c in two.choices] == [0, 1]
     assert [c.message.content for c in two.choices] == [one.choices[0].message.content] * 2
     assert two.usage.prompt_tokens == one.usage.prompt_tokens
     assert two.usage.completion_tokens == 2 * one.usage.completion_tokens
-    engine = server.state.require_inference().engine
-    if hasattr(engine, "max_batch_sequences"):  # the batch engine decoded both in one batch
-        assert engine.max_batch_sequences >= 2
+    # (whether the two sequences shared a decode step depends on timing: not asserted here;
+    # joining a running batch is pinned in tests/test_serve_batch.py)
 
 
 def test_n_seeded_choices_are_reproducible(client: openai.OpenAI) -> None:
