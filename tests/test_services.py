@@ -141,7 +141,7 @@ def test_up_status_use_down(services_factory, tmp_path):
     code, headers = http_get(f"{registry.endpoint}/v2/")
     assert code == 200
     assert headers.get("Docker-Distribution-Api-Version") == "registry/2.0"
-    oras_client = pytest.importorskip("oras.client")
+    import oras.client as oras_client
     artifact = tmp_path / "model.gguf"
     artifact.write_bytes(b"GGUF" + os.urandom(1000))
     host = f"127.0.0.1:{registry.port}"
