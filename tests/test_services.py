@@ -142,6 +142,7 @@ def test_up_status_use_down(services_factory, tmp_path):
     assert code == 200
     assert headers.get("Docker-Distribution-Api-Version") == "registry/2.0"
     import oras.client as oras_client
+
     artifact = tmp_path / "model.gguf"
     artifact.write_bytes(b"GGUF" + os.urandom(1000))
     host = f"127.0.0.1:{registry.port}"
