@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from ggufship import reference
 from ggufship.cli.main import main
-from ggufship.errors import GgufshipError, IntegrityError
+from ggufship.errors import GgufshipError, IntegrityError, UsageError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "reference"
 
@@ -37,3 +39,61 @@ def test_check_command_names_the_stale_page(tmp_path: Path) -> None:
     assert main(["reference", "--check", str(tmp_path)]) == 0
     (tmp_path / reference.SETTINGS_FILE).write_text("edited\n")
     assert main(["reference", "--check", str(tmp_path)]) == 2
+
+
+def _docs_tree(tmp_path: Path, page: str) -> Path:
+    """A docs/ directory with one stage page and the generated pages written; returns docs/reference."""
+    (tmp_path / "stage.md").write_text(page, encoding="utf-8")
+    ref = tmp_path / "reference"
+    reference.write(ref)
+    return ref
+
+
+def test_stage_page_blocks_are_filled_from_the_classes_and_checked(tmp_path: Path) -> None:
+    page = (
+        "# Stage\n\nprose stays\n\n<!-- generated: exit-codes ggufship.sign UsageError -->\n"
+        "| code | hand-written |\n<!-- end generated -->\n\nafter\n"
+    )
+    ref = _docs_tree(tmp_path, page)
+    text = (tmp_path / "stage.md").read_text(encoding="utf-8")
+    assert "hand-written" not in text
+    assert text.startswith("# Stage\n\nprose stays\n") and text.endswith("<!-- end generated -->\n\nafter\n")
+    assert "| 2 | `UsageError` |" in text and "| 34 | `TamperedError` |" in text
+    assert "IntegrityError`" not in text  # only what the words select (TamperedError is one too)
+    assert reference.stale(ref) == []
+    edited = text.replace("| 2 | `UsageError` |", "| 3 | `UsageError` |")
+    (tmp_path / "stage.md").write_text(edited, encoding="utf-8")
+    assert reference.stale(ref) == ["../stage.md"]
+    assert main(["reference", "--check", str(ref)]) == 2
+    assert main(["reference", "--write", str(ref)]) == 0
+    assert (tmp_path / "stage.md").read_text(encoding="utf-8") == text
+
+
+def test_settings_block_selects_one_model(tmp_path: Path) -> None:
+    page = "<!-- generated: settings ggufship.sign.SignSettings -->\n<!-- end generated -->\n"
+    ref = _docs_tree(tmp_path, page)
+    text = (tmp_path / "stage.md").read_text(encoding="utf-8")
+    assert "`GGUFSHIP_TRUST_CONFIG`" in text and "GGUFSHIP_SERVE_" not in text
+    assert reference.stale(ref) == []
+
+
+def test_a_block_word_that_selects_nothing_names_the_page(tmp_path: Path) -> None:
+    (tmp_path / "stage.md").write_text(
+        "<!-- generated: exit-codes ggufship.sign NoSuchError -->\n<!-- end generated -->\n", encoding="utf-8"
+    )
+    with pytest.raises(UsageError, match=r"stage\.md.*'NoSuchError'.*selects nothing"):
+        reference.write(tmp_path / "reference")
+    assert not (tmp_path / "reference" / reference.EXIT_CODES_FILE).exists()  # nothing half-written
+
+
+def test_stage_pages_carry_no_hand_written_exit_code_tables() -> None:
+    """Every table whose header starts with ``| code |`` on a docs page sits in a generated block."""
+    for page in sorted(DOCS.parent.glob("*.md")):
+        inside = False
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            if line.startswith("<!-- generated: "):
+                inside = True
+            elif line == reference.BLOCK_END:
+                inside = False
+            elif line.startswith(("| code |", "| exit |")) and not inside:
+                raise AssertionError(f"{page.name}:{number}: a hand-written exit-code table")

@@ -12,7 +12,8 @@ class RolloutError(GgufshipError):
 
 
 class RolloutAborted(RolloutError):
-    """The rollout ended ``Degraded``: a failed analysis (gate) or ``ggufship rollout abort``."""
+    """The rollout ended ``Degraded``: a failed analysis (gate), ``ggufship rollout abort``, or the
+    canary's API server died."""
 
     exit_code = 61
 

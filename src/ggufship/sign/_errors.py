@@ -6,7 +6,8 @@ from ggufship.errors import GgufshipError, IntegrityError
 
 
 class SignError(GgufshipError):
-    """Signing or signature verification failed (base of this stage's errors)."""
+    """Signing or verification failed otherwise (Fulcio or Rekor unreachable, a Sigstore trust root that
+    cannot be loaded); the base of this stage's errors."""
 
     exit_code = 30
 
