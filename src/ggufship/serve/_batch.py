@@ -22,7 +22,6 @@ only loading, the tokenizer and one generation's loop differ.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import ctypes
 import logging
 import random
@@ -30,6 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from ggufship.serve._engine import (
     stop_cut,
     token_logprob,
 )
-from ggufship.serve._quality import token_nll
+from ggufship.serve._quality import BatchNLL
 from ggufship.serve.errors import GenerationError, InjectedFaultError, InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class _Sequence:
     next_token: int | None = None  # sampled and delivered, to be decoded next step
     held: tuple[int, float, float | None] | None = None  # (token, due, nll): a token-delay fault holds it
     batch_index: int = -1  # index of this sequence's logits in the current batch
+    out_row: int = -1  # its row among the step's output logits (llama_get_logits)
     reused: int = 0  # prompt tokens taken from the cache
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -112,6 +113,12 @@ class BatchEngine(Engine):
         self.decode_tokens = 0
         self.reused_tokens = 0
         self.max_batch_sequences = 0
+        # the answer-surprisal NLLs: each step's log-sum-exps on a helper thread while the scheduler
+        # samples the same logits (the scheduler's own share is timed for bench/nll.py)
+        self._nll_calc: BatchNLL | None = None
+        self._nll_pool: ThreadPoolExecutor | None = None
+        self.nll_seconds = 0.0
+        self.nll_tokens = 0
 
     # --- loading -----------------------------------------------------------------------------------------
 
@@ -162,6 +169,9 @@ class BatchEngine(Engine):
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self._instances = list(range(self.parallel))
         self._free = list(reversed(self._instances))
+        if self._metrics is not None:
+            self._nll_calc = BatchNLL(self._vocab_size, self._n_batch)
+            self._nll_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-nll")
         self._scheduler = threading.Thread(target=self._loop, name="llama-batch", daemon=True)
         self._scheduler.start()
 
@@ -201,6 +211,9 @@ class BatchEngine(Engine):
             self._scheduler.join()
             self._scheduler = None
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._nll_pool is not None:
+            self._nll_pool.shutdown(wait=True)
+            self._nll_pool = None
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -419,11 +432,14 @@ class BatchEngine(Engine):
                 self._deliver(seq, token, time.perf_counter(), nll)
         entries: list[tuple[_Sequence, int]] = []  # (sequence, tokens added this step)
         n = 0
+        outputs = 0  # entries with logits: their rows of llama_get_logits, in batch order
         # every generating sequence advances one token per step ...
         for seq in self._active.values():
             if seq.next_token is not None and n < self._n_batch:
                 _batch_add(batch, n, seq.next_token, len(seq.kv), seq.seq_id, True)
                 seq.batch_index = n
+                seq.out_row = outputs
+                outputs += 1
                 seq.kv.append(seq.next_token)
                 seq.next_token = None
                 entries.append((seq, 1))
@@ -440,6 +456,8 @@ class BatchEngine(Engine):
                 _batch_add(batch, n, seq.prompt[start + i], start + i, seq.seq_id, last)
                 if last:
                     seq.batch_index = n
+                    seq.out_row = outputs
+                    outputs += 1
                 n += 1
             seq.kv.extend(seq.prompt[start : start + take])
             entries.append((seq, take))
@@ -458,37 +476,63 @@ class BatchEngine(Engine):
                 del seq.kv[len(seq.kv) - added :]
                 self._fail(seq, GenerationError(f"llama_decode failed (code {rc}) for a batch of {n} tokens"))
             return
+        lse = self._start_nll(outputs)
         now = time.perf_counter()
-        for seq, _ in entries:
-            if seq.prefilling or seq.batch_index < 0:
-                continue
-            token = int(llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.batch_index))
-            nll = self._nll(seq.batch_index, token)
-            if seq.params.logprobs is not None:
-                seq.run.logprobs.append(self._logprob(seq.batch_index, token, seq.params.logprobs))
+        sampled: list[tuple[_Sequence, int]] = []
+        try:
+            for seq, _ in entries:
+                if seq.prefilling or seq.batch_index < 0:
+                    continue
+                token = int(llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.batch_index))
+                if seq.params.logprobs is not None:
+                    seq.run.logprobs.append(self._logprob(seq.batch_index, token, seq.params.logprobs))
+                sampled.append((seq, token))
+        finally:  # the helper reads the context's logits: never past this step
+            if lse is not None:
+                wait([lse[0]])
+        nlls = self._end_nll(lse, sampled)
+        for (seq, token), nll in zip(sampled, nlls, strict=True):
             seq.batch_index = -1
+            seq.out_row = -1
             delay = seq.fault.delay_seconds if seq.fault is not None else 0.0
             if delay > 0:
                 seq.held = (token, now + delay, nll)  # a slow model: this token "takes" delay longer
             else:
                 self._deliver(seq, token, now, nll)
 
-    def _nll(self, index: int, token: int) -> float | None:
-        """The sampled token's NLL under the logits it was sampled from (answer surprisal); those
-        logits stay valid until the next ``llama_decode``."""
-        if self._metrics is None:
+    def _start_nll(self, outputs: int) -> tuple[Future[Any], Any] | None:
+        """Start the log-sum-exp of this step's ``outputs`` rows of logits on the helper thread (they
+        stay valid, and unchanged by sampling, until the next ``llama_decode``)."""
+        if self._nll_pool is None or self._nll_calc is None or outputs == 0:
             return None
         import llama_cpp
         import numpy as np
 
-        row = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._vocab_size,)
-        )
-        return token_nll(row, token)
+        t0 = time.perf_counter()
+        rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(outputs, self._vocab_size))
+        started = self._nll_pool.submit(self._nll_calc.logsumexp, rows)
+        self.nll_seconds += time.perf_counter() - t0
+        return started, rows
+
+    def _end_nll(
+        self, lse: tuple[Future[Any], Any] | None, sampled: list[tuple[_Sequence, int]]
+    ) -> list[float | None]:
+        """Each sampled token's NLL under the logits it was sampled from (the answer surprisal)."""
+        if lse is None:
+            return [None] * len(sampled)
+        t0 = time.perf_counter()
+        future, rows = lse
+        sums = future.result()  # also before the next llama_decode overwrites the rows
+        out = [
+            BatchNLL.nll(float(sums[seq.out_row]), float(rows[seq.out_row, token])) for seq, token in sampled
+        ]
+        self.nll_seconds += time.perf_counter() - t0
+        self.nll_tokens += len(sampled)
+        return out
 
     def _logprob(self, index: int, token: int, k: int) -> TokenLogprob:
-        """The sampled token's logprob and the ``k`` most likely tokens, from the same logits as
-        :meth:`_nll` (valid until the next ``llama_decode``)."""
+        """The sampled token's logprob and the ``k`` most likely tokens, from the logits it was sampled
+        from (valid until the next ``llama_decode``)."""
         import llama_cpp
         import numpy as np
 
@@ -558,31 +602,19 @@ class BatchEngine(Engine):
 
     def _finish(self, seq: _Sequence, reason: FinishReason, *, cut_by_stop: bool = False) -> None:
         self._release_sequence(seq)
-        run = seq.run
-        if reason == "cancelled":
-            self.cancelled += 1
-            logger.info("generation stopped after %d token(s): client gone", run.tokens)
-        if not cut_by_stop and seq.decoder is not None:
-            run.text += seq.decoder.decode(b"", final=True)
-        if reason != "cancelled" and run.sent < len(run.text):
-            seq.emit(run.delta(run.text[run.sent :]))
-            run.sent = len(run.text)
-        refused = False
-        if self._metrics is not None:
-            refused = self._metrics.observe_generation(
-                seq.endpoint,
-                prompt_tokens=run.prompt_tokens,
-                completion_tokens=run.tokens,
-                ttft=run.ttft,
-                gaps=run.gaps,
-                text=run.text,
-                finish_reason=reason,
-                tokens=run.token_ids,
-                nlls=run.nlls,
+        try:
+            self._finish_run(
+                seq.run,
+                reason,
+                decoder=None if cut_by_stop else seq.decoder,
+                emit=seq.emit,
+                endpoint=seq.endpoint,
+                logprobs=seq.params.logprobs is not None,
             )
-        with contextlib.suppress(Exception):
-            seq.emit(run.finished(reason, refused, seq.params.logprobs is not None))
-        seq.done.set()
+        except Exception:  # the request's loop is gone (shutdown): nobody is left to tell
+            logger.exception("finishing a generation failed")
+        finally:
+            seq.done.set()
 
 
 _LLAMA_LOG: list[Any] = []  # the installed ctypes callback (kept alive while llama.cpp may call it)

@@ -518,14 +518,35 @@ class Engine:
             reason = "stop"
         finally:
             gen.close()
+        self._finish_run(
+            run,
+            reason,
+            decoder=None if cut_by_stop else decoder,
+            emit=emit,
+            endpoint=endpoint,
+            logprobs=p.logprobs is not None,
+        )
+
+    def _finish_run(
+        self,
+        run: _Run,
+        reason: FinishReason,
+        *,
+        decoder: codecs.IncrementalDecoder | None,
+        emit: Callable[[TextDelta | Finished | _Failed], None],
+        endpoint: str,
+        logprobs: bool,
+    ) -> None:
+        """The end of one generation, for every engine: flush ``decoder`` (None when a stop sequence cut
+        the text), send the text not sent yet (unless cancelled), record the generation's metrics, and
+        emit :class:`Finished`."""
         if reason == "cancelled":
             self.cancelled += 1
             logger.info("generation stopped after %d token(s): client gone", run.tokens)
-        if not cut_by_stop:
+        if decoder is not None:
             run.text += decoder.decode(b"", final=True)
         if reason != "cancelled" and run.sent < len(run.text):
-            tail, _ = stop_cut(run.text, run.sent, ())
-            emit(run.delta(tail))
+            emit(run.delta(run.text[run.sent :]))
             run.sent = len(run.text)
         refused = False
         if self._metrics is not None:
@@ -540,7 +561,7 @@ class Engine:
                 tokens=run.token_ids,
                 nlls=run.nlls,
             )
-        emit(run.finished(reason, refused, p.logprobs is not None))
+        emit(run.finished(reason, refused, logprobs))
 
     def _record_nll(self, inst: Any, token: int, run: _Run) -> None:
         """The sampled token's NLL from the logits it was sampled from.
