@@ -6,6 +6,10 @@
 #   bash components/build-image.sh --no-smoke  # build only
 #   --no-cache       rebuild every layer (buildah --no-cache); the cached wheel is still used
 #   --rebuild-wheel  compile llama-cpp-python again even when its wheel is cached
+#   --rev=REV        build the files committed at git revision REV (git archive), not the
+#                    working tree: the reproducible build (same REV, same image digest)
+#   --apt-lock       build only the base stage and write its Debian package list to
+#                    components/apt-packages.lock (which the build checks)
 #
 # Environment (all optional):
 #   IMAGE            tag of the result                (localhost/ggufship:<version>)
@@ -18,8 +22,9 @@
 #
 # pip's index settings of this machine (index-url, extra-index-url, find-links,
 # trusted-host, cert; from pip's config files and PIP_* variables) go into the build as
-# the secret pip.conf, the CA bundle as the secret ca.crt, local index directories as
-# read-only volumes: nothing about this machine is written into the image or the repo.
+# the secret pip.conf, the CA bundle as the secret ca.crt, local index directories (up to
+# 4) as the build contexts pip-index-1..4, bind-mounted read-only into the RUNs that run
+# pip only: nothing about this machine is written into the image or the repo.
 #
 # Cached between runs: the rootfs tarball and the base image (keyed on the apt sources),
 # the compiled portable llama-cpp-python wheel (keyed on the Dockerfile's llama-wheel
@@ -31,13 +36,17 @@ SDE="${SOURCE_DATE_EPOCH:-1795392000}"
 SMOKE=1
 NO_CACHE=()
 REBUILD_WHEEL=0
+REV=""
+APT_LOCK=0
 for arg in "$@"; do
   case "$arg" in
     --no-smoke) SMOKE=0 ;;
     --no-cache) NO_CACHE=(--no-cache) ;;
     --rebuild-wheel) REBUILD_WHEEL=1 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
-    *) echo "build-image.sh: unknown argument $arg (known: --no-smoke --no-cache --rebuild-wheel)" >&2; exit 2 ;;
+    --rev=?*) REV="${arg#--rev=}" ;;
+    --apt-lock) APT_LOCK=1; SMOKE=0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    *) echo "build-image.sh: unknown argument $arg (known: --no-smoke --no-cache --rebuild-wheel --rev=REV --apt-lock)" >&2; exit 2 ;;
   esac
 done
 log() { printf '[build-image %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -56,9 +65,23 @@ need() {
 }
 need buildah
 mkdir -p "$CACHE"
-VERSION="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$ROOT/pyproject.toml" | head -1)"
+scratch_dir="$(mktemp -d)"
+trap 'rm -rf "$scratch_dir"' EXIT
+chmod 700 "$scratch_dir"
+SRC="$ROOT"
+if [ -n "$REV" ]; then
+  # Only what git has committed at REV: no uncommitted or untracked file reaches the image.
+  commit="$(git -C "$ROOT" rev-parse --verify "$REV^{commit}" 2>/dev/null)" || {
+    echo "build-image.sh: --rev=$REV is not a commit of $ROOT" >&2; exit 2; }
+  SRC="$scratch_dir/src"
+  mkdir -p "$SRC"
+  git -C "$ROOT" archive "$commit" | tar -x -C "$SRC"
+fi
+VERSION="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$SRC/pyproject.toml" | head -1)"
 IMAGE="${IMAGE:-localhost/ggufship:$VERSION}"
-BUD=(buildah bud --isolation chroot --layers --timestamp "$SDE")
+# --timestamp: every file, the history and the config at SOURCE_DATE_EPOCH; no
+# io.buildah.version label of this machine's buildah (the base's own labels stay).
+BUD=(buildah bud --isolation chroot --layers --timestamp "$SDE" --identity-label=false)
 START=$(date +%s)
 
 # --- base image -------------------------------------------------------------------
@@ -75,7 +98,7 @@ if [ -z "${BASE_IMAGE:-}" ]; then
     echo "build-image.sh: no apt sources found; set GGUFSHIP_DEBIAN_SOURCES to a sources file" >&2
     exit 1
   }
-  key="$( { cat "$sources"; echo "bookworm minbase $SDE"; cat "$ROOT/components/base.Dockerfile"; } \
+  key="$( { cat "$sources"; echo "bookworm minbase $SDE"; cat "$SRC/components/base.Dockerfile"; } \
           | sha256sum | cut -c1-16)"
   rootfs="$CACHE/rootfs-$key"
   if [ ! -s "$rootfs/rootfs.tar" ]; then
@@ -88,7 +111,7 @@ if [ -z "${BASE_IMAGE:-}" ]; then
   base_tag="localhost/ggufship-base:bookworm-$key"
   if ! buildah inspect --type image "$base_tag" >/dev/null 2>&1; then
     log "importing the root filesystem as $base_tag"
-    buildah bud --isolation chroot --timestamp "$SDE" -f "$ROOT/components/base.Dockerfile" \
+    buildah bud --isolation chroot --timestamp "$SDE" -f "$SRC/components/base.Dockerfile" \
       -t "$base_tag" "$rootfs" >&2
   fi
   BASE_IMAGE="localhost/ggufship-base@$(buildah inspect --type image --format '{{.FromImageDigest}}' "$base_tag")"
@@ -97,10 +120,9 @@ fi
 log "base: $BASE_IMAGE"
 
 # --- this machine's package-index settings -----------------------------------------
-secrets_dir="$(mktemp -d)"
-trap 'rm -rf "$secrets_dir"' EXIT
-chmod 700 "$secrets_dir"
-mapfile -t pip_args < <("${PYTHON:-python3}" - "$secrets_dir" <<'PY'
+secrets_dir="$scratch_dir/secrets"
+mkdir -m 700 "$secrets_dir"
+"${PYTHON:-python3}" - "$secrets_dir" > "$scratch_dir/pip-args" <<'PY'
 import os, re, subprocess, sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -120,7 +142,24 @@ for line in listing.splitlines():
         if key not in settings or rank >= settings[key][0]:
             settings[key] = (rank, value)
 args, conf = [], ["[global]"]
-volumes: set[str] = set()
+slots: dict[str, int] = {}  # local directory -> its pip-index-N slot (components/Dockerfile)
+SLOTS = 4
+
+
+def in_build(local: str, file_url: bool) -> str:
+    """Where the local path ``local`` is inside the build's pip RUNs."""
+    path = Path(local).resolve()
+    # A file:// "simple" index links to its files beside it (../../files/...): mount the parent.
+    top = path.parent if file_url and path.name == "simple" else path
+    if str(top) not in slots:
+        if len(slots) == SLOTS:
+            sys.exit(f"build-image.sh: pip's settings name more than {SLOTS} local index "
+                     f"directories ({', '.join(slots)}, {top}); components/Dockerfile has {SLOTS} slots")
+        slots[str(top)] = len(slots) + 1
+    inner = f"/mnt/pip-index-{slots[str(top)]}" + ("/simple" if top != path else "")
+    return "file://" + inner if file_url else inner
+
+
 for key, (_, value) in sorted(settings.items()):
     if key == "cert":
         if Path(value).is_file():
@@ -128,25 +167,43 @@ for key, (_, value) in sorted(settings.items()):
             args += ["--secret", f"id=ca.crt,src={out / 'ca.crt'}"]
             conf.append("cert = /run/secrets/ca.crt")
         continue
+    items = []
     for item in value.split():
-        local = urlparse(item).path if item.startswith("file:") else item if item.startswith("/") else ""
-        if local and Path(local).exists():
-            path = Path(local).resolve()
-            # A file:// "simple" index links to its files beside it (../../files/...).
-            volumes.add(str(path.parent if item.startswith("file:") and path.name == "simple" else path))
-    conf.append(f"{key} = {value}")
+        file_url = item.startswith("file:")
+        local = urlparse(item).path if file_url else item if item.startswith("/") else ""
+        items.append(in_build(local, file_url) if local and Path(local).exists() else item)
+    conf.append(f"{key} = {' '.join(items)}")
 (out / "pip.conf").write_text("\n".join(conf) + "\n")
 args += ["--secret", f"id=pip.conf,src={out / 'pip.conf'}"]
-for vol in sorted(volumes):
-    args += ["--volume", f"{vol}:{vol}:ro"]
+for directory, slot in slots.items():
+    args += ["--build-context", f"pip-index-{slot}={directory}"]
 print("\n".join(args))
 PY
-)
+mapfile -t pip_args < "$scratch_dir/pip-args"
+
+dockerfile="$SRC/components/Dockerfile"
+
+# --- components/apt-packages.lock (--apt-lock) ------------------------------------------
+if [ "$APT_LOCK" = 1 ]; then
+  "${BUD[@]}" "${pull[@]}" --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "SOURCE_DATE_EPOCH=$SDE" \
+    -f "$dockerfile" --target base -t localhost/ggufship-apt-base "$SRC" >&2
+  ctr="$(buildah from --pull=never localhost/ggufship-apt-base)"
+  mnt="$(buildah mount "$ctr")"
+  lock="$ROOT/components/apt-packages.lock"
+  { sed -n '/^#/p' "$lock"
+    dpkg-query --admindir="$mnt/var/lib/dpkg" -W -f='${binary:Package}=${Version}\n' | LC_ALL=C sort
+  } > "$lock.tmp"
+  buildah umount "$ctr" >/dev/null && buildah rm "$ctr" >/dev/null
+  mv "$lock.tmp" "$lock"
+  log "wrote $lock ($(grep -vc '^#' "$lock") packages)"
+  exit 0
+fi
 
 # --- the portable llama-cpp-python wheel ---------------------------------------------
-dockerfile="$ROOT/components/Dockerfile"
-wkey="$( { sed '/^# === end of the llama-wheel stages/q' "$dockerfile"; \
-           cat "$ROOT/components/build-requirements.lock"; echo "$BASE_IMAGE $SDE"; } \
+# Lines naming the pip-index slots say where the package index is, not what is built
+# (every input is pinned by hash): they are left out of the key.
+wkey="$( { sed '/^# === end of the llama-wheel stages/q' "$dockerfile" | grep -v 'pip-index'; \
+           cat "$SRC/components/build-requirements.lock"; echo "$BASE_IMAGE $SDE"; } \
          | sha256sum | cut -c1-16)"
 wheel_dir="$CACHE/llama-wheel-$wkey"
 common=("${pull[@]}" --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "SOURCE_DATE_EPOCH=$SDE"
@@ -155,7 +212,7 @@ if [ "$REBUILD_WHEEL" = 1 ] || ! ls "$wheel_dir"/wheels/llama_cpp_python-*.whl >
   log "compiling the portable llama-cpp-python wheel (20+ minutes on 2 cores; cached in $wheel_dir)"
   rebuild=()
   [ "$REBUILD_WHEEL" = 1 ] && rebuild=(--no-cache)
-  "${BUD[@]}" "${common[@]}" "${rebuild[@]}" --target llama-wheel -t "localhost/ggufship-llama-wheel:$wkey" "$ROOT" >&2
+  "${BUD[@]}" "${common[@]}" "${rebuild[@]}" --target llama-wheel -t "localhost/ggufship-llama-wheel:$wkey" "$SRC" >&2
   ctr="$(buildah from "localhost/ggufship-llama-wheel:$wkey")"
   mnt="$(buildah mount "$ctr")"
   rm -rf "$wheel_dir.tmp" && mkdir -p "$wheel_dir.tmp"
@@ -168,7 +225,7 @@ log "llama-cpp-python wheel: $(ls "$wheel_dir"/wheels/)"
 # --- the image ------------------------------------------------------------------------
 log "building $IMAGE"
 "${BUD[@]}" "${common[@]}" "${NO_CACHE[@]}" --build-context "llama-wheel=$wheel_dir" --target runtime \
-  -t "$IMAGE" "$ROOT" >&2
+  -t "$IMAGE" "$SRC" >&2
 digest="$(buildah inspect --type image --format '{{.FromImageDigest}}' "$IMAGE")"
 size="$(buildah images --format '{{.Size}}' --filter "reference=$IMAGE" | head -1)"
 took=$(( $(date +%s) - START ))

@@ -180,6 +180,10 @@ def test_apt_packages_are_pinned_and_the_base_is_an_argument() -> None:
                 f"apt package {package!r} is not pinned to a version"
             )
     froms = [rest for word, rest in instructions() if word == "FROM"]
+    # The pip-index slots (empty unless build-image.sh binds a local index directory) come first.
+    slots = [f for f in froms if f.startswith("scratch AS pip-index-")]
+    assert froms[: len(slots)] == slots and slots
+    froms = froms[len(slots) :]
     assert froms[0] == "${BASE_IMAGE} AS base"
     names = {f.split(" AS ")[1] for f in froms if " AS " in f}
     for f in froms[1:]:
