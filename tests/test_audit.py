@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -252,21 +253,47 @@ def test_processes_keep_chain(tmp_path: Path) -> None:
     assert len(seen) == 240
 
 
-def test_verify_while_another_process_appends(tmp_path: Path) -> None:
+def test_verify_while_other_processes_append(tmp_path: Path) -> None:
+    """verify takes no lock: while three writer processes append, every verification sees a
+    consistent log (a line whose head update is in flight is read again, or left for later)."""
     path = tmp_path / "live.log"
     AuditLog(path).close()
-    writer = multiprocessing.get_context("fork").Process(target=_append_many, args=(str(path), 0, 300))
-    writer.start()
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_append_many, args=(str(path), w, 300)) for w in range(3)]
+    for w in writers:
+        w.start()
+    seen: list[int] = []
     try:
-        for _ in range(200):  # bounded; every snapshot taken under the shared lock is intact
+        deadline = time.monotonic() + 120
+        for _ in range(500):  # bounded in count and time
             report = verify_audit(path)
             assert report.ok, report.problems
-            if not writer.is_alive():
+            seen.append(report.lines)
+            if not any(w.is_alive() for w in writers) or time.monotonic() > deadline:
                 break
     finally:
-        writer.join(timeout=120)
-    assert writer.exitcode == 0
-    assert verify_audit(path).lines == 300
+        for w in writers:
+            w.join(timeout=120)
+    assert [w.exitcode for w in writers] == [0, 0, 0]
+    assert any(0 < n < 900 for n in seen), seen  # some verifications ran while the writers wrote
+    assert seen == sorted(seen)
+    assert verify_audit(path).lines == 900
+
+
+def test_verify_needs_no_lock(tmp_path: Path) -> None:
+    """A writer's exclusive lock does not hold up a verification, and a verification holds no
+    lock a writer would wait for."""
+    path = tmp_path / "held.log"
+    with AuditLog(path) as log:
+        log.append({"x": 1})
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a writer in the middle of an append
+        report = verify_audit(path)
+        assert report.ok and report.lines == 1, report.problems
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def test_bad_event_rejected_nothing_written(tmp_path: Path) -> None:
@@ -513,3 +540,21 @@ def test_key_from_file_env_and_cli(keyed_log: Path, tmp_path: Path, monkeypatch:
         load_audit_key()
     with pytest.raises(AuditKeyError, match="unreadable"):
         load_audit_key(tmp_path / "missing.key")
+
+
+def test_busy_log_is_checked_up_to_the_line_its_head_vouched_for(tmp_path: Path) -> None:
+    """When writers never pause, verify checks the prefix ending at the line the head it read names
+    (every line up to it was complete before that read); a cut-off line after it is not a problem."""
+    from ggufship.audit import _end_of_seq
+
+    path = tmp_path / "busy.log"
+    with AuditLog(path) as log:
+        for i in range(3):
+            log.append({"i": i})
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    partial = data + lines[-1][:10]
+    assert _end_of_seq(partial, 2) == len(lines[0]) + len(lines[1])
+    assert _end_of_seq(partial, 3) == len(data)
+    assert _end_of_seq(partial, 4) is None
+    assert _end_of_seq(b"", 1) is None

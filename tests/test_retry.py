@@ -84,3 +84,14 @@ def test_call_with_retries_returns_the_first_success() -> None:
         )
         == 42
     )
+
+
+def test_poll_until_with_a_growing_interval_still_returns_on_success() -> None:
+    calls = []
+
+    def fifth() -> bool:
+        calls.append(1)
+        return len(calls) == 5
+
+    assert poll_until(fifth, timeout_s=30, interval_s=0.0001, max_interval_s=0.001)
+    assert len(calls) == 5

@@ -18,8 +18,11 @@ for it, so the writer also keeps a *head* file beside the log
 (``<log>.head``: ``seq`` (20 digits) and SHA256 of the last line it wrote,
 rewritten in place with one fixed-width ``pwrite`` under the lock); it catches
 an edited last line, deleted trailing lines and lines appended by other means.
-:func:`verify_audit` reads under a shared lock, so it never sees a line without
-its head update, and requires the head by default.
+:func:`verify_audit` takes no lock (a verification of a long log never stalls the
+writers): it reads head, log, head, and when a writer is between its line and its
+head update it reads again (briefly); while writers keep appending it checks the
+prefix the head vouches for and notes the lines after it. It requires the head by
+default.
 
 **Keyed chain** (``key=``: a secret of at least 32 bytes, from a file or
 ``GGUFSHIP_AUDIT_KEY_FILE`` / ``GGUFSHIP_AUDIT_KEY``, see :func:`load_audit_key`):
@@ -41,16 +44,16 @@ What each proves (verified with the key where there is one):
   included), or a log swapped for another one written with the same key — keep a
   copy of recent heads elsewhere if that matters.
 
-Appends are serialised across threads (a lock) and processes (``fcntl.flock``
-on the log, bounded wait); the file is opened ``O_APPEND`` and each line is a
-single ``write``. Opening an existing log checks its tail and continues its
+Appends are serialised across threads (a lock) and processes (an exclusive
+``flock`` on the log's own descriptor through :func:`filelock.lock_descriptor`, polled
+with a bounded wait: no lock file beside the log); the file is opened ``O_APPEND``
+and each line is a single ``write``. Opening an existing log checks its tail and continues its
 chain; a broken tail is refused (:class:`AuditTamperedError`).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import hmac
 import json
@@ -59,7 +62,6 @@ import os
 import re
 import secrets
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -67,11 +69,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal
 
+import filelock
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ggufship.errors import GgufshipError
 from ggufship.redaction import redact_value
+from ggufship.retry import poll_until
 
 __all__ = [
     "GENESIS",
@@ -471,10 +475,10 @@ class AuditLog:
 
     # -- engine ---------------------------------------------------------------------------------
 
-    def _locked(self) -> _FileLock:
+    def _locked(self) -> _WriterLock:
         if self._fd < 0:
             raise AuditError(f"audit log {self.path} is closed")
-        return _FileLock(self._fd, self.path, self.lock_timeout_s)
+        return _WriterLock(self._fd, self.path, self.lock_timeout_s)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -581,34 +585,100 @@ class AuditLog:
         return rec["seq"], digest
 
 
-class _FileLock:
-    """``flock`` (exclusive, or shared for readers) on an open fd with a bounded, polling wait."""
+class _WriterLock:
+    """The exclusive lock of the log's writers: ``flock`` on the writer's own descriptor
+    (:func:`filelock.lock_descriptor`), waited for at most ``timeout_s``.
 
-    def __init__(self, fd: int, path: Path, timeout_s: float, *, shared: bool = False) -> None:
+    Only writers lock; :func:`verify_audit` reads without a lock (see :func:`_snapshot`).
+    """
+
+    def __init__(self, fd: int, path: Path, timeout_s: float) -> None:
         self.fd, self.path, self.timeout_s = fd, path, timeout_s
-        self.mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+
+    def _try(self) -> bool:
+        try:
+            return filelock.lock_descriptor(self.fd, blocking=False)
+        except OSError as exc:
+            raise AuditError(f"cannot lock audit log {self.path}: {exc}") from exc
 
     def __enter__(self) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        delay = 0.0005
-        while True:
-            try:
-                fcntl.flock(self.fd, self.mode | fcntl.LOCK_NB)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise AuditError(f"cannot lock audit log {self.path}: {exc}") from exc
-            if time.monotonic() >= deadline:
-                raise AuditLockTimeoutError(
-                    f"audit log {self.path} stayed locked by another writer for {self.timeout_s:g}s"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+        if not poll_until(self._try, timeout_s=self.timeout_s, interval_s=0.0005, max_interval_s=0.02):
+            raise AuditLockTimeoutError(
+                f"audit log {self.path} stayed locked by another writer for {self.timeout_s:g}s"
+            )
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        filelock.unlock_descriptor(self.fd)
+
+
+def _in_flight(data: bytes, head: tuple[int, str] | str | None, head_file: Path) -> bool:
+    """Whether ``data`` ends the way it does while a writer is between its line and its head
+    update: a cut-off last line, or a last line one past the head (the first line of a new log
+    before its head file got a value)."""
+    if not data:
+        return False
+    if not data.endswith(b"\n"):
+        return True
+    last = data[data.rfind(b"\n", 0, len(data) - 1) + 1 :]
+    rec = _parse_record(last)
+    if not isinstance(rec, dict):
+        return False
+    if isinstance(head, tuple):
+        return rec["seq"] == head[0] + 1
+    return head is None and rec["seq"] == 1 and head_file.exists()
+
+
+def _snapshot(
+    path: Path, head_file: Path, settle_s: float
+) -> tuple[bytes, tuple[int, str] | str | None, str]:
+    """The log's bytes and its head as one writer left them, read without a lock; and a note.
+
+    Writers append the line, then rewrite the head. Read head, log, head: when both head reads
+    agree and the log does not end in a write in progress (:func:`_in_flight`), that is a state
+    between two appends. Otherwise read again, for at most ``settle_s``. A log whose head never
+    moved in that time is taken as it is (lines beyond the head are then reported, as they must
+    be); a log whose head kept moving (writers busy) is cut after the line the first head read
+    vouches for — every line up to it was complete before that read — and the note says how
+    many bytes written meanwhile were left unchecked.
+    """
+    state: dict[str, Any] = {"moved": False}
+
+    def settled() -> bool:
+        first = _read_head(head_file)
+        data = path.read_bytes()
+        second = _read_head(head_file)
+        state["data"], state["head"] = data, first
+        if first != second:
+            state["moved"] = True
+            return False
+        return not _in_flight(data, first, head_file)
+
+    if poll_until(settled, timeout_s=settle_s, interval_s=0.001, max_interval_s=0.05):
+        return state["data"], state["head"], ""
+    data, head = state["data"], state["head"]
+    if state["moved"] and isinstance(head, tuple):
+        cut = _end_of_seq(data, head[0])
+        if cut is not None:
+            note = (
+                f"writers kept appending: checked up to seq {head[0]}, "
+                f"{len(data) - cut} byte(s) written meanwhile left for a later verify"
+            )
+            return data[:cut], head, note
+    return data, head, ""
+
+
+def _end_of_seq(data: bytes, seq: int) -> int | None:
+    """The offset just after the last complete line of ``data`` whose record has ``seq``; None if none."""
+    end = data.rfind(b"\n")
+    while end >= 0:
+        start = data.rfind(b"\n", 0, end) + 1
+        rec = _parse_record(data[start : end + 1])
+        if isinstance(rec, dict) and rec["seq"] == seq:
+            return end + 1
+        end = start - 1
+    return None
 
 
 def verify_audit(
@@ -617,7 +687,7 @@ def verify_audit(
     head: Path | None = None,
     require_head: bool = True,
     key: bytes | None = None,
-    lock_timeout_s: float = 10.0,
+    settle_s: float = 1.0,
 ) -> AuditReport:
     """Check every line's record and chain link; name each problem by its line number.
 
@@ -636,10 +706,7 @@ def verify_audit(
     if key is not None and len(key) < KEY_MIN_BYTES:
         raise AuditKeyError(f"audit key: {len(key)} bytes; an audit key needs at least {KEY_MIN_BYTES}")
     try:
-        with path.open("rb") as fh, _FileLock(fh.fileno(), path, lock_timeout_s, shared=True):
-            # a shared lock: no writer is between its line and its head update while we read
-            data = fh.read()
-            head_state = _read_head(head_file)
+        data, head_state, in_flight_note = _snapshot(path, head_file, settle_s)
     except FileNotFoundError as exc:
         orphan = _read_head(head_file)
         if orphan is None:
@@ -726,7 +793,7 @@ def verify_audit(
         expected_seq = seq + 1
         prev_hash, prev_clean = this_hash, True
 
-    notes: list[str] = []
+    notes: list[str] = [in_flight_note] if in_flight_note else []
     head_checked = False
     n = len(raw_lines)
     if head_state is None:

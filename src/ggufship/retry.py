@@ -20,6 +20,7 @@ from tenacity import (
     stop_after_attempt,
     stop_after_delay,
     wait_chain,
+    wait_exponential,
     wait_fixed,
 )
 
@@ -41,15 +42,21 @@ def jittered_backoff(base_s: float, cap_s: float = 5.0) -> Callable[[RetryCallSt
     return wait
 
 
-def poll_until(condition: Callable[[], bool], *, timeout_s: float, interval_s: float) -> bool:
+def poll_until(
+    condition: Callable[[], bool], *, timeout_s: float, interval_s: float, max_interval_s: float | None = None
+) -> bool:
     """Call ``condition`` every ``interval_s`` until it returns True; False once ``timeout_s`` passed.
 
+    With ``max_interval_s`` the interval doubles after each call, up to that (for waits that are
+    usually over within microseconds, such as another process's file lock).
     ``condition`` runs at least once. An exception it raises ends the wait and propagates.
     """
     retrying = Retrying(
         retry=retry_if_result(lambda done: not done),
         stop=stop_after_delay(max(0.0, timeout_s)),
-        wait=wait_fixed(interval_s),
+        wait=wait_fixed(interval_s)
+        if max_interval_s is None
+        else wait_exponential(multiplier=interval_s, max=max_interval_s),
         retry_error_callback=lambda _state: False,
     )
     return bool(retrying(condition))
