@@ -156,7 +156,39 @@ def test_n_completions(client: openai.OpenAI) -> None:
     assert out.choices[0].logprobs.tokens == out.choices[1].logprobs.tokens
 
 
-@pytest.mark.parametrize("kw", [{"n": 3}, {"n": 2, "stream": True}])
+def test_n_streamed_choices(client: openai.OpenAI) -> None:
+    """``n`` > 1 streams: every chunk names its choice, each choice opens, streams and finishes on its
+    own, and each equals the blocking answer (greedy); one usage chunk for the request."""
+    kw = {"model": "tiny", "messages": CHAT, "temperature": 0, "max_tokens": 10, "n": 2}
+    blocking = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    texts: dict[int, str] = {}
+    finishes: dict[int, list[str]] = {}
+    roles: dict[int, int] = {}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+            roles[ch.index] = roles.get(ch.index, 0) + (ch.delta.role == "assistant")
+            if ch.finish_reason:
+                finishes.setdefault(ch.index, []).append(ch.finish_reason)
+    assert sorted(texts) == [0, 1] and roles == {0: 1, 1: 1}
+    assert [texts[0], texts[1]] == [c.message.content for c in blocking.choices]
+    assert finishes == {i: [c.finish_reason] for i, c in enumerate(blocking.choices)}
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert len(usage) == 1 and usage[0].completion_tokens == blocking.usage.completion_tokens
+    # the legacy endpoint too
+    out = list(
+        client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=6, n=2, stream=True)
+    )
+    by_index: dict[int, str] = {}
+    for c in out:
+        for ch in c.choices:
+            by_index[ch.index] = by_index.get(ch.index, "") + ch.text
+    full = client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=6, n=2)
+    assert by_index == {c.index: c.text for c in full.choices}
+
+
+@pytest.mark.parametrize("kw", [{"n": 3}])
 def test_bad_n_is_400(client: openai.OpenAI, kw: dict) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, **kw)

@@ -104,34 +104,108 @@ def test_named_tool_choice_calls_that_function(client: openai.OpenAI) -> None:
 
 
 def test_streamed_tool_call(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(
-        model="tiny",
-        messages=CHAT,
-        tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        temperature=0,
-        max_tokens=200,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    """The call streams as OpenAI streams it (id, type and name first, then argument pieces); the
+    openai client's own accumulation (``chat.completions.stream``) rebuilds the blocking answer."""
+    kw = {
+        "model": "tiny",
+        "messages": CHAT,
+        "tools": TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "temperature": 0,
+        "max_tokens": 200,
+    }
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["tool_calls"]
-    assert len(calls) == 1 and calls[0].index == 0
-    _check_call(calls[0], {"get_weather"})
+    assert len(deltas) > 2, deltas  # incremental, not one chunk at the end
+    first, rest = deltas[0], deltas[1:]
+    assert first.index == 0 and first.id.startswith("call_") and first.type == "function"
+    assert first.function.name == "get_weather" and first.function.arguments == ""
+    assert all(d.index == 0 and d.id is None and d.function.name is None for d in rest)
     assert not any(c.choices and c.choices[0].delta.content for c in chunks)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
-    # the same call as the blocking answer (greedy)
-    blocking = client.chat.completions.create(
-        model="tiny",
-        messages=CHAT,
-        tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        temperature=0,
-        max_tokens=200,
+    with client.chat.completions.stream(**kw) as stream:
+        final = stream.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    _check_call(call, {"get_weather"})
+    assert final.choices[0].finish_reason == "tool_calls"
+    # the same call as the blocking answer (greedy), to the character
+    blocking = client.chat.completions.create(**kw)
+    assert blocking.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+    assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+
+
+def test_dify_shaped_streaming_tool_call(server: RunningServer) -> None:
+    """Dify's provider reads a streamed call delta by delta: ``id`` / ``type`` / ``function.name`` when
+    present (never null), ``function.arguments`` appended (OAICompatLargeLanguageModel's stream
+    handling, ``increase_tool_call``). The untrained model does not call a tool by itself under Dify's
+    ``tool_choice: auto``, so the call is forced here; every other field is Dify's."""
+    body = {**DIFY_FIRST_TURN, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {KEY}"},
+        json=body,
+        timeout=120,
     )
-    assert blocking.choices[0].message.tool_calls[0].function.arguments == calls[0].function.arguments
+    assert r.status_code == 200, r.text
+    events = [json.loads(d) for _, d in sse_events(r.text) if d != "[DONE]"]
+    calls: dict[int, dict] = {}
+    for e in events:
+        for choice in e["choices"]:
+            for tc in choice["delta"].get("tool_calls") or []:
+                assert None not in (
+                    tc.get("id", ""),
+                    tc.get("type", ""),
+                    tc.get("function", {}).get("name", ""),
+                )
+                acc = calls.setdefault(tc["index"], {"id": "", "name": "", "arguments": ""})
+                acc["id"] = tc.get("id") or acc["id"]
+                acc["name"] = tc.get("function", {}).get("name") or acc["name"]
+                acc["arguments"] += tc.get("function", {}).get("arguments", "")
+    assert list(calls) == [0]
+    assert calls[0]["id"].startswith("call_") and calls[0]["name"] == "get_time"
+    jsonschema.validate(json.loads(calls[0]["arguments"]), TIME)
+    finishes = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+    assert finishes == ["tool_calls"]
+
+
+@pytest.mark.parametrize(
+    ("text", "call", "arguments"),
+    [
+        ('{"name": "get_time", "arguments": {"zone": "U}T\\"{C"}}', "get_time", '{"zone": "U}T\\"{C"}'),
+        ('<tool_call>\n{"name":"get_time","parameters":{}}\n</tool_call>', "get_time", "{}"),
+        ('```json\n{"name": "get_weather", "arguments": {"days": [1, {"a": 2}]}}\n```', "get_weather", None),
+        ('  {"arguments": {"zone": "UTC"}, "name": "get_time"}', "get_time", '{"zone": "UTC"}'),
+        ('{"name": "get_time", "arguments": "{\\"zone\\": \\"UTC\\"}"}', "get_time", '{"zone": "UTC"}'),
+        ("Hello there", None, None),
+        ('{"name": "nope", "arguments": {}}', None, None),
+        ("``` python\nprint(1)```", None, None),
+    ],
+)
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_call_stream_pieces_add_up_whatever_the_delta_size(
+    text: str, call: str | None, arguments: str | None, step: int
+) -> None:
+    from ggufship.serve._tools import ArgumentsDelta, CallStart, CallStream, ContentDelta, ToolSpec
+
+    offered = tuple(ToolSpec(n, "", s) for n, s in SCHEMAS.items())
+    stream = CallStream(offered)
+    events = []
+    for i in range(0, len(text), step):
+        events += stream.feed(text[i : i + step])
+    rest, is_call = stream.finish()
+    events += rest
+    starts = [e for e in events if isinstance(e, CallStart)]
+    args = "".join(e.text for e in events if isinstance(e, ArgumentsDelta))
+    content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+    if call is None:
+        assert not is_call and not starts and content == text
+    else:
+        assert is_call and [s.name for s in starts] == [call] and content == ""
+        assert isinstance(json.loads(args), dict)
+        if arguments is not None:
+            assert args == arguments
 
 
 def test_tool_choice_none_and_auto_answer_text_or_a_parsed_call(client: openai.OpenAI) -> None:

@@ -195,8 +195,6 @@ class Inference:
                 f"sequences), got {n}",
                 param="n",
             )
-        if n > 1 and getattr(req, "stream", False):
-            raise InvalidRequestError("n: several choices are not streamed; send stream: false", param="n")
         if getattr(req, "echo", None):
             raise InvalidRequestError("echo is not supported by this server", param="echo")
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -27,7 +29,7 @@ from ggufship.serve._state import (
     stream_failed,
     token_fault,
 )
-from ggufship.serve._tools import parse_calls
+from ggufship.serve._tools import ArgumentsDelta, CallStart, CallStream, ContentDelta, StreamEvent
 from ggufship.serve.errors import APIError, GenerationError, ModelNotFoundError
 from ggufship.serve.protocol.errors import ERROR_RESPONSES, error_body
 from ggufship.serve.protocol.openai_chat import (
@@ -40,6 +42,7 @@ from ggufship.serve.protocol.openai_chat import (
     ChoiceLogprobs,
     ChunkChoice,
     FunctionCall,
+    FunctionCallDelta,
     ModelCard,
     ModelList,
     TokenLogprobs,
@@ -133,13 +136,26 @@ def _finish(done: Finished) -> Any:
 
 
 def _tool_calls(job: Job, done: Finished) -> list[ToolCall] | None:
-    """The answer as tool calls, when tools were offered and it is one (see serve/_tools.py)."""
+    """The answer as tool calls, when tools were offered and it is one: read as a stream reads it
+    (:class:`CallStream`), so a blocking answer and the same answer streamed agree; the arguments must
+    be a JSON object."""
     if job.tools is None or done.reason != "stop":
         return None
-    parsed = parse_calls(done.text, job.tools.offered)
-    if not parsed:
+    calls = CallStream(job.tools.offered)
+    events = calls.feed(done.text)
+    rest, is_call = calls.finish()
+    events += rest
+    start = next((e for e in events if isinstance(e, CallStart)), None)
+    if not is_call or start is None:
         return None
-    return [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in parsed]
+    arguments = "".join(e.text for e in events if isinstance(e, ArgumentsDelta))
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    return [ToolCall(id=start.id, function=FunctionCall(name=start.name, arguments=arguments))]
 
 
 def _chat_logprobs(items: Sequence[TokenLogprob] | None) -> ChoiceLogprobs | None:
@@ -221,15 +237,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     prepared = await inference.prepare_many(
         lambda: inference.chat_job(body, to_messages(body.messages)), body.n or 1
     )
-    job, slot = prepared[0]
+    job = prepared[0][0]
     started = request_started(request)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return SlotStreamingResponse(
-            _chat_stream(request, state, job, slot, rid, created, include_usage, started),
-            slot=slot,
+            _chat_stream(request, state, prepared, rid, created, include_usage, started),
+            slots=[slot for _, slot in prepared],
             headers={**_headers(job), "cache-control": "no-cache"},
         )
     dones = await inference.complete_many(
@@ -262,52 +278,79 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     return JSONResponse(answer.model_dump(mode="json"), headers=_headers(job))
 
 
+class _ChatChoice:
+    """The chunks of one choice of a chat stream; with tools offered the text goes through a
+    :class:`CallStream` (a tool call streams as OpenAI's ``tool_calls`` deltas)."""
+
+    def __init__(self, index: int, job: Job, chunk: Callable[..., str]) -> None:
+        self.index = index
+        self.job = job
+        self.chunk = chunk
+        self.calls = None if job.tools is None else CallStream(job.tools.offered)
+
+    def opening(self) -> list[str]:
+        return [self.chunk(self.index, ChoiceDelta(role="assistant", content=""))]
+
+    def delta(self, item: TextDelta) -> list[str]:
+        if self.calls is None:
+            lps = item.logprobs if self.job.params.logprobs is not None else None
+            return [self.chunk(self.index, ChoiceDelta(content=item.text), lps=lps)]
+        return [self._event(e) for e in self.calls.feed(item.text)]
+
+    def end(self, done: Finished) -> list[str]:
+        out = []
+        reason = _finish(done)
+        if self.calls is not None:
+            rest, is_call = self.calls.finish()
+            out = [self._event(e) for e in rest]
+            if is_call and done.reason == "stop":
+                reason = "tool_calls"
+        out.append(self.chunk(self.index, ChoiceDelta(), finish=reason))
+        return out
+
+    def _event(self, event: StreamEvent) -> str:
+        if isinstance(event, ContentDelta):
+            return self.chunk(self.index, ChoiceDelta(content=event.text))
+        if isinstance(event, CallStart):
+            call = ToolCallDelta(
+                index=0,
+                id=event.id,
+                type="function",
+                function=FunctionCallDelta(name=event.name, arguments=""),
+            )
+        else:
+            call = ToolCallDelta(index=0, function=FunctionCallDelta(arguments=event.text))
+        return self.chunk(self.index, ToolCallsDelta(tool_calls=[call]))
+
+
 def _chat_stream(
     request: Request,
     state: ServerState,
-    job: Job,
-    slot: Slot,
+    prepared: list[tuple[Job, Slot]],
     rid: str,
     created: int,
     include_usage: bool,
     started: float,
 ) -> AsyncIterator[str]:
     def chunk(
-        delta: ChoiceDelta,
-        finish: Any = None,
-        usage: Usage | None = None,
-        lps: Sequence[TokenLogprob] | None = None,
+        index: int, delta: ChoiceDelta, finish: Any = None, lps: Sequence[TokenLogprob] | None = None
     ) -> str:
-        choice = ChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=_chat_logprobs(lps))
-        choices = [] if usage is not None else [choice]
-        return _sse.data(
-            ChatCompletionChunk(id=rid, created=created, model=state.model_id, choices=choices, usage=usage)
-        )
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=_chat_logprobs(lps))
+        return _sse.data(ChatCompletionChunk(id=rid, created=created, model=state.model_id, choices=[choice]))
 
-    def tool_finale(done: Finished) -> tuple[list[str], Any]:
-        """With tools offered the answer is held back to the end: one tool_calls chunk, or the text."""
-        calls = _tool_calls(job, done)
-        if calls:
-            deltas = [
-                ToolCallDelta(index=i, id=c.id, type="function", function=c.function)
-                for i, c in enumerate(calls)
-            ]
-            return [chunk(ToolCallsDelta(tool_calls=deltas))], "tool_calls"
-        return ([chunk(ChoiceDelta(content=done.text))] if done.text else []), _finish(done)
+    def usage_chunk(usage: Usage) -> str:
+        return _sse.data(
+            ChatCompletionChunk(id=rid, created=created, model=state.model_id, choices=[], usage=usage)
+        )
 
     return _stream(
         request,
         state,
-        job,
-        slot,
+        prepared,
+        [_ChatChoice(i, job, chunk) for i, (job, _) in enumerate(prepared)],
         endpoint="/v1/chat/completions",
         started=started,
-        include_usage=include_usage,
-        chunk=lambda text, finish, usage, lps=None: chunk(
-            ChoiceDelta() if text is None else ChoiceDelta(content=text), finish, usage, lps
-        ),
-        opening=chunk(ChoiceDelta(role="assistant", content="")),
-        finale=None if job.tools is None else tool_finale,
+        usage_chunk=usage_chunk if include_usage else None,
     )
 
 
@@ -318,15 +361,15 @@ async def completions(body: CompletionRequest, request: Request, state: Authoriz
     inference = state.require_inference()
     inference.check(body)
     prepared = await inference.prepare_many(lambda: inference.completion_job(body), body.n or 1)
-    job, slot = prepared[0]
+    job = prepared[0][0]
     started = request_started(request)
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return SlotStreamingResponse(
-            _completion_stream(request, state, job, slot, rid, created, include_usage, started),
-            slot=slot,
+            _completion_stream(request, state, prepared, rid, created, include_usage, started),
+            slots=[slot for _, slot in prepared],
             headers={**_headers(job), "cache-control": "no-cache"},
         )
     dones = await inference.complete_many(
@@ -353,86 +396,120 @@ async def completions(body: CompletionRequest, request: Request, state: Authoriz
     return JSONResponse(answer.model_dump(mode="json"), headers=_headers(job))
 
 
+class _CompletionChoice:
+    """The chunks of one choice of a legacy completions stream (``text_offset`` counted per choice)."""
+
+    def __init__(self, index: int, job: Job, chunk: Callable[..., str]) -> None:
+        self.index = index
+        self.job = job
+        self.chunk = chunk
+        self.sent = 0
+
+    def opening(self) -> list[str]:
+        return []
+
+    def delta(self, item: TextDelta) -> list[str]:
+        lps = item.logprobs if self.job.params.logprobs is not None else None
+        logprobs = _completion_logprobs(lps, self.sent)
+        self.sent += sum(len(t.token) for t in lps or ())
+        return [self.chunk(self.index, item.text, None, logprobs)]
+
+    def end(self, done: Finished) -> list[str]:
+        return [self.chunk(self.index, "", _finish(done), None)]
+
+
 def _completion_stream(
     request: Request,
     state: ServerState,
-    job: Job,
-    slot: Slot,
+    prepared: list[tuple[Job, Slot]],
     rid: str,
     created: int,
     include_usage: bool,
     started: float,
 ) -> AsyncIterator[str]:
-    sent = [0]
+    def chunk(index: int, text: str, finish: Any, logprobs: CompletionLogprobs | None) -> str:
+        choice = CompletionChoice(text=text, index=index, finish_reason=finish, logprobs=logprobs)
+        return _sse.data(Completion(id=rid, created=created, model=state.model_id, choices=[choice]))
 
-    def chunk(text: str | None, finish: Any, usage: Usage | None, lps: Any = None) -> str:
-        logprobs = _completion_logprobs(lps, sent[0])
-        sent[0] += sum(len(t.token) for t in lps or ())
-        choice = CompletionChoice(text=text or "", index=0, finish_reason=finish, logprobs=logprobs)
-        choices = [] if usage is not None else [choice]
-        return _sse.data(
-            Completion(id=rid, created=created, model=state.model_id, choices=choices, usage=usage)
-        )
+    def usage_chunk(usage: Usage) -> str:
+        return _sse.data(Completion(id=rid, created=created, model=state.model_id, choices=[], usage=usage))
 
     return _stream(
         request,
         state,
-        job,
-        slot,
+        prepared,
+        [_CompletionChoice(i, job, chunk) for i, (job, _) in enumerate(prepared)],
         endpoint="/v1/completions",
         started=started,
-        include_usage=include_usage,
-        chunk=chunk,
+        usage_chunk=usage_chunk if include_usage else None,
     )
+
+
+class _Choice(Protocol):
+    def opening(self) -> list[str]: ...
+    def delta(self, item: TextDelta) -> list[str]: ...
+    def end(self, done: Finished) -> list[str]: ...
 
 
 async def _stream(
     request: Request,
     state: ServerState,
-    job: Job,
-    slot: Slot,
+    prepared: list[tuple[Job, Slot]],
+    choices: list[_Choice],
     *,
     endpoint: str,
     started: float,
-    include_usage: bool,
-    chunk: Callable[..., str],
-    opening: str | None = None,
-    finale: Callable[[Finished], tuple[list[str], Any]] | None = None,
+    usage_chunk: Callable[[Usage], str] | None,
 ) -> AsyncIterator[str]:
-    """The SSE body of an OpenAI stream: ``opening`` (if any), a ``chunk(text, None, None)`` per text
-    delta, ``chunk(None, finish_reason, None)`` at the end, then ``chunk(None, None, usage)`` (no
-    choices) when asked; an error inside the stream; ``[DONE]``. A disconnect stops the generation.
-    With ``finale`` the text deltas are held back: ``finale(finished)`` gives the chunks to send at the
-    end and the finish reason (tool calls)."""
+    """The SSE body of an OpenAI stream of ``len(prepared)`` choices, generated together (one sequence
+    each): every choice's opening chunks, its chunks per text delta as they come (interleaved, each
+    naming its choice's index), its closing chunks with the finish reason; then the usage chunk (no
+    choices) when asked; an error inside the stream; ``[DONE]``. A disconnect or a failed choice stops
+    every generation."""
     inference = state.require_inference()
+    fault = token_fault(request)
+    queue: asyncio.Queue[tuple[int, TextDelta | Finished | Exception]] = asyncio.Queue()
+
+    async def pump(index: int, job: Job, slot: Slot) -> None:
+        try:
+            async with inference.run(job, slot, endpoint=endpoint, started=started, fault=fault) as events:
+                async for item in events:
+                    queue.put_nowait((index, item))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    tasks: list[asyncio.Task[None]] = []
     try:
-        async with inference.run(
-            job, slot, endpoint=endpoint, started=started, fault=token_fault(request)
-        ) as events:
-            if opening is not None:
-                yield opening
-            async for item in events:
-                if isinstance(item, TextDelta):
-                    if finale is None:
-                        yield chunk(
-                            item.text, None, None, item.logprobs if job.params.logprobs is not None else None
-                        )
-                elif isinstance(item, Finished):
-                    _record(request, job, item)
-                    reason = _finish(item)
-                    if finale is not None:
-                        last, reason = finale(item)
-                        for text in last:
-                            yield text
-                    yield chunk(None, reason, None)
-                    if include_usage:
-                        yield chunk(None, None, _usage(job, item))
-                if await request.is_disconnected():
-                    logger.info("client went away; stopping the generation")
-                    return
+        tasks = [asyncio.create_task(pump(i, job, slot)) for i, (job, slot) in enumerate(prepared)]
+        for choice in choices:
+            for text in choice.opening():
+                yield text
+        dones: dict[int, Finished] = {}
+        while len(dones) < len(prepared):
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, TextDelta):
+                for text in choices[index].delta(item):
+                    yield text
+            elif isinstance(item, Finished):
+                dones[index] = item
+                for text in choices[index].end(item):
+                    yield text
+            if await request.is_disconnected():
+                logger.info("client went away; stopping the generation")
+                return
+        job = prepared[0][0]
+        done = _combined([dones[i] for i in range(len(prepared))])
+        _record(request, job, done)
+        if usage_chunk is not None:
+            yield usage_chunk(_usage(job, done))
     except APIError as exc:
         yield _sse.data(error_body(stream_failed(request, exc)))
     except Exception as exc:
         logger.exception("stream failed")
         yield _sse.data(error_body(stream_failed(request, GenerationError(f"generation failed: {exc}"))))
+    finally:
+        for task in tasks:  # (their engine streams close at once: the generations stop)
+            task.cancel()
     yield _sse.DONE

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from starlette.responses import StreamingResponse
@@ -55,15 +55,18 @@ async def with_pings(events: AsyncIterator[str], interval: float, ping: str = PI
 
 
 class SlotStreamingResponse(StreamingResponse):
-    """An SSE response holding a reserved llama instance: freed even if the body never starts
-    (client gone before the first byte)."""
+    """An SSE response holding reserved llama instances (one per choice): freed even if the body
+    never starts (client gone before the first byte)."""
 
-    def __init__(self, content: AsyncIterator[str], *, slot: Slot, headers: dict[str, str]) -> None:
+    def __init__(
+        self, content: AsyncIterator[str], *, slots: Sequence[Slot], headers: dict[str, str]
+    ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=headers)
-        self._slot = slot
+        self._slots = list(slots)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._slot.release_unused()
+            for slot in self._slots:
+                slot.release_unused()

@@ -157,3 +157,194 @@ def call_arguments(raw: str, param: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidRequestError(f"{param}: must be a JSON object", param=param)
     return value
+
+
+@dataclass(frozen=True)
+class CallStart:
+    """A streamed answer became a tool call: its id and function name are known."""
+
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ArgumentsDelta:
+    """The next piece of the streamed call's ``arguments`` (their JSON text, as the model writes it)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ContentDelta:
+    """Answer text that is no tool call."""
+
+    text: str
+
+
+StreamEvent = CallStart | ArgumentsDelta | ContentDelta
+_OPENERS = ("<tool_call>", "```json", "```")
+_MORE = "more"
+
+
+class CallStream:
+    """An answer's text deltas turned into tool-call deltas as they arrive (as OpenAI streams them:
+    the call's id and name first, then its arguments piece by piece), or into content.
+
+    The answer is a call when, after optional whitespace and an opening ``<tool_call>`` / code fence,
+    it starts ``{"name": "<offered tool>", "arguments": `` (or ``"parameters"``); the arguments object
+    is then streamed up to its closing brace and what follows it is dropped. An answer that does not
+    start with ``{`` (or an opener) is content from its first visible character on. Anything else
+    (the keys in another order, the arguments serialized as a string) is held back to the end and
+    decided there by :func:`parse_calls`. A blocking answer is read through this class too, so it and
+    the same answer streamed agree (the arguments are the model's own text, not re-serialized).
+    """
+
+    def __init__(self, tools: tuple[ToolSpec, ...]) -> None:
+        self._names = {t.name for t in tools}
+        self._tools = tools
+        self.text = ""
+        self.mode: str = "undecided"  # undecided | content | call | held
+        self.call: CallStart | None = None
+        self._args_at = -1  # where the arguments value starts in self.text
+        self._scan = 0  # how far the arguments have been scanned (absolute index)
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+        self.complete = False  # the arguments' closing brace arrived
+
+    def feed(self, text: str) -> list[StreamEvent]:
+        self.text += text
+        if self.mode == "content":
+            return [ContentDelta(text)] if text else []
+        if self.mode == "held":
+            return []
+        if self.mode == "call":
+            return self._arguments()
+        return self._decide()
+
+    def finish(self) -> tuple[list[StreamEvent], bool]:
+        """What is left to send at the end of the answer, and whether it was a tool call."""
+        if self.mode == "content":
+            return [], False
+        if self.mode == "call":
+            return [], True
+        parsed = parse_calls(self.text, self._tools)
+        if parsed:
+            call = parsed[0]
+            return [CallStart(call.id, call.name), ArgumentsDelta(call.arguments)], True
+        return ([ContentDelta(self.text)] if self.text else []), False
+
+    def _decide(self) -> list[StreamEvent]:
+        body = self.text.lstrip()
+        if not body:
+            return []
+        for opener in _OPENERS:
+            if body.startswith(opener):
+                body = body[len(opener) :].lstrip()
+                break
+            if opener.startswith(body):
+                return []  # maybe an opener: wait
+        if not body:
+            return []
+        if not body.startswith("{"):
+            self.mode = "content"
+            return [ContentDelta(self.text)]
+        header = _call_header(body)
+        if header == _MORE:
+            return []
+        if header is None or header[0] not in self._names:
+            self.mode = "held"
+            return []
+        name, length = header
+        rest = body[length:]
+        self._args_at = len(self.text) - len(rest)
+        self._args_at += len(rest) - len(rest.lstrip())
+        if self._args_at < len(self.text) and self.text[self._args_at] != "{":
+            self.mode = "held"  # arguments as a string (or not an object): decided at the end
+            return []
+        if self._args_at >= len(self.text):
+            return []  # the arguments' first character is still to come
+        self.mode = "call"
+        self.call = CallStart(f"call_{uuid.uuid4().hex[:24]}", name)
+        self._scan = self._args_at
+        return [self.call, *self._arguments()]
+
+    def _arguments(self) -> list[StreamEvent]:
+        if self.complete:
+            return []
+        start = self._scan
+        i = start
+        text = self.text
+        while i < len(text):
+            ch = text[i]
+            i += 1
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif ch == "\\":
+                    self._escape = True
+                elif ch == '"':
+                    self._in_string = False
+            elif ch == '"':
+                self._in_string = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    self.complete = True
+                    break
+        self._scan = i
+        return [ArgumentsDelta(text[start:i])] if i > start else []
+
+
+def _call_header(body: str) -> tuple[str, int] | str | None:
+    """``{"name": "<name>", "arguments": `` at the start of ``body``: (name, its length), :data:`_MORE`
+    when ``body`` may still become one, None when it cannot."""
+    i = 0
+    n = len(body)
+
+    def skip(i: int) -> int:
+        while i < n and body[i].isspace():
+            i += 1
+        return i
+
+    def literal(i: int, word: str) -> int | str | None:
+        part = body[i : i + len(word)]
+        if part == word:
+            return i + len(word)
+        return _MORE if word.startswith(part) else None
+
+    for word in ("{", '"name"', ":"):
+        got = literal(skip(i), word)
+        if not isinstance(got, int):
+            return got
+        i = got
+    i = skip(i)
+    if i >= n:
+        return _MORE
+    if body[i] != '"':
+        return None
+    end = i + 1
+    while end < n and body[end] != '"':
+        end += 2 if body[end] == "\\" else 1
+    if end >= n:
+        return _MORE
+    try:
+        name = json.loads(body[i : end + 1])
+    except json.JSONDecodeError:
+        return None
+    i = end + 1
+    got = literal(skip(i), ",")
+    if not isinstance(got, int):
+        return got
+    i = skip(got)
+    keys = [literal(i, key) for key in ('"arguments"', '"parameters"')]
+    found = [k for k in keys if isinstance(k, int)]
+    if not found:
+        return _MORE if _MORE in keys else None
+    got = found[0]
+    got2 = literal(skip(got), ":")
+    if not isinstance(got2, int):
+        return got2
+    return name, got2

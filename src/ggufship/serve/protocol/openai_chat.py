@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 # The TGI / vLLM parameter names both request models accept (declared once, so their bounds agree).
 MaxNewTokens = Annotated[int | None, Field(ge=1, description="TGI name of max_tokens")]
@@ -218,11 +225,26 @@ class ChoiceDelta(BaseModel):
     content: str | None = None
 
 
-class ToolCallDelta(BaseModel):
+class _Sparse(BaseModel):
+    """Serialized without its unset (None) fields: a streamed tool call's later deltas carry only
+    ``index`` and ``function.arguments`` (clients that copy ``id`` / ``name`` from every delta, as
+    Dify's provider does, must not see a null there)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionCallDelta(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Sparse):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
-    function: FunctionCall | None = None
+    function: FunctionCallDelta | None = None
 
 
 class ToolCallsDelta(ChoiceDelta):
