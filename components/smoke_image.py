@@ -281,7 +281,8 @@ class KfpRun:
         # The launcher substitutes {{$}} with the executor input (kfp/dsl/placeholders.py
         # ExecutorInputPlaceholder) and runs command + args in the component's image.
         argv = [payload if a == "{{$}}" else a for a in [*container.command, *(container.args or [])]]
-        self.root.run(argv, timeout=900, env={"GGUFSHIP_OCI_TLS": "0"})
+        # The registry is on loopback: plain HTTP is the default there (no GGUFSHIP_OCI_* needed).
+        self.root.run(argv, timeout=900)
         result = json.loads((self.host_out / spec.name / "output_metadata.json").read_text())
         artifacts = result.get("artifacts", {})
         for key, value in artifacts.items():

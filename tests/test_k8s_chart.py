@@ -194,6 +194,44 @@ def test_oci_source_uses_registry_auth_not_s3(rendered: dict[str, list[dict[str,
     assert vol["secret"]["items"] == [{"key": ".dockerconfigjson", "path": "config.json"}]
 
 
+@pytest.mark.parametrize("source", ["configMap", "secret"])
+def test_oci_private_ca_bundle_is_mounted_and_named_for_pull(
+    helm: Path, source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """oci.caBundle: the PEM bundle mounted read-only into the fetch-model init container only,
+    and GGUFSHIP_OCI_CA_BUNDLE naming it, which is what `ggufship pull` reads (OciSettings)."""
+    from ggufship.publish._oci import oci_settings
+
+    objs = render(
+        helm, "web-gate-values.yaml", sets=(f"oci.caBundle.{source}=registry-ca", "oci.caBundle.key=ca.pem")
+    )
+    for obj in objs:
+        validate(obj, f"helm template --set oci.caBundle.{source}")
+    pod = one(objs, "Rollout")["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
+    env = {e["name"]: e.get("value") for e in init["env"]}
+    assert env["GGUFSHIP_OCI_CA_BUNDLE"] == "/etc/ggufship/registry-ca/ca.pem"
+    mount = next(m for m in init["volumeMounts"] if m["name"] == "registry-ca")
+    assert mount == {"name": "registry-ca", "mountPath": "/etc/ggufship/registry-ca", "readOnly": True}
+    (api,) = pod["containers"]
+    assert all(m["name"] != "registry-ca" for m in api["volumeMounts"])
+    volume = next(v for v in pod["volumes"] if v["name"] == "registry-ca")
+    items = [{"key": "ca.pem", "path": "ca.pem"}]
+    if source == "configMap":
+        assert volume["configMap"] == {"name": "registry-ca", "items": items}
+    else:
+        assert volume["secret"] == {"secretName": "registry-ca", "items": items}
+    # The variable the chart sets is the one the code reads.
+    monkeypatch.setenv("GGUFSHIP_OCI_CA_BUNDLE", env["GGUFSHIP_OCI_CA_BUNDLE"])
+    assert oci_settings().ca_bundle == Path("/etc/ggufship/registry-ca/ca.pem")
+
+
+def test_no_ca_bundle_by_default(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    pod = one(rendered["web-gate-values.yaml"], "Rollout")["spec"]["template"]["spec"]
+    assert all(v["name"] != "registry-ca" for v in pod["volumes"])
+    assert "GGUFSHIP_OCI_CA_BUNDLE" not in {e["name"] for e in pod["initContainers"][0]["env"]}
+
+
 def test_threshold_metrics(rendered: dict[str, list[dict[str, Any]]]) -> None:
     """Issue 14 item 3: TTFT and inter-token latency by default; the seed's whole-request p99 is an
     option (off), the 5xx ratio pauses (seed: "pause the rollout and alert"), it does not abort."""
@@ -395,6 +433,9 @@ def test_minimal_variant(rendered: dict[str, list[dict[str, Any]]]) -> None:
         ("analysis.window=five", "analysis.window"),
         ("rollout.trafficRoutng=nginx", "trafficRoutng"),  # typo: values.schema.json forbids unknown keys
         ("model.sah256=" + SHA, "sah256"),
+        ("oci.caBundle.key=", "oci.caBundle.key"),
+        ("oci.caBundle.configMap=ca,oci.caBundle.secret=ca", "oci.caBundle"),
+        ("oci.caBundle.file=ca.crt", "file"),
     ],
 )
 def test_bad_values_fail_naming_the_field(helm: Path, setting: str, field: str) -> None:

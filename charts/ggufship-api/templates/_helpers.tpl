@@ -80,6 +80,11 @@ to every series (ServiceMonitor relabeling), never a label the app reads at star
 {{- if not (regexMatch "^(s3|oci)://" (default "" .Values.model.uri)) -}}
 {{- fail (printf "model.uri: %q must start with s3:// or oci://" (default "" .Values.model.uri)) -}}
 {{- end -}}
+{{- with .Values.oci.caBundle -}}
+{{- if and .configMap .secret -}}
+{{- fail (printf "oci.caBundle: configMap %q and secret %q are both set; give the registry's CA bundle in one of them" .configMap .secret) -}}
+{{- end -}}
+{{- end -}}
 {{- $prev := 0 -}}
 {{- range $i, $step := .Values.rollout.canary.steps -}}
 {{- if le (int $step.weight) (int $prev) -}}
