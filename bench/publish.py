@@ -65,7 +65,9 @@ def main() -> int:
         creds = load_credentials(state_dir).s3
         target = S3Target(
             bucket="bench",
-            state_dir=state_dir,
+            endpoint=endpoint,
+            access_key=creds.access_key,
+            secret_key=creds.secret_key,
             create_bucket=True,
             part_size=args.part_size_mib * MIB,
             parallel=args.parallel,

@@ -111,7 +111,13 @@ def main() -> int:
         export = build_export(work, args.size_mib)
         private, public = generate_keypair(work / "keys")
         sign_export(export, SigningRequest(private_key=private))
-        s3 = S3Target(bucket="bench", state_dir=state_dir, create_bucket=True)
+        s3 = S3Target(
+            bucket="bench",
+            endpoint=s3_endpoint,
+            access_key=creds.access_key,
+            secret_key=creds.secret_key,
+            create_bucket=True,
+        )
         oci = OciTarget(registry=registry, repository="models/bench")
         t_publish = timed(lambda: publish(export, PublishRequest(s3=s3, oci=oci)))
         print(f"published in {t_publish:.1f} s", file=sys.stderr)

@@ -66,6 +66,7 @@ import sys, contextlib
 from pathlib import Path
 from ggufship.progress import Reporter
 from ggufship.publish import PublishRequest, S3Target, publish
+from ggufship.services import load_credentials, load_state
 
 class Stall:
     def __init__(self): self.parts = 0
@@ -83,8 +84,11 @@ class StallingReporter(Reporter):
     def task(self, description, total):
         yield Stall() if description.endswith("F16.gguf") else Null()
 
-target = S3Target(bucket="models", state_dir=Path(sys.argv[2]), part_size=5 * 1024 * 1024, parallel=1,
-                  create_bucket=True)
+state_dir = Path(sys.argv[2])
+creds = load_credentials(state_dir).s3
+target = S3Target(bucket="models", endpoint=load_state(state_dir).services["s3"].endpoint,
+                  access_key=creds.access_key, secret_key=creds.secret_key,
+                  part_size=5 * 1024 * 1024, parallel=1, create_bucket=True)
 publish(Path(sys.argv[1]), PublishRequest(s3=target), reporter=StallingReporter(enabled=False))
 sys.stdout.write("FINISHED\n")
 """
@@ -102,3 +106,32 @@ def git_show(repo: str, path: str, rev: str = "main") -> str:
 
 def git_log(repo: str) -> list[str]:
     return git_bare(repo, "log", "--format=%H %an <%ae> %s", "main").splitlines()
+
+
+def embedded_s3_env(state_dir: Path) -> dict[str, str]:
+    """``GGUFSHIP_S3_*`` for the S3 that ``ggufship up`` recorded in ``state_dir`` (what the CLI falls
+    back to; the library takes only explicit settings and the environment)."""
+    from ggufship.services import load_credentials, load_state
+
+    record = load_state(state_dir).services["s3"]
+    creds = load_credentials(state_dir).s3
+    return {
+        "GGUFSHIP_S3_ENDPOINT": record.endpoint,
+        "GGUFSHIP_S3_ACCESS_KEY": creds.access_key,
+        "GGUFSHIP_S3_SECRET_KEY": creds.secret_key.get_secret_value(),
+    }
+
+
+def embedded_s3(state_dir: Path, bucket: str = "models", **options: object):  # -> S3Target
+    """An explicit :class:`S3Target` for the embedded S3 of ``state_dir`` (``options`` override)."""
+    from pydantic import SecretStr
+
+    from ggufship.publish import S3Target
+
+    env = embedded_s3_env(state_dir)
+    fields: dict[str, object] = {
+        "endpoint": env["GGUFSHIP_S3_ENDPOINT"],
+        "access_key": env["GGUFSHIP_S3_ACCESS_KEY"],
+        "secret_key": SecretStr(env["GGUFSHIP_S3_SECRET_KEY"]),
+    }
+    return S3Target(bucket=bucket, **{**fields, **options})  # type: ignore[arg-type]

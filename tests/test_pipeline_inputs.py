@@ -15,6 +15,7 @@ from ggufship.pipeline.inputs import (
     resolve_dir_input,
     resolve_release_input,
 )
+from tests.publish_fixtures import embedded_s3, embedded_s3_env
 
 pytest_plugins = ["tests.services_fixtures"]
 
@@ -28,9 +29,8 @@ def s3(services_factory, monkeypatch: pytest.MonkeyPatch):
     from ggufship.publish._s3 import S3Target, client_for, resolve_connection
 
     state_dir, _ = services_factory(services=("s3",))
-    for var in ("GGUFSHIP_S3_ENDPOINT", "GGUFSHIP_S3_ACCESS_KEY", "GGUFSHIP_S3_SECRET_KEY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("GGUFSHIP_STATE_DIR", str(state_dir))
+    for var, value in embedded_s3_env(state_dir).items():  # the CLI passes these on
+        monkeypatch.setenv(var, value)
     client = client_for(resolve_connection(S3Target(bucket=BUCKET)))
     client.make_bucket(BUCKET)
     return client
@@ -104,11 +104,11 @@ def test_release_spec_uri(s3, release_yaml: Path, tmp_path: Path) -> None:
 def test_local_run_checkpoint_from_s3(tmp_path: Path, services_factory, llama_ckpt: Path) -> None:
     """kfp.local: the export step fetches the checkpoint from s3:// on the embedded S3 and exports it."""
     from ggufship.pipeline import embedded_targets, run_local
-    from ggufship.publish._s3 import S3Target, client_for, resolve_connection
+    from ggufship.publish._s3 import client_for, resolve_connection
 
     state_dir, _ = services_factory(services=("s3",))
     targets, env = embedded_targets(state_dir, "tiny")
-    client = client_for(resolve_connection(S3Target(bucket=BUCKET, state_dir=state_dir)))
+    client = client_for(resolve_connection(embedded_s3(state_dir, bucket=BUCKET)))
     client.make_bucket(BUCKET)
     upload_dir(client, llama_ckpt, "runs/1/checkpoint")
     params = {

@@ -31,14 +31,13 @@ from ggufship.publish import (
     LeasePolicy,
     PublishConflictError,
     PublishRequest,
-    S3Target,
     _s3,
     _s3_write,
     publish,
     pull,
 )
 from ggufship.services import load_state
-from tests.publish_fixtures import make_export
+from tests.publish_fixtures import embedded_s3, make_export
 
 pytest_plugins = ["tests.services_fixtures"]
 
@@ -83,13 +82,13 @@ def stack(services_factory):
 
     def request(**options: Any) -> PublishRequest:
         return PublishRequest(
-            s3=S3Target(bucket="models", state_dir=state_dir, create_bucket=True, part_size=5 * MIB),
+            s3=embedded_s3(state_dir, bucket="models", create_bucket=True, part_size=5 * MIB),
             oci=OciTarget(registry=registry, repository="models/syn"),
             gitops=GitOpsTarget(url=f"file://{git_dir}", backoff_s=0.05, max_attempts=10),
             **options,
         )
 
-    writer = _s3_write.write_client(_s3.resolve_connection(S3Target(bucket="models", state_dir=state_dir)))
+    writer = _s3_write.write_client(_s3.resolve_connection(embedded_s3(state_dir, bucket="models")))
     writer.create_bucket(Bucket="models")
     return state_dir, registry, git_dir, request, writer
 
@@ -143,7 +142,7 @@ def test_two_publishers_of_one_version_one_winner_every_time(stack, tmp_path):
         assert {f["path"]: f["sha256"] for f in record["files"]} == {f.path: f.sha256 for f in listed.files}
         assert record["sources"]["oci"] == winner.oci.reference
         from_s3 = pull(
-            record["sources"]["s3"], tmp_path / f"s3-{trial}", s3=S3Target(bucket="x", state_dir=state_dir)
+            record["sources"]["s3"], tmp_path / f"s3-{trial}", s3=embedded_s3(state_dir, bucket="x")
         )
         assert hashlib.sha256((from_s3 / MANIFEST_NAME).read_bytes()).hexdigest() == manifest_sha
         for entry in listed.files:
@@ -316,7 +315,7 @@ def test_a_live_holder_stalled_mid_upload_is_never_aborted(stack, tmp_path):
             child.kill()
             child.wait(timeout=30)
     assert _s3_write.incomplete_uploads(writer, "models", base) == []
-    dest = pull("s3://models/" + base, tmp_path / "pulled", s3=S3Target(bucket="x", state_dir=state_dir))
+    dest = pull("s3://models/" + base, tmp_path / "pulled", s3=embedded_s3(state_dir, bucket="x"))
     assert _files(dest) == _files(export)
 
 

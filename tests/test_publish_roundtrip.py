@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from ggufship.manifest import MANIFEST_NAME
-from ggufship.publish import GitOpsTarget, PublishRequest, PullError, S3Target, publish, pull
+from ggufship.publish import GitOpsTarget, PublishRequest, PullError, publish, pull
 from ggufship.services import load_state
-from tests.publish_fixtures import make_export
+from tests.publish_fixtures import embedded_s3, make_export
 
 pytest_plugins = ["tests.services_fixtures"]
 
@@ -52,7 +52,7 @@ def test_export_sign_publish_pull_roundtrip(services_factory, tiny_export, tmp_p
     sign_export(export, SigningRequest(private_key=private))
     assert (export / "model.sig").is_file()
 
-    s3 = S3Target(bucket="models", state_dir=state_dir, create_bucket=True)
+    s3 = embedded_s3(state_dir, bucket="models", create_bucket=True)
     request = PublishRequest(
         s3=s3,
         oci=OciTarget(registry=registry, repository="models/tiny"),
@@ -64,17 +64,13 @@ def test_export_sign_publish_pull_roundtrip(services_factory, tiny_export, tmp_p
     assert not result.s3.skipped and not result.oci.skipped and not result.gitops.skipped
 
     policy = VerificationPolicy(public_key=public)
-    from_s3 = pull(
-        result.s3.uri, tmp_path / "from-s3", policy=policy, s3=S3Target(bucket="x", state_dir=state_dir)
-    )
+    from_s3 = pull(result.s3.uri, tmp_path / "from-s3", policy=policy, s3=embedded_s3(state_dir, bucket="x"))
     from_oci = pull(f"oci://{registry}/models/tiny:1.0.0", tmp_path / "from-oci", policy=policy)
     original = _files(export)
     assert _files(from_s3) == original
     assert _files(from_oci) == original
     # pulling again into the same place (a server restart): S3 reuses it, OCI refreshes it
-    assert (
-        pull(result.s3.uri, from_s3, policy=policy, s3=S3Target(bucket="x", state_dir=state_dir)) == from_s3
-    )
+    assert pull(result.s3.uri, from_s3, policy=policy, s3=embedded_s3(state_dir, bucket="x")) == from_s3
     assert pull(f"oci://{registry}/models/tiny:1.0.0", from_oci, policy=policy) == from_oci
     assert _files(from_oci) == original
     other = _other_export(tmp_path)
@@ -113,7 +109,7 @@ def test_export_sign_publish_pull_roundtrip(services_factory, tiny_export, tmp_p
             result.s3.uri,
             tmp_path / "wrong-key",
             policy=VerificationPolicy(public_key=other_public),
-            s3=S3Target(bucket="x", state_dir=state_dir),
+            s3=embedded_s3(state_dir, bucket="x"),
         )
     assert not (tmp_path / "wrong-key").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".wrong-key")]
@@ -132,7 +128,7 @@ def test_registry_down_stops_before_gitops(services_factory, tmp_path):
         port = sock.getsockname()[1]
     head = _git_log(git_url)
     request = PublishRequest(
-        s3=S3Target(bucket="models", state_dir=state_dir, create_bucket=True),
+        s3=embedded_s3(state_dir, bucket="models", create_bucket=True),
         oci=OciTarget(registry=f"127.0.0.1:{port}", repository="models/syn", timeout_s=5.0),
         gitops=GitOpsTarget(url=git_url),
     )
@@ -141,11 +137,7 @@ def test_registry_down_stops_before_gitops(services_factory, tmp_path):
     assert f"127.0.0.1:{port}" in str(err.value)
     assert _git_log(git_url) == head
     # the S3 copy is complete and verifiable; a later run with the registry up would skip it
-    dest = pull(
-        "s3://models/models/syn/1.0.0/", tmp_path / "pulled", s3=S3Target(bucket="x", state_dir=state_dir)
-    )
+    dest = pull("s3://models/models/syn/1.0.0/", tmp_path / "pulled", s3=embedded_s3(state_dir, bucket="x"))
     assert (dest / MANIFEST_NAME).read_bytes() == (export / MANIFEST_NAME).read_bytes()
     with pytest.raises(PullError):
-        pull(
-            "s3://models/models/syn/9.9.9/", tmp_path / "absent", s3=S3Target(bucket="x", state_dir=state_dir)
-        )
+        pull("s3://models/models/syn/9.9.9/", tmp_path / "absent", s3=embedded_s3(state_dir, bucket="x"))

@@ -38,7 +38,7 @@ from ggufship.publish import (
     publish,
     pull,
 )
-from tests.publish_fixtures import MIB, REPO, STALLING_PUBLISHER, make_export
+from tests.publish_fixtures import MIB, REPO, STALLING_PUBLISHER, embedded_s3, make_export
 
 pytest_plugins = ["tests.services_fixtures"]
 
@@ -51,7 +51,7 @@ def s3(services_factory):
     def target(bucket: str = "models", **options) -> S3Target:
         options.setdefault("create_bucket", True)
         options.setdefault("part_size", 5 * MIB)
-        return S3Target(bucket=bucket, state_dir=state_dir, **options)
+        return embedded_s3(state_dir, bucket=bucket, **options)
 
     conn = _s3.resolve_connection(target())
     return state_dir, target, _s3.client_for(conn)
@@ -236,14 +236,12 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("GGUFSHIP_S3_ENDPOINT", "https://s3.example.test:9000")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-from-aws-var")
-    conn = _s3.resolve_connection(S3Target(bucket="models", state_dir=tmp_path))
+    conn = _s3.resolve_connection(S3Target(bucket="models"))
     assert (conn.endpoint, conn.secure, conn.access_key) == ("s3.example.test:9000", True, "AKIAEXAMPLE")
     assert conn.secret_key.get_secret_value() == "secret-from-aws-var"
     assert "secret-from-aws-var" not in repr(conn)
     monkeypatch.setenv("GGUFSHIP_S3_ACCESS_KEY", "OURS")
-    flagged = _s3.resolve_connection(
-        S3Target(bucket="models", endpoint="http://10.0.0.1:9000", state_dir=tmp_path)
-    )
+    flagged = _s3.resolve_connection(S3Target(bucket="models", endpoint="http://10.0.0.1:9000"))
     assert (flagged.endpoint, flagged.secure, flagged.access_key) == ("10.0.0.1:9000", False, "OURS")
     for var in (
         "GGUFSHIP_S3_ENDPOINT",
@@ -252,8 +250,8 @@ def test_settings_from_environment(monkeypatch, tmp_path):
         "GGUFSHIP_S3_ACCESS_KEY",
     ):
         monkeypatch.delenv(var)
-    with pytest.raises(PublishSettingsError, match="no S3 endpoint"):
-        _s3.resolve_connection(S3Target(bucket="models", state_dir=tmp_path))
+    with pytest.raises(PublishSettingsError, match="no S3 endpoint: set --s3-endpoint or GGUFSHIP_S3_"):
+        _s3.resolve_connection(S3Target(bucket="models"))
     with pytest.raises(PublishSettingsError, match="part size"):
         _s3.resolve_connection(
             S3Target(

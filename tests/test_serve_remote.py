@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.publish_fixtures import embedded_s3, embedded_s3_env
 from tests.serve_fixtures import running_server
 
 pytest_plugins = ["tests.services_fixtures"]
@@ -22,7 +23,8 @@ def test_serve_from_s3_and_oci_with_signature(services_factory, tiny_export, tmp
     from ggufship.sign import SigningRequest, generate_keypair, sign_export
 
     state_dir, _ = services_factory(services=("s3", "registry"))
-    monkeypatch.setenv("GGUFSHIP_STATE_DIR", str(state_dir))
+    for var, value in embedded_s3_env(state_dir).items():  # the CLI passes these on
+        monkeypatch.setenv(var, value)
     registry = load_state(state_dir).services["registry"].endpoint.removeprefix("http://")
     export = tmp_path / "tiny-1.0.0"
     shutil.copytree(tiny_export, export)
@@ -32,7 +34,7 @@ def test_serve_from_s3_and_oci_with_signature(services_factory, tiny_export, tmp
     result = publish.publish(
         export,
         publish.PublishRequest(
-            s3=publish.S3Target(bucket="models", state_dir=state_dir, create_bucket=True),
+            s3=embedded_s3(state_dir, bucket="models", create_bucket=True),
             oci=oci.OciTarget(registry=registry, repository="models/tiny"),
         ),
     )

@@ -29,10 +29,11 @@ from ggufship.errors import (
 from ggufship.integrity import sidecar_text
 from ggufship.layout import file_set_problems, path_problem
 from ggufship.manifest import MANIFEST_NAME, Manifest, ManifestFile, SourceInfo
-from ggufship.publish import PublishRequest, PullError, S3Target, _s3, publish, pull
+from ggufship.publish import PublishRequest, PullError, _s3, publish, pull
 from ggufship.publish import _modelpack as mp
 from ggufship.publish._oci import OciTarget, pull_export, push_export
 from ggufship.services import load_state
+from tests.publish_fixtures import embedded_s3, embedded_s3_env
 
 pytest_plugins = ["tests.services_fixtures"]
 pytestmark = [pytest.mark.timeout(600)]
@@ -107,7 +108,7 @@ def _entries(parent: Path) -> list[str]:
 def s3(services_factory: Any) -> tuple[Path, Any]:
     """(state_dir, raw minio client) of a fresh SeaweedFS with a bucket ``models``."""
     state_dir, _ = services_factory(services=("s3",))
-    client = _s3.client_for(_s3.resolve_connection(S3Target(bucket="models", state_dir=state_dir)))
+    client = _s3.client_for(_s3.resolve_connection(embedded_s3(state_dir, bucket="models")))
     client.make_bucket("models")
     return state_dir, client
 
@@ -193,7 +194,7 @@ def test_s3_manifest_with_an_absolute_entry_writes_nothing(
     uri = f"s3://models/{base}"
     work = tmp_path / "work"
     work.mkdir()
-    conn = S3Target(bucket="models", state_dir=state_dir)
+    conn = embedded_s3(state_dir, bucket="models")
 
     with pytest.raises(PullError) as err:
         pull(uri, work / "dest", s3=conn)
@@ -225,7 +226,8 @@ def test_s3_manifest_with_an_absolute_entry_writes_nothing(
     stderr = capsys.readouterr().err
     assert stderr.count("absolute path") == 2 and "Traceback" not in stderr
 
-    monkeypatch.setenv("GGUFSHIP_STATE_DIR", str(state_dir))
+    for var, value in embedded_s3_env(state_dir).items():  # the CLI passes these on
+        monkeypatch.setenv(var, value)
     with pytest.raises(ModelSourceError, match="absolute path"):
         resolve_model(ServeSettings(model=uri, n_threads=1, cache_dir=work / "cache", public_key=public))
     with pytest.raises(ModelSourceError, match="absolute path"):
@@ -255,7 +257,7 @@ def test_s3_dotdot_and_friends_are_typed_errors(
     work = tmp_path / "work" / "inner"
     work.mkdir(parents=True)
     with pytest.raises(PullError, match=problem.replace(".", r"\.")) as err:
-        pull(f"s3://models/{base}", work / "dest", s3=S3Target(bucket="models", state_dir=state_dir))
+        pull(f"s3://models/{base}", work / "dest", s3=embedded_s3(state_dir, bucket="models"))
     assert "files" in str(err.value)
     assert _entries(work) == [] and _entries(tmp_path / "work") == ["inner"]
 
@@ -368,10 +370,10 @@ def test_publish_refuses_an_export_whose_signature_and_manifest_disagree(
     registry = load_state(state_dir).services["registry"].endpoint.removeprefix("http://")
     private, public = generate_keypair(tmp_path / "keys")
     request = PublishRequest(
-        s3=S3Target(bucket="models", state_dir=state_dir, create_bucket=True),
+        s3=embedded_s3(state_dir, bucket="models", create_bucket=True),
         oci=OciTarget(registry, "models/syn"),
     )
-    client = _s3.client_for(_s3.resolve_connection(S3Target(bucket="models", state_dir=state_dir)))
+    client = _s3.client_for(_s3.resolve_connection(embedded_s3(state_dir, bucket="models")))
 
     # a signed file the manifest does not list: publish would drop it, the artifact could never verify
     extra = _synthetic_export(tmp_path / "extra", {"notes.txt": b"signed, not listed\n"})
@@ -401,7 +403,7 @@ def test_publish_refuses_an_export_whose_signature_and_manifest_disagree(
     result = publish(good, request)
     policy = VerificationPolicy(public_key=public)
     for uri, dest in ((result.s3.uri, "from-s3"), (f"oci://{registry}/models/syn:1.0.0", "from-oci")):
-        pulled = pull(uri, tmp_path / dest, policy=policy, s3=S3Target(bucket="x", state_dir=state_dir))
+        pulled = pull(uri, tmp_path / dest, policy=policy, s3=embedded_s3(state_dir, bucket="x"))
         assert _entries(pulled) == _entries(good)
 
 
@@ -453,7 +455,7 @@ def test_hostile_s3_keys_are_pulled_confined_or_refused(
     work = tmp_path / f"w{n}"
     work.mkdir()
     try:
-        dest = pull(f"s3://models/{base}", work / "dest", s3=S3Target(bucket="models", state_dir=state_dir))
+        dest = pull(f"s3://models/{base}", work / "dest", s3=embedded_s3(state_dir, bucket="models"))
     except GgufshipError as exc:
         assert not (stored and _confined_ok(entry)), f"a confined, stored entry was refused: {exc}"
         assert _entries(work) == []

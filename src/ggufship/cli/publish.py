@@ -150,10 +150,12 @@ def _secret_from_env(var: str | None, defaults: tuple[str, ...]) -> Any:
 
 
 def _s3_target(args: argparse.Namespace, uri: str, *, create_bucket: bool = False) -> Any:
+    """Flags over ``GGUFSHIP_S3_*`` over the embedded default (``ggufship up``) of ``--state-dir``."""
+    from ggufship.cli.embedded import with_embedded_s3
     from ggufship.publish import S3Target
 
     part_size = getattr(args, "part_size_mib", None)
-    return S3Target.from_uri(
+    target = S3Target.from_uri(
         uri,
         endpoint=args.s3_endpoint,
         access_key=args.s3_access_key,
@@ -164,8 +166,8 @@ def _s3_target(args: argparse.Namespace, uri: str, *, create_bucket: bool = Fals
         region=args.s3_region,
         create_bucket=create_bucket,
         part_size=part_size * 1024 * 1024 if part_size else None,
-        state_dir=args.state_dir,
     )
+    return with_embedded_s3(target, args.state_dir)
 
 
 def _oci_target(args: argparse.Namespace, uri: str) -> Any:

@@ -107,8 +107,13 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from ggufship.cli.embedded import embedded_s3_environment
+    from ggufship.environment import environment
     from ggufship.serve import run
 
     settings = settings_from_args(args)
-    run(settings)
+    # s3:// without GGUFSHIP_S3_*: the embedded default's S3 (`ggufship up`), resolved here, not in serve
+    fallback = embedded_s3_environment() if settings.model.startswith("s3://") else {}
+    with environment(fallback):
+        run(settings)
     return 0

@@ -59,11 +59,11 @@ _META = ("name", "version", "sha256")
 
 
 class S3Settings(BaseSettings):
-    """S3 connection settings from the environment; flags override them, the state dir fills gaps.
+    """S3 connection settings from the environment; flags override them.
 
     ``GGUFSHIP_S3_ENDPOINT``, ``GGUFSHIP_S3_ACCESS_KEY`` (or ``AWS_ACCESS_KEY_ID``),
     ``GGUFSHIP_S3_SECRET_KEY`` (or ``AWS_SECRET_ACCESS_KEY``), ``GGUFSHIP_S3_SECURE``,
-    ``GGUFSHIP_S3_REGION`` (or ``AWS_REGION``), ``GGUFSHIP_STATE_DIR``.
+    ``GGUFSHIP_S3_REGION`` (or ``AWS_REGION``).
     """
 
     model_config = SettingsConfigDict(
@@ -73,7 +73,7 @@ class S3Settings(BaseSettings):
     endpoint: str | None = Field(
         default=None,
         description="S3 endpoint: http://host:port, https://host, or host[:port] (TLS unless insecure); "
-        "default: the embedded default's SeaweedFS from the state dir",
+        "the CLI's default: the SeaweedFS of `ggufship up`",
     )
     access_key: str | None = Field(
         default=None,
@@ -93,11 +93,6 @@ class S3Settings(BaseSettings):
         validation_alias=AliasChoices("region", "GGUFSHIP_S3_REGION", "AWS_REGION"),
         description="bucket region (MinIO/SeaweedFS: any, usually us-east-1)",
     )
-    state_dir: Path = Field(
-        default=Path(".ggufship"),
-        validation_alias=AliasChoices("state_dir", "GGUFSHIP_STATE_DIR"),
-        description="state dir of `ggufship up`, used when no endpoint is configured",
-    )
     part_size: int = Field(
         default=DEFAULT_PART_SIZE,
         ge=MIN_PART_SIZE,
@@ -112,8 +107,7 @@ class S3Target:
     """Where and how to publish to (or pull from) S3.
 
     ``bucket`` and ``prefix`` place the objects (``[prefix/]models/<name>/<version>/``).
-    Connection fields left ``None`` come from :class:`S3Settings` (environment) and
-    then from the state dir of ``ggufship up``.
+    Connection fields left ``None`` come from :class:`S3Settings` (environment).
     """
 
     bucket: str
@@ -126,7 +120,6 @@ class S3Target:
     create_bucket: bool = False
     part_size: int | None = None
     parallel: int | None = None
-    state_dir: Path | None = None
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> S3Target:
@@ -172,7 +165,8 @@ def check_bucket_name(bucket: str, where: str) -> None:
 
 
 def resolve_connection(target: S3Target) -> S3Connection:
-    """Flags (the target's fields) over environment over the embedded default's state dir."""
+    """The target's fields over the environment (``GGUFSHIP_S3_*``); no state files are read here:
+    the CLI fills the embedded default's endpoint (``ggufship.cli.embedded``)."""
     try:
         env = S3Settings()
     except ValidationError as exc:
@@ -180,28 +174,11 @@ def resolve_connection(target: S3Target) -> S3Connection:
     endpoint = target.endpoint or env.endpoint
     access_key = target.access_key or env.access_key
     secret_key = target.secret_key or env.secret_key
-    state_dir = target.state_dir or env.state_dir
-    if endpoint is None or access_key is None or secret_key is None:
-        from ggufship.services import ServiceError, load_credentials, load_state
-
-        try:
-            record = load_state(state_dir).services.get("s3")
-        except ServiceError as exc:
-            raise PublishSettingsError(f"no S3 endpoint configured and {exc}") from exc
-        if endpoint is None:
-            if record is None:
-                raise PublishSettingsError(
-                    "no S3 endpoint: set --s3-endpoint or GGUFSHIP_S3_ENDPOINT, or start the embedded "
-                    f"default with `ggufship up` (state dir {state_dir} has no s3 service)"
-                )
-            endpoint = record.endpoint
-        if (access_key is None or secret_key is None) and record is not None:
-            try:
-                creds = load_credentials(state_dir).s3
-            except ServiceError as exc:
-                raise PublishSettingsError(f"no S3 credentials configured and {exc}") from exc
-            access_key = access_key or creds.access_key
-            secret_key = secret_key or creds.secret_key
+    if endpoint is None:
+        raise PublishSettingsError(
+            "no S3 endpoint: set --s3-endpoint or GGUFSHIP_S3_ENDPOINT (the ggufship CLI also "
+            "falls back to the embedded default started by `ggufship up`)"
+        )
     if access_key is None or secret_key is None:
         raise PublishSettingsError(
             f"no S3 credentials for {endpoint}: set GGUFSHIP_S3_ACCESS_KEY and GGUFSHIP_S3_SECRET_KEY "
