@@ -19,6 +19,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ggufship.retry import poll_until
 from ggufship.rollout._errors import (
     RolloutBusyError,
     RolloutError,
@@ -201,14 +202,16 @@ class RolloutProcesses:
         sent after the switch completed (bounded: ``settle_s`` + 30 s), so the records show it."""
         start = time.monotonic()
         switched = time.time()
-        deadline = start + self.settings.settle_s + 30.0
-        while self.load is not None and not self.load.done() and time.monotonic() < deadline:
+
+        def settled() -> bool:
+            if self.load is None or self.load.done():
+                return True
             if not self.stable.alive():
                 raise RolloutServerError(f"the stable API server exited; log {self.stable.log}")
             after = sum(r.started_at >= switched for r in self.load.records())
-            if time.monotonic() - start >= self.settings.settle_s and after >= _SETTLE_REQUESTS:
-                return
-            time.sleep(self.settings.poll_s)
+            return time.monotonic() - start >= self.settings.settle_s and after >= _SETTLE_REQUESTS
+
+        poll_until(settled, timeout_s=self.settings.settle_s + 30.0, interval_s=self.settings.poll_s)
 
     # ---------------------------------------------------------------- stop
 
