@@ -250,6 +250,25 @@ def _advance(cfg: PolicyConfig, state: PolicyState, now: float) -> tuple[PolicyS
     return state, actions
 
 
+def _over_limit(
+    state: PolicyState,
+    what: str,
+    count: int,
+    limit_name: str,
+    limit: int,
+    ev: Measured,
+    *,
+    in_a_row: bool = False,
+) -> tuple[PolicyState, list[Action]] | None:
+    """Abort (Degraded, finished) once ``count`` is more than ``limit`` (argo's limits are
+    "more than": ``analysis/analysis.go`` ``assessMetricStatus``); else None."""
+    if count <= limit:
+        return None
+    counted = f"{count} in a row" if in_a_row else str(count)
+    reason = f"{what} at {state.weight}% ({counted} > {limit_name} {limit}): {ev.reason}"
+    return replace(state, phase="Degraded", finished=True), [Abort(reason)]
+
+
 def _measured(cfg: PolicyConfig, state: PolicyState, ev: Measured) -> tuple[PolicyState, list[Action]]:
     a = cfg.analysis
     state = replace(state, waiting_for="")
@@ -261,12 +280,8 @@ def _measured(cfg: PolicyConfig, state: PolicyState, ev: Measured) -> tuple[Poli
             background_failed=failed,
             next_background_at=ev.now + a.interval_s,
         )
-        if failed > a.failure_limit:
-            reason = (
-                f"background analysis failed at {state.weight}% ({failed} > failureLimit {a.failure_limit})"
-            )
-            return replace(state, phase="Degraded", finished=True), [Abort(f"{reason}: {ev.reason}")]
-        return _advance(cfg, state, ev.now)
+        over = _over_limit(state, "background analysis failed", failed, "failureLimit", a.failure_limit, ev)
+        return over or _advance(cfg, state, ev.now)
     state = replace(
         state,
         # An error is no measurement: it does not count towards `count` (analysis/analysis.go
@@ -276,15 +291,19 @@ def _measured(cfg: PolicyConfig, state: PolicyState, ev: Measured) -> tuple[Poli
         inconclusive=state.inconclusive + (ev.outcome == "inconclusive"),
         consecutive_errors=state.consecutive_errors + 1 if ev.outcome == "error" else 0,
     )
-    if state.failed > a.failure_limit:
-        reason = f"analysis failed at {state.weight}% ({state.failed} > failureLimit {a.failure_limit})"
-        return replace(state, phase="Degraded", finished=True), [Abort(f"{reason}: {ev.reason}")]
-    if state.consecutive_errors > a.consecutive_error_limit:
-        reason = (
-            f"analysis errored at {state.weight}% ({state.consecutive_errors} in a row > "
-            f"consecutiveErrorLimit {a.consecutive_error_limit})"
+    over = _over_limit(state, "analysis failed", state.failed, "failureLimit", a.failure_limit, ev) or (
+        _over_limit(
+            state,
+            "analysis errored",
+            state.consecutive_errors,
+            "consecutiveErrorLimit",
+            a.consecutive_error_limit,
+            ev,
+            in_a_row=True,
         )
-        return replace(state, phase="Degraded", finished=True), [Abort(f"{reason}: {ev.reason}")]
+    )
+    if over:
+        return over
     if state.inconclusive > a.inconclusive_limit:
         why = (
             f"inconclusive analysis at {state.weight}% ({state.inconclusive} > inconclusiveLimit "
