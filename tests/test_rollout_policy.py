@@ -300,3 +300,56 @@ def test_local_window_override_is_capped_at_the_time_since_the_weight_change() -
     state, acts = decide(c, state, Measured(105, "pass", background=True))
     state, acts = decide(c, state, Tick(200))
     assert acts == [Measure(120.0, 2, background=True)]  # up to the configured window
+
+
+# ---------------------------------------------------------------- the gate's settings from the chart
+
+
+def test_the_local_gate_takes_analysis_ks_from_the_chart_values() -> None:
+    """One declaration: the chart passes analysis.ks as `ggufship gate --metrics/--rates/
+    --min-rate-increase` (templates/_helpers.tpl gateArgs); the local plan carries the same."""
+    import yaml
+
+    ks = yaml.safe_load((CHART / "values.yaml").read_text())["analysis"]["ks"]
+    options = dict(load_plan(CHART / "values.yaml").gate_options)
+    assert options == {
+        "metrics": tuple(ks["metrics"]),
+        "rates": tuple(ks["rates"]),
+        "min_rate_increase": float(ks["minRateIncrease"]),
+    }
+    assert "surprisal" in options["metrics"] and "refusal" in options["rates"]
+
+
+def test_changing_analysis_ks_changes_the_local_plan(tmp_path: Path) -> None:
+    from ggufship.rollout import RolloutSettings
+
+    overlay = tmp_path / "quality-values.yaml"
+    overlay.write_text(
+        "analysis: {ks: {metrics: [surprisal, latency], rates: [bad_answer], minRateIncrease: 0.1}}\n"
+    )
+    plan = load_plan(CHART / "values.yaml", overlay)
+    assert dict(plan.gate_options) == {
+        "metrics": ("surprisal", "latency"),
+        "rates": ("bad_answer",),
+        "min_rate_increase": 0.1,
+    }
+    assert dict(override_plan(plan, count=1).gate_options) == dict(plan.gate_options)  # overrides keep it
+    settings = RolloutSettings(plan_files=(CHART / "values.yaml", overlay))
+    assert settings.canary_plan().gate_options == plan.gate_options
+    assert dict(load_plan(CHART / "values.yaml").gate_options)["rates"] != ("bad_answer",)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ("analysis: {ks: [latency]}\n", "analysis.ks must be a mapping"),
+        ("analysis: {ks: {metrics: latency}}\n", "analysis.ks.metrics: 'latency' must be a list of names"),
+        ("analysis: {ks: {minRateIncrease: 2}}\n", "analysis.ks.minRateIncrease: 2 must be a number in 0..1"),
+    ],
+)
+def test_bad_analysis_ks_names_the_file_and_field(tmp_path: Path, values: str, message: str) -> None:
+    overlay = tmp_path / "bad-values.yaml"
+    overlay.write_text(values)
+    with pytest.raises(RolloutPlanError) as err:
+        load_plan(CHART / "values.yaml", overlay)
+    assert message in str(err.value) and "bad-values.yaml" in str(err.value)

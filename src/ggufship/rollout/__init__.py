@@ -318,7 +318,8 @@ def run_rollout(request: RolloutRequest, analyzer: Analyzer | None = None) -> Ro
         canary_plan.analysis.failure_limit,
         canary_plan.analysis.inconclusive_limit,
     )
-    gate_options = dict(s.gate)
+    # The chart values' analysis.ks (metrics, rates, minRateIncrease), then the explicit settings.
+    gate_options = {**dict(canary_plan.gate_options), **s.gate}
     if canary_plan.analysis.min_samples is not None:
         gate_options.setdefault("min_samples", canary_plan.analysis.min_samples)
     plan = Plan(

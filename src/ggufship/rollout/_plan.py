@@ -6,7 +6,14 @@ run the same plan, taken from the same keys of ``values.yaml``::
     rollout.canary.steps: [{weight: 5, pause: manual}, {weight: 50}]   # then 100
     analysis: {window: 5m, initialDelay: 5m, interval: 1m, count: 3,
                failureLimit: 1, inconclusiveLimit: 1, consecutiveErrorLimit: 4, minSamples: 50,
-               background: true}
+               background: true,
+               ks: {metrics: [latency, ..., surprisal], rates: [refusal, bad_answer],
+                    minRateIncrease: 0.02}}
+
+``analysis.ks`` is what the KS gate compares (the chart passes it as ``ggufship gate
+--metrics/--rates/--min-rate-increase``); the local rollout hands the same values to its gate
+(:attr:`CanaryPlan.gate_options`), so a quality metric switched on or off in the values file
+changes both executors.
 
 Each step is setWeight → analysis → pause (``manual``: wait for promotion; a duration
 such as ``10m``: wait that long; ``none``/absent: go on); after the last step the canary
@@ -75,6 +82,9 @@ class CanaryPlan:
     analysis: AnalysisPlan
     background: bool
     source: str
+    #: The KS gate's settings from ``analysis.ks`` as ``GatePolicy`` fields (``metrics``,
+    #: ``rates``, ``min_rate_increase``); keys the values file leaves out are absent.
+    gate_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def weights(self) -> tuple[int, ...]:
@@ -249,8 +259,36 @@ def load_plan(*paths: Path) -> CanaryPlan:
         ),
         background=bool(analysis.get("background", True)),
         source=src,
+        gate_options=_ks_options(analysis.get("ks"), src),
     )
     return check_plan(plan)
+
+
+#: ``analysis.ks`` keys the local gate takes, and the ``GatePolicy`` field each one sets.
+_KS_KEYS = {"metrics": "metrics", "rates": "rates", "minRateIncrease": "min_rate_increase"}
+
+
+def _ks_options(ks: Any, src: str) -> tuple[tuple[str, Any], ...]:
+    """The gate settings of ``analysis.ks`` (shape-checked here; the gate checks the names)."""
+    if ks is None:
+        return ()
+    if not isinstance(ks, dict):
+        raise RolloutPlanError(f"{src}: analysis.ks must be a mapping")
+    out: list[tuple[str, Any]] = []
+    for key, field_name in _KS_KEYS.items():
+        if key not in ks:
+            continue
+        value = ks[key]
+        where = f"{src}: analysis.ks.{key}"
+        if key == "minRateIncrease":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise RolloutPlanError(f"{where}: {value!r} must be a number in 0..1")
+            out.append((field_name, float(value)))
+        else:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise RolloutPlanError(f"{where}: {value!r} must be a list of names")
+            out.append((field_name, tuple(value)))
+    return tuple(out)
 
 
 def override_plan(
@@ -303,6 +341,7 @@ def override_plan(
             analysis=a,
             background=plan.background if background is None else background,
             source=source,
+            gate_options=plan.gate_options,
         ),
         delay_covers_window=window_s is None,
     )
