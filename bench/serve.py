@@ -728,6 +728,54 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
 BACKENDS = ("in-process", *GGUFSHIP_VARIANTS, "llama_cpp.server", "llama-server")
 
 
+def write_outputs(
+    args: argparse.Namespace,
+    meta: dict[str, Any],
+    results: dict[str, BackendResult],
+    runs: list[LoadRun],
+    single_names: list[str],
+    levels: list[int],
+    *,
+    final: bool,
+) -> None:
+    """The tables (printed when ``final``) and the ``--markdown`` / ``--json`` files; also written after
+    every load run, so that an interrupted benchmark keeps the latencies measured so far."""
+    summary = summarize(results)
+    load = load_summary(runs)
+    tables = "\n\n".join(
+        [
+            "Single stream:\n\n"
+            + markdown({k: v for k, v in summary.items() if k in single_names or "error" in v}),
+            "Load (streaming clients, aggregate completion tokens/s):\n\n" + load_markdown(load, levels),
+            "Targets (issue 17):\n\n" + targets_markdown(load, summary),
+            f"Load average at start {meta['loadavg_start']}, at end {meta.get('loadavg_end', 'n/a')}; "
+            f"completions identical across backends: "
+            + str(
+                len({json.dumps(s.get("texts"), sort_keys=True) for s in summary.values() if "texts" in s})
+                == 1
+            )
+            + ("" if final else " (partial: the benchmark is still running)"),
+        ]
+    )
+    if final:
+        print(tables)
+    if args.markdown:
+        args.markdown.write_text(tables + "\n")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "meta": meta,
+                    "summary": summary,
+                    "load": {k: {str(c): v for c, v in d.items()} for k, d in load.items()},
+                    "load_runs": [asdict(r) for r in runs],
+                    "samples": [asdict(s) for r in results.values() for s in r.samples],
+                },
+                indent=1,
+            )
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="a .gguf (default: Gemma 3 270M Q4_K_M from PyPI)")
@@ -843,47 +891,18 @@ def main() -> None:
                     runs.append(run)
                     print(
                         f"round {rnd + 1} {c:>2} clients {b.name:<22} {run.tokens / run.wall_s:7.1f} tok/s "
+                        f"TTFT p50/p99 {pct(run.ttft_s, 50) * 1e3:.0f}/{pct(run.ttft_s, 99) * 1e3:.0f} ms "
                         f"({run.requests} requests, {run.short} short, {run.wall_s:.0f}s, "
                         f"load {run.loadavg[0]:.1f})",
                         flush=True,
                     )
+                    write_outputs(args, meta, results, runs, single_names, levels, final=False)
     finally:
         for b in backends:
             with contextlib.suppress(Exception):
                 b.close()
     meta["loadavg_end"] = os.getloadavg()
-    summary = summarize(results)
-    load = load_summary(runs)
-    tables = "\n\n".join(
-        [
-            "Single stream:\n\n"
-            + markdown({k: v for k, v in summary.items() if k in single_names or "error" in v}),
-            "Load (streaming clients, aggregate completion tokens/s):\n\n" + load_markdown(load, levels),
-            "Targets (issue 17):\n\n" + targets_markdown(load, summary),
-            f"Load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']}; "
-            f"completions identical across backends: "
-            + str(
-                len({json.dumps(s.get("texts"), sort_keys=True) for s in summary.values() if "texts" in s})
-                == 1
-            ),
-        ]
-    )
-    print(tables)
-    if args.markdown:
-        args.markdown.write_text(tables + "\n")
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "meta": meta,
-                    "summary": summary,
-                    "load": {k: {str(c): v for c, v in d.items()} for k, d in load.items()},
-                    "load_runs": [asdict(r) for r in runs],
-                    "samples": [asdict(s) for r in results.values() for s in r.samples],
-                },
-                indent=1,
-            )
-        )
+    write_outputs(args, meta, results, runs, single_names, levels, final=True)
     print(f"server logs: {work}")
 
 

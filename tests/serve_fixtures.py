@@ -62,14 +62,20 @@ def running_server(
         sock.close()
 
 
-def sse_events(text: str) -> list[tuple[str | None, str]]:
-    """(event, data) pairs of an SSE body; asserts the framing (blank line after each event)."""
+def sse_events(text: str, comments: list[str] | None = None) -> list[tuple[str | None, str]]:
+    """(event, data) pairs of an SSE body; asserts the framing (blank line after each event). Comment
+    lines (``: ...``, the OpenAI streams' pings) are left out, or collected into ``comments``."""
     assert text.endswith("\n\n"), text[-50:]
     out = []
     for block in text.split("\n\n")[:-1]:
         event = None
         data = []
-        for line in block.split("\n"):
+        lines = [line for line in block.split("\n") if not line.startswith(":")]
+        if comments is not None:
+            comments.extend(line for line in block.split("\n") if line.startswith(":"))
+        if not lines:
+            continue
+        for line in lines:
             field, _, value = line.partition(": ")
             assert field in ("event", "data"), line
             if field == "event":

@@ -264,22 +264,13 @@ def test_dify_completion_messages(server: RunningServer) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "inputs.query"
 
 
-def test_pings_on_a_slow_stream() -> None:
-    import asyncio
+def test_ping_events() -> None:
+    """The keep-alives sse-starlette sends between events: Dify's ``event: ping`` (as Dify's own API
+    sends it), an SSE comment on OpenAI streams (skipped by every SSE parser, the openai client's too)."""
+    from ggufship.serve._sse import comment_ping, dify_ping
 
-    from ggufship.serve._sse import PING, with_pings
-
-    async def slow():
-        yield "a"
-        await asyncio.sleep(0.3)
-        yield "b"
-
-    async def collect() -> list[str]:
-        return [x async for x in with_pings(slow(), 0.05)]
-
-    out = asyncio.run(collect())
-    assert out[0] == "a" and out[-1] == "b" and PING in out
-    assert PING == "event: ping\ndata: {}\n\n"
+    assert dify_ping().encode() == b"event: ping\ndata: {}\n\n"
+    assert comment_ping().encode() == b": ping\n\n"
 
 
 # --- concurrency, metrics -----------------------------------------------------------------------------------

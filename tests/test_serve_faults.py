@@ -6,6 +6,7 @@ pings end to end, a disconnect still stops the generation at once), and the sett
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ DELAY = 0.3  # seconds per token; no ITL bucket bound lies in [0.2868, 0.3)
 def _settings(model: Path, **kw: object):
     from ggufship.serve import ServeSettings
 
-    return ServeSettings(model=str(model), n_threads=1, parallel=1, **kw)
+    return ServeSettings(**{"model": str(model), "n_threads": 1, "parallel": 1, **kw})
 
 
 def _samples(url: str, endpoint: str) -> dict[tuple[str, str | None, str | None], float]:
@@ -227,6 +228,22 @@ def test_dify_pings_between_messages_of_a_slow_stream(slow: RunningServer) -> No
     assert done["metadata"]["usage"]["completion_tokens"] >= 1, done
 
 
+def test_openai_stream_pings_are_comments_the_client_skips(slow: RunningServer) -> None:
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 3, "stream": True, "temperature": 0}
+    r = httpx.post(f"{slow.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200
+    comments: list[str] = []
+    events = sse_events(r.text, comments)
+    assert ": ping" in comments and events[-1] == (None, "[DONE]")
+    assert all(ev is None for ev, _ in events)  # no `event:` line: only data and comments
+    client = openai.OpenAI(base_url=f"{slow.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    chunks = list(client.chat.completions.create(**body))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "".join(
+        c["delta"].get("content") or "" for _, d in events[:-1] for c in json.loads(d)["choices"]
+    )
+
+
 def test_token_delay_shows_in_itl_and_ttft(slow: RunningServer) -> None:
     from ggufship import metrics as m
 
@@ -264,6 +281,43 @@ def test_disconnect_stops_a_delayed_generation_at_once(tiny_export: Path) -> Non
         deadline = time.monotonic() + 20  # far below the 60 s a blocked worker would take
         while engine.cancelled < 1 or len(engine._free) != engine.parallel:  # stopped, instance back
             assert time.monotonic() < deadline, "the delayed generation did not stop"
+            time.sleep(0.02)
+
+
+def _streamed_text(url: str, body: dict) -> tuple[str, list[str]]:
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    chunks = [json.loads(d) for _, d in sse_events(r.text) if d != "[DONE]"]
+    text = "".join(c["delta"].get("content") or "" for e in chunks for c in e["choices"])
+    return text, [c["finish_reason"] for e in chunks for c in e["choices"] if c["finish_reason"]]
+
+
+def test_a_disconnect_mid_batch_stops_only_its_own_stream(tiny_export: Path) -> None:
+    """Two streams share the batch (slowed down so that they overlap); one client goes away after its
+    first chunk: its generation is cancelled, the other stream ends as it does alone (greedy)."""
+    settings = _settings(
+        tiny_export, parallel=2, fault_token_delay_seconds=0.2, fault_token_delay_fraction=1.0
+    )
+    with running_server(settings) as srv:
+        engine = srv.state.engine
+        body = {"model": "tiny", "messages": CHAT, "max_tokens": 4, "stream": True, "temperature": 0}
+        alone = _streamed_text(srv.url, body)
+        outcome: dict[str, tuple[str, list[str]]] = {}
+        other = threading.Thread(target=lambda: outcome.update(other=_streamed_text(srv.url, body)))
+        before = engine.cancelled
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json={**body, "max_tokens": 40}) as r:
+            assert r.status_code == 200
+            other.start()
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # the role chunk
+            for line in lines:  # the first token's chunk (0.2 s away), then the client goes away
+                if line.startswith("data: "):
+                    break
+        other.join(timeout=60)
+        assert outcome["other"] == alone
+        deadline = time.monotonic() + 5  # far below the 8 s the 40 tokens would take
+        while engine.cancelled < before + 1:
+            assert time.monotonic() < deadline, "the abandoned generation did not stop"
             time.sleep(0.02)
 
 

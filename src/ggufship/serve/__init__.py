@@ -33,6 +33,8 @@ def run(settings: ServeSettings, *, sock: socket.socket | None = None) -> None:
     model cannot be fetched, verified or loaded (the server then never answers /readyz 200)."""
     import uvicorn
 
+    from ggufship.serve._sse import keep_streams_on_shutdown
+
     if settings.log_format == "json":
         _json_logs()
     # worker threads parse bodies and render prompts in Python; the event loop's thread, waking for
@@ -47,6 +49,7 @@ def run(settings: ServeSettings, *, sock: socket.socket | None = None) -> None:
             server.should_exit = True
 
     app = create_app(settings, on_fatal=on_fatal)
+    keep_streams_on_shutdown()
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -124,9 +124,11 @@ async def _answer(
         )
     events = _stream(request, state, job, slot, conv, query, task_id, message_id, started)
     return SlotStreamingResponse(
-        _sse.with_pings(events, state.settings.ping_interval_seconds),
+        events,
         slots=[slot],
         headers={"cache-control": "no-cache"},
+        ping_seconds=state.settings.ping_interval_seconds,
+        ping="dify",
     )
 
 

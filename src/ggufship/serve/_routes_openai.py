@@ -247,6 +247,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
             _chat_stream(request, state, prepared, rid, created, include_usage, started),
             slots=[slot for _, slot in prepared],
             headers={**_headers(job), "cache-control": "no-cache"},
+            ping_seconds=state.settings.ping_interval_seconds,
         )
     dones = await inference.complete_many(
         prepared,
@@ -371,6 +372,7 @@ async def completions(body: CompletionRequest, request: Request, state: Authoriz
             _completion_stream(request, state, prepared, rid, created, include_usage, started),
             slots=[slot for _, slot in prepared],
             headers={**_headers(job), "cache-control": "no-cache"},
+            ping_seconds=state.settings.ping_interval_seconds,
         )
     dones = await inference.complete_many(
         prepared,
