@@ -18,6 +18,7 @@ import pytest
 
 from ggufship.cli.main import build_parser, main
 from ggufship.cli.paths import absolute_paths, local_or_uri, pipeline_params
+from ggufship.cli.settings_flags import resolve
 
 
 def test_export_sign_verify_audit_with_relative_paths(
@@ -89,10 +90,17 @@ SWEEP: list[list[str]] = [
 ]
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """What ``ggufship.cli.main`` does: parse, build the command's settings model, absolute paths."""
+    return absolute_paths(resolve(build_parser().parse_args(argv)))
+
+
 def _paths(args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {}
     for name, value in vars(args).items():
-        if isinstance(value, Path) or (isinstance(value, list) and value and isinstance(value[0], Path)):
+        if isinstance(value, Path) or (
+            isinstance(value, list | tuple) and value and isinstance(value[0], Path)
+        ):
             out[name] = value
     return out
 
@@ -102,12 +110,10 @@ def test_every_path_argument_is_made_absolute(
     argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    parsed = build_parser().parse_args(argv)
-    before = _paths(parsed)
-    assert before, f"{argv[0]}: no path argument parsed"  # the sweep tests something
-    args = absolute_paths(parsed)
+    args = _parse(argv)
+    assert _paths(args), f"{argv[0]}: no path argument parsed"  # the sweep tests something
     for name, value in _paths(args).items():
-        for v in value if isinstance(value, list) else [value]:
+        for v in value if isinstance(value, list | tuple) else [value]:
             assert isinstance(v, Path) and v.is_absolute(), (name, v)
             assert v.parent == tmp_path or tmp_path in v.parents, (name, v)
     if argv[0] == "serve":
@@ -121,13 +127,13 @@ def test_uris_and_control_words_are_left_alone(tmp_path: Path, monkeypatch: pyte
     for uri in ("s3://bucket/models/n/1/", "oci://127.0.0.1:5000/m:1", "git@host:org/repo.git", ""):
         assert local_or_uri(uri) == uri
     assert local_or_uri("repo.git") == str(tmp_path / "repo.git")
-    args = absolute_paths(build_parser().parse_args(["serve", "oci://127.0.0.1:5000/m:1"]))
+    args = _parse(["serve", "oci://127.0.0.1:5000/m:1"])
     assert args.model == "oci://127.0.0.1:5000/m:1"
-    args = absolute_paths(build_parser().parse_args(["rollout", "status"]))
+    args = _parse(["rollout", "status"])
     assert args.stable == "status" and args.canary is None
-    args = absolute_paths(build_parser().parse_args(["publish", "out", "--gitops", "deploy.git"]))
+    args = _parse(["publish", "out", "--gitops", "deploy.git"])
     assert args.gitops == str(tmp_path / "deploy.git")
-    args = absolute_paths(build_parser().parse_args(["publish", "out", "--gitops", "http://h/r.git"]))
+    args = _parse(["publish", "out", "--gitops", "http://h/r.git"])
     assert args.gitops == "http://h/r.git"
     params = pipeline_params({"checkpoint": "ck", "name": "tiny", "stable_model": "s3://b/m/", "adapter": ""})
     assert params == {

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, get_args, get_origin
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
@@ -27,16 +29,45 @@ _KEY = "ggufship_option"
 
 
 def option(
-    name: str | None = None, *, metavar: str | None = None, repeat: bool = False, query: bool = True
+    name: str | None = None,
+    *,
+    metavar: str | None = None,
+    repeat: bool = False,
+    query: bool = True,
+    short: str | None = None,
+    positional: bool = False,
+    action: str | None = None,
+    flag: bool = True,
+    exclusive: str | None = None,
+    one_required: bool = False,
+    uri: bool = False,
 ) -> dict[str, Any]:
     """``json_schema_extra`` for a field: its option ``name`` (snake case; default the field's name),
     ``metavar``, ``repeat`` (a list given by repeating the option, for values that may hold commas),
-    ``query`` (False: not settable by an HTTP query parameter, e.g. where the server connects)."""
+    ``query`` (False: not settable by an HTTP query parameter, e.g. where the server connects).
+
+    Command-line spelling: ``short`` (an alias such as ``-o``), ``positional`` (an argument, not a
+    flag; optional when the field has a default), ``action`` (``store_true`` for a bool flag without
+    ``--no-…``, ``count`` for ``-vv``), ``flag`` (False: no flag, e.g. a secret read only from the
+    environment), ``exclusive`` (the mutually exclusive set it belongs to; ``one_required``: one of
+    the set must be given) and ``uri`` (a path *or* a URI: a local path is made absolute)."""
     spec: dict[str, Any] = {"repeat": repeat, "query": query}
     if name is not None:
         spec["name"] = name
     if metavar is not None:
         spec["metavar"] = metavar
+    for key, value in (
+        ("short", short),
+        ("positional", positional),
+        ("action", action),
+        ("exclusive", exclusive),
+        ("one_required", one_required),
+        ("uri", uri),
+    ):
+        if value:
+            spec[key] = value
+    if not flag:
+        spec["flag"] = False
     return {_KEY: spec}
 
 
@@ -51,10 +82,30 @@ class Option:
     metavar: str | None = None
     repeat: bool = False
     query: bool = True
+    short: str | None = None
+    positional: bool = False
+    action: str | None = None
+    has_flag: bool = True
+    exclusive: str | None = None
+    one_required: bool = False
+    uri: bool = False
 
     @property
     def flag(self) -> str:
+        """How the command line spells it: ``--max-p99``, or the argument's name (``CHECKPOINT``)."""
+        if self.positional:
+            return self.metavar or self.name.upper()
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def choices(self) -> tuple[Any, ...] | None:
+        """The values a ``Literal`` or ``Enum`` type (or a list of one) allows; None for other types."""
+        return _choices(self.field.annotation)
+
+    @property
+    def is_path(self) -> bool:
+        """A path (or a list of paths): the command line makes it absolute."""
+        return _item(self.field.annotation) is Path
 
     @property
     def is_list(self) -> bool:
@@ -118,6 +169,24 @@ def _origin(annotation: Any) -> Any:
     return origin
 
 
+def _item(annotation: Any) -> Any:
+    """The type of ``annotation`` without ``| None`` and, for a list, the item type."""
+    origin = get_origin(annotation)
+    if origin is None or origin is Literal:
+        return annotation
+    args = [a for a in get_args(annotation) if a is not type(None) and a is not Ellipsis]
+    return _item(args[0]) if len(args) == 1 else annotation
+
+
+def _choices(annotation: Any) -> tuple[Any, ...] | None:
+    item = _item(annotation)
+    if get_origin(item) is Literal:
+        return get_args(item)
+    if isinstance(item, type) and issubclass(item, Enum):
+        return tuple(member.value for member in item)
+    return None
+
+
 def _nested_model(field: FieldInfo) -> type[BaseModel] | None:
     ann = field.annotation
     return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
@@ -148,6 +217,13 @@ def options_of(model: type[BaseModel], *, exclude: Iterable[str] = ()) -> tuple[
                     metavar=spec.get("metavar"),
                     repeat=bool(spec.get("repeat", False)),
                     query=bool(spec.get("query", True)),
+                    short=spec.get("short"),
+                    positional=bool(spec.get("positional", False)),
+                    action=spec.get("action"),
+                    has_flag=bool(spec.get("flag", True)),
+                    exclusive=spec.get("exclusive"),
+                    one_required=bool(spec.get("one_required", False)),
+                    uri=bool(spec.get("uri", False)),
                 )
             )
 

@@ -1,13 +1,15 @@
-"""``ggufship export`` (``ggufship verify`` lives in :mod:`ggufship.cli.sign`)."""
+"""``ggufship export`` (``ggufship verify`` lives in :mod:`ggufship.cli.sign`); its arguments are
+generated from :class:`ggufship.export._options.ExportOptions`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-from ggufship.export import DEFAULT_QUANTS, ExportRequest, export_checkpoint
+from ggufship.cli.settings_flags import add_model_flags
+from ggufship.export import ExportRequest, export_checkpoint
+from ggufship.export._options import ExportOptions
 from ggufship.progress import Reporter
 
 logger = logging.getLogger(__name__)
@@ -19,27 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="HF checkpoint (+ LoRA adapter) → GGUF files, .sha256, manifest.json, model card",
         description="Export a Hugging Face checkpoint to GGUF with llama.cpp's converter and quantizer.",
     )
-    p.add_argument(
-        "checkpoint", type=Path, nargs="?", help="checkpoint directory (config.json, weights, tokenizer)"
-    )
-    p.add_argument("-o", "--out", type=Path, help="output directory (must not exist or be empty)")
-    p.add_argument("--name", help="model name: lowercase letters, digits, . _ -")
-    p.add_argument("--version", dest="model_version", help="release version, e.g. 1.2.0")
-    p.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory to merge first")
-    p.add_argument(
-        "--quant",
-        action="append",
-        metavar="TYPE",
-        help=f"llama.cpp type (repeatable); default: {' '.join(DEFAULT_QUANTS)}",
-    )
-    p.add_argument("--release", type=Path, help="release spec YAML (hyperparameters, datasets, eval metrics)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    p.add_argument(
-        "--no-tokenizer-check", action="store_true", help="skip the HF vs GGUF tokenization probes"
-    )
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
-    p.add_argument("--list-architectures", action="store_true", help="list what the converter supports, exit")
-    p.add_argument("--list-quants", action="store_true", help="list the quantization types, exit")
+    add_model_flags(p, ExportOptions, into="options")
     p.set_defaults(func=run_export)
 
 
@@ -67,14 +49,14 @@ def run_export(args: argparse.Namespace) -> int:
             name=args.name,
             version=args.model_version,
             adapter=args.adapter,
-            quants=tuple(args.quant) if args.quant else DEFAULT_QUANTS,
+            quants=args.quant,
             release=args.release,
             force=args.force,
             check_tokenizer=not args.no_tokenizer_check,
         ),
         Reporter(enabled=None if not args.quiet else False),
     )
-    if args.json:
+    if args.json_output:
         sys.stdout.write(result.manifest.to_json())
     else:
         for f in result.manifest.files:

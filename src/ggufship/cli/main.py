@@ -22,6 +22,7 @@ from ggufship.cli import serve as serve_cmd
 from ggufship.cli import services as services_cmd
 from ggufship.cli import sign as sign_cmd
 from ggufship.cli.paths import absolute_paths
+from ggufship.cli.settings_flags import resolve
 from ggufship.errors import GgufshipError
 
 logger = logging.getLogger("ggufship")
@@ -76,7 +77,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = absolute_paths(parser.parse_args(argv))
+    args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     # `kill -USR1 PID` prints every thread's stack to stderr: for a command that seems stuck.
     # (Skipped when stderr has no file descriptor, e.g. main() called under a capturing harness.)
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(AttributeError, ValueError, OSError):
             faulthandler.register(signal.SIGUSR1, file=sys.stderr.fileno(), all_threads=True)
     try:
+        # The command's settings model, built from its flags (bad values name the flag), then
+        # every path argument made absolute.
+        args = absolute_paths(resolve(args))
         # In the portable image the ggml CPU backends are loadable modules: register them before
         # any command loads a model (a no-op unless GGUFSHIP_GGML_BACKEND_DIR is set).
         from ggufship.runtime import load_ggml_backends

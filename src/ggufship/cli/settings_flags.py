@@ -1,19 +1,69 @@
-"""argparse flags generated from a settings model (see :mod:`ggufship.options`): the flag name,
-metavar, help (the field's description, its default and bounds) all come from the model, so a
-command declares none of them again. Flags default to "not given" (the model's default, or its
-environment variable, then applies); :func:`given` returns what was given, as model input."""
+"""argparse arguments generated from a settings model (see :mod:`ggufship.options`): the flag
+name, short alias, metavar, choices, help (the field's description, its default, bounds and
+environment variable) all come from the model, so a command declares none of them again.
+
+Flags default to "not given" (the model's default, or its environment variable, then applies);
+:func:`given` returns what was given, as model input. A command that passes ``into=`` gets its
+model built right after parsing by :func:`resolve` (called by ``ggufship.cli.main``): the
+validated model is ``args.<into>`` and each top-level field is also ``args.<field>``; a bad value
+raises the command's error naming the flag (``--port: Input should be ≤ 65535``).
+
+Every argparse action made here carries :data:`MARK` (its :class:`~ggufship.options.Option`), so
+a test can tell generated arguments from hand-written ones.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from ggufship.options import Option, model_input, options_of
+from ggufship.options import Option, model_input, options_of, validated
 
 _DEST = "opt__"
+_SPEC = "model_spec__"
+#: The attribute every generated argparse action carries: its Option.
+MARK = "ggufship_option"
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What :func:`resolve` builds after parsing: ``model`` from ``options`` into ``args.<into>``."""
+
+    model: type[BaseModel]
+    options: tuple[Option, ...]
+    into: str
+    error: Callable[[str], Exception]
+    spread: bool
+
+
+def env_name(model: type[BaseModel], opt: Option) -> str | None:
+    """The environment variable a settings model reads for a top-level option (None otherwise)."""
+    if len(opt.path) != 1 or not hasattr(model, "settings_customise_sources"):
+        return None
+    prefix = model.model_config.get("env_prefix") or ""  # type: ignore[attr-defined]
+    field = model.model_fields[opt.path[0]]
+    if field.validation_alias is not None or field.alias is not None:
+        return None
+    return (prefix + opt.path[0]).upper()
+
+
+def _help(model: type[BaseModel], opt: Option) -> str:
+    """The description, then the default (unless unset, or off for a switch), bounds, env var."""
+    extra = []
+    default = opt.default_text()
+    if default is not None and opt.default is not None and opt.action is None:
+        extra.append(f"default: {default}")
+    if (bounds := opt.bounds_text()) is not None:
+        extra.append(bounds)
+    if (env := env_name(model, opt)) is not None:
+        extra.append(f"env {env}")
+    text = f"{opt.description} ({'; '.join(extra)})" if extra else opt.description
+    return text.replace("%", "%%")
 
 
 def add_model_flags(
@@ -22,28 +72,81 @@ def add_model_flags(
     *,
     exclude: Sequence[str] = (),
     groups: dict[str, str] | None = None,
+    into: str | None = None,
+    error: Callable[[str], Exception] | None = None,
+    spread: bool = True,
 ) -> tuple[Option, ...]:
-    """Add one flag per option of ``model`` to ``parser``, in argument groups per nested model
-    (``groups`` titles them: group key → title). Returns the options (for :func:`given`)."""
-    options = options_of(model, exclude=exclude)
+    """Add one argument per option of ``model`` to ``parser``, in argument groups per nested model
+    (``groups`` titles them: group key → title; ``"options"``: the top level, default the parser
+    itself). With ``into``, :func:`resolve` builds the model after parsing (``error``: the exception
+    a bad value raises, default :class:`~ggufship.errors.UsageError`; ``spread``: also set each
+    top-level field on the namespace). Returns the options (for :func:`given`)."""
+    options = tuple(o for o in options_of(model, exclude=exclude) if o.has_flag)
     made: dict[str, Any] = {}
+    exclusive: dict[str, Any] = {}
     for opt in options:
         if opt.group not in made:
-            made[opt.group] = parser.add_argument_group((groups or {}).get(opt.group, opt.group))
-        group = made[opt.group]
-        kwargs: dict[str, Any] = {
-            "dest": _DEST + opt.name,
-            "default": None,
-            "help": opt.help().replace("%", "%%"),
-        }
-        if opt.is_bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            title = (groups or {}).get(opt.group)
+            made[opt.group] = (
+                parser
+                if title is None and opt.group == "options"
+                else parser.add_argument_group(title or opt.group)
+            )
+        target = made[opt.group]
+        if opt.exclusive is not None:
+            if opt.exclusive not in exclusive:
+                required = any(o.one_required for o in options if o.exclusive == opt.exclusive)
+                exclusive[opt.exclusive] = target.add_mutually_exclusive_group(required=required)
+            target = exclusive[opt.exclusive]
+        kwargs: dict[str, Any] = {"help": _help(model, opt)}
+        choices = opt.choices
+        if choices is not None:
+            kwargs["choices"] = choices
+        if opt.positional:
+            names = [_DEST + opt.name]
+            kwargs["metavar"] = opt.metavar or opt.name
+            if opt.is_list:
+                kwargs["nargs"] = "+" if _required(opt) else "*"
+            elif not _required(opt):
+                kwargs["nargs"] = "?"
+            kwargs["default"] = None
         else:
-            kwargs["metavar"] = opt.metavar or opt.name.upper()
-            if opt.is_list and opt.repeat:
-                kwargs["action"] = "append"
-        group.add_argument(opt.flag, **kwargs)
+            names = ([opt.short] if opt.short else []) + [opt.flag]
+            kwargs["dest"] = _DEST + opt.name
+            kwargs["default"] = None
+            if opt.action in ("store_true", "count"):
+                kwargs["action"] = opt.action
+            elif opt.is_bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                if opt.metavar or choices is None:
+                    kwargs["metavar"] = opt.metavar or _metavar(opt)
+                if opt.is_list and opt.repeat:
+                    kwargs["action"] = "append"
+            if _required(opt) and opt.exclusive is None and not hasattr(model, "settings_customise_sources"):
+                kwargs["required"] = True
+        action = target.add_argument(*names, **kwargs)
+        setattr(action, MARK, opt)
+    if into is not None:
+        if error is None:
+            from ggufship.errors import UsageError
+
+            error = UsageError
+        parser.set_defaults(**{_SPEC + into: _Spec(model, options, into, error, spread)})
     return options
+
+
+def _metavar(opt: Option) -> str:
+    from ggufship.options import _item
+
+    item = _item(opt.field.annotation)
+    return {Path: "PATH", int: "N", float: "NUM"}.get(item, opt.name.upper())
+
+
+def _required(opt: Option) -> bool:
+    from pydantic_core import PydanticUndefined
+
+    return opt.default is PydanticUndefined
 
 
 def given(args: argparse.Namespace, options: Sequence[Option]) -> dict[str, Any]:
@@ -51,12 +154,48 @@ def given(args: argparse.Namespace, options: Sequence[Option]) -> dict[str, Any]
     values: dict[str, list[Any]] = {}
     for opt in options:
         value = getattr(args, _DEST + opt.name, None)
-        if value is None:
+        if value is None or (opt.positional and opt.is_list and value == []):
             continue
         values[opt.name] = list(value) if isinstance(value, list) else [value]
     return model_input(options, values)
 
 
+def _absolute(opt: Option, value: Any) -> Any:
+    """A path option's text as an absolute path (a URI, for ``uri`` options, unchanged)."""
+    from ggufship.cli.paths import local_or_uri
+
+    if isinstance(value, list | tuple):
+        return type(value)(_absolute(opt, v) for v in value)
+    if not isinstance(value, str):
+        return value
+    if opt.uri:
+        return local_or_uri(value)
+    if opt.is_path and value:
+        return str(Path(value).expanduser().absolute())
+    return value
+
+
 def spell(opt: Option) -> str:
     """How errors name an option on the command line."""
     return opt.flag
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Build every model the parsed command declared (``add_model_flags(into=...)``), in place."""
+    for key in [k for k in vars(args) if k.startswith(_SPEC)]:
+        spec: _Spec = getattr(args, key)
+        delattr(args, key)
+        data = given(args, spec.options)
+        for opt in spec.options:
+            if opt.is_path or opt.uri:
+                node = data
+                for part in opt.path[:-1]:
+                    node = node.get(part, {})
+                if opt.path[-1] in node:
+                    node[opt.path[-1]] = _absolute(opt, node[opt.path[-1]])
+        value = validated(spec.model, data, spec.options, spell=spell, error=spec.error)
+        setattr(args, spec.into, value)
+        if spec.spread:
+            for name in type(value).model_fields:
+                setattr(args, name, getattr(value, name))
+    return args
