@@ -37,8 +37,14 @@ def _duration_input(value: object) -> object:
     return value
 
 
-#: Seconds, given as a number or a duration text (``300``, ``90s``, ``5m``, ``1h30m``).
-Duration = Annotated[float, BeforeValidator(_duration_input)]
+#: Seconds, given as a number or a duration text (``300``, ``90s``, ``5m``, ``1h30m``): a step ≤ 1 h,
+#: a window ≤ 7 days.
+StepSeconds = Annotated[float, Field(ge=1, le=3600), BeforeValidator(_duration_input)]
+WindowSeconds = Annotated[float, Field(ge=1, le=7 * 86400), BeforeValidator(_duration_input)]
+#: A share in [0, 1] (0.005 = 0.5 %).
+Fraction = Annotated[float, Field(ge=0, le=1)]
+#: A share in [0, 1], or None (unset).
+OptionalFraction = Annotated[float | None, Field(ge=0, le=1)]
 
 
 class GatePolicy(BaseModel):
@@ -46,38 +52,30 @@ class GatePolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_p99_s: float = Field(
+    max_p99_s: Annotated[float, Field(gt=0, le=3600)] = Field(
         default=1.2,
-        gt=0,
-        le=3600,
         description="canary p99 latency above this fails, seconds",
         json_schema_extra=option("max_p99", metavar="S"),
     )
-    max_error_ratio: float = Field(
+    max_error_ratio: Fraction = Field(
         default=0.005,
-        ge=0,
-        le=1,
         description="canary 5xx ratio above this fails (0.005 = 0.5%)",
         json_schema_extra=option(metavar="R"),
     )
     alpha: float = Field(
         default=0.01, gt=0, lt=0.5, description="false-rollback budget of a whole rollout (all analyses)"
     )
-    planned_analyses: int = Field(
+    planned_analyses: Annotated[int, Field(ge=1, le=10_000)] = Field(
         default=1,
-        ge=1,
-        le=10_000,
         description="analyses planned in the rollout; each gets alpha / this",
         json_schema_extra=option("analyses", metavar="N"),
     )
-    min_samples: int = Field(
+    min_samples: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
         default=50,
-        ge=1,
-        le=10_000_000,
         description="fewer requests than this on a track → inconclusive",
         json_schema_extra=option(metavar="N"),
     )
-    min_ks_d: float = Field(default=0.1, ge=0, le=1, description="effect-size floor: KS distance D")
+    min_ks_d: Fraction = Field(default=0.1, description="effect-size floor: KS distance D")
     min_median_shift: float = Field(
         default=0.05, ge=0, le=100, description="effect-size floor: relative shift of the median (0.05 = 5%)"
     )
@@ -97,17 +95,15 @@ class GatePolicy(BaseModel):
         "min_samples answers on a track → inconclusive",
         json_schema_extra=option(metavar="LIST"),
     )
-    min_rate_increase: float = Field(
+    min_rate_increase: Fraction = Field(
         default=0.02,
-        ge=0,
-        le=1,
         description="effect-size floor of a rate test: canary rate − stable rate (0.02 = 2 points)",
     )
-    max_refusal_rate: float | None = Field(
-        default=None, ge=0, le=1, description="canary refusal rate above this fails (unset: no threshold)"
+    max_refusal_rate: OptionalFraction = Field(
+        default=None, description="canary refusal rate above this fails (unset: no threshold)"
     )
-    max_bad_answer_rate: float | None = Field(
-        default=None, ge=0, le=1, description="canary bad-answer rate above this fails (unset: no threshold)"
+    max_bad_answer_rate: OptionalFraction = Field(
+        default=None, description="canary bad-answer rate above this fails (unset: no threshold)"
     )
     method: Method = Field(
         default="buckets",
@@ -121,10 +117,8 @@ class GatePolicy(BaseModel):
         description="quantile-series: the quantile",
         json_schema_extra=option("quantile"),
     )
-    series_step_s: Duration = Field(
+    series_step_s: StepSeconds = Field(
         default=10.0,
-        ge=1,
-        le=3600,
         description="quantile-series: the step, seconds or a duration (10s, 1m)",
         json_schema_extra=option("step", metavar="DUR"),
     )
@@ -167,10 +161,8 @@ class GateRequest(BaseSettings):
         description="Prometheus base URL",
         json_schema_extra=option("prometheus", metavar="URL", query=False),
     )
-    window_s: Duration = Field(
+    window_s: WindowSeconds = Field(
         default=300.0,
-        ge=1,
-        le=7 * 86400,
         description="analysis window, seconds or a duration (90s, 5m, 1h30m)",
         json_schema_extra=option("window", metavar="DUR"),
     )
@@ -195,10 +187,8 @@ class GateRequest(BaseSettings):
         description="evaluation time: ISO 8601 (UTC unless it says) or Unix seconds; none: now",
         json_schema_extra=option(metavar="TIME"),
     )
-    timeout_s: float = Field(
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = Field(
         default=10.0,
-        gt=0,
-        le=300,
         description="timeout of each Prometheus query, seconds",
         json_schema_extra=option("timeout", metavar="S"),
     )

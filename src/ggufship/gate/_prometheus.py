@@ -25,8 +25,10 @@ about 5-6 s after it appears: start scraping before traffic and before the first
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -176,23 +178,26 @@ def _counter_series(data: dict[str, Any], what: str = "bucket samples") -> list[
             bound = math.nan
         if math.isnan(bound):
             raise PrometheusAnswerError(f"{what}: le={le!r} is not a bucket bound")
-        raw_values = item.get("values")
-        if not isinstance(raw_values, list):
-            raise PrometheusAnswerError(f"{what} (le={le}): 'values' is not a list of samples")
-        values: list[float] = []
-        last_ts = -math.inf
-        for raw in raw_values:
-            ts, value = _sample(raw, f"{what} (le={le})")
-            if not math.isfinite(value) or value < 0:
-                raise PrometheusAnswerError(
-                    f"{what} (le={le}): counter value {raw[1]!r} is not a finite count ≥ 0"
-                )
-            if ts <= last_ts:
-                raise PrometheusAnswerError(f"{what} (le={le}): sample times are not increasing")
-            last_ts = ts
-            values.append(value)
-        out.append(CounterSeries(le=le, values=tuple(values)))
+        out.append(CounterSeries(le=le, values=_counter_values(item, f"{what} (le={le})")))
     return out
+
+
+def _counter_values(item: dict[str, Any], what: str) -> tuple[float, ...]:
+    """The raw samples of one counter series: finite counts ≥ 0 in time order."""
+    raw_values = item.get("values")
+    if not isinstance(raw_values, list):
+        raise PrometheusAnswerError(f"{what}: 'values' is not a list of samples")
+    values: list[float] = []
+    last_ts = -math.inf
+    for raw in raw_values:
+        ts, value = _sample(raw, what)
+        if not math.isfinite(value) or value < 0:
+            raise PrometheusAnswerError(f"{what}: counter value {raw[1]!r} is not a finite count ≥ 0")
+        if ts <= last_ts:
+            raise PrometheusAnswerError(f"{what}: sample times are not increasing")
+        last_ts = ts
+        values.append(value)
+    return tuple(values)
 
 
 def _counter_total(data: dict[str, Any], what: str) -> tuple[int, float | None]:
@@ -201,20 +206,7 @@ def _counter_total(data: dict[str, Any], what: str) -> tuple[int, float | None]:
     total: float | None = None
     result = _result(data, ("matrix",), what)
     for item in result:
-        raw_values = item.get("values")
-        if not isinstance(raw_values, list):
-            raise PrometheusAnswerError(f"{what}: 'values' is not a list of samples")
-        values: list[float] = []
-        last_ts = -math.inf
-        for raw in raw_values:
-            ts, value = _sample(raw, what)
-            if not math.isfinite(value) or value < 0:
-                raise PrometheusAnswerError(f"{what}: counter value {raw[1]!r} is not a finite count ≥ 0")
-            if ts <= last_ts:
-                raise PrometheusAnswerError(f"{what}: sample times are not increasing")
-            last_ts = ts
-            values.append(value)
-        total = (total or 0.0) + counter_increase(values)
+        total = (total or 0.0) + counter_increase(_counter_values(item, what))
     return len(result), total
 
 
@@ -240,6 +232,19 @@ def _series_values(data: dict[str, Any], what: str) -> tuple[float, ...]:
     if any(math.isinf(v) for v in values):
         raise PrometheusAnswerError(f"{what}: a value is infinite")
     return tuple(v for v in values if math.isfinite(v))
+
+
+@contextlib.contextmanager
+def _recorded(queries: list[QueryRecord], **query: Any) -> Iterator[dict[str, Any]]:
+    """Record one query in ``queries``: with what the block puts into the yielded dict (``series``,
+    ``value``) when it succeeds, with the error when Prometheus failed it (which then propagates)."""
+    outcome: dict[str, Any] = {}
+    try:
+        yield outcome
+    except PrometheusUnavailableError as exc:
+        queries.append(QueryRecord(**query, error=str(exc)))
+        raise
+    queries.append(QueryRecord(**query, **outcome))
 
 
 def measure(request: GateRequest, client: PrometheusClient | None = None) -> Measurement:
@@ -278,25 +283,16 @@ def _measure(
     def instant(purpose: str, promql: str, upper: float) -> float | None:
         """The query's value: None for no data (empty, NaN: Prometheus' 0/0); outside [0, upper]
         (±Inf, negative, a ratio above 1) the answer is unusable."""
-        try:
+        with _recorded(queries, purpose=purpose, query=promql, time=at) as record:
             data = client.query(promql, at)
             value = _scalar(data, purpose)
             if value is not None and math.isnan(value):
                 value = None
             if value is not None and not 0 <= value <= upper:
                 raise PrometheusAnswerError(f"{purpose}: value {value!r} is outside [0, {upper:g}]")
-        except PrometheusUnavailableError as exc:
-            queries.append(QueryRecord(purpose=purpose, query=promql, time=at, error=str(exc)))
-            raise
-        queries.append(
-            QueryRecord(
-                purpose=purpose,
-                query=promql,
-                time=at,
-                series=1 if data.get("resultType") == "scalar" else len(data.get("result") or []),
-                value=value,
+            record.update(
+                series=1 if data.get("resultType") == "scalar" else len(data.get("result") or []), value=value
             )
-        )
         return value
 
     histograms: dict[str, dict[str, Histogram | None]] = {}
@@ -307,22 +303,10 @@ def _measure(
         for track in _TRACKS:
             promql = bucket_samples_query(name, sels[track], request.window_s)
             purpose = f"{metric} buckets ({track})"
-            try:
-                data = client.query(promql, at)
-                raw = _counter_series(data, purpose)
+            with _recorded(queries, purpose=purpose, query=promql, time=at) as record:
+                raw = _counter_series(client.query(promql, at), purpose)
                 hist = _histogram(raw, purpose)
-            except PrometheusUnavailableError as exc:
-                queries.append(QueryRecord(purpose=purpose, query=promql, time=at, error=str(exc)))
-                raise
-            queries.append(
-                QueryRecord(
-                    purpose=purpose,
-                    query=promql,
-                    time=at,
-                    series=len(raw),
-                    value=float(hist.n) if hist else None,
-                )
-            )
+                record.update(series=len(raw), value=float(hist.n) if hist else None)
             histograms[metric][track] = hist
         if policy.method == "quantile-series":
             series[metric] = {}
@@ -331,43 +315,18 @@ def _measure(
             for track in _TRACKS:
                 promql = quantile_query(policy.series_quantile, name, sels[track], step)
                 purpose = f"{metric} p{policy.series_quantile * 100:g} series ({track})"
-                try:
+                range_query = {"kind": "range", "start": start, "end": at, "step_s": step}
+                with _recorded(queries, purpose=purpose, query=promql, **range_query) as record:
                     data = client.query_range(promql, start, at, step)
                     values = _series_values(data, purpose)
-                except PrometheusUnavailableError as exc:
-                    queries.append(
-                        QueryRecord(
-                            purpose=purpose,
-                            query=promql,
-                            kind="range",
-                            start=start,
-                            end=at,
-                            step_s=step,
-                            error=str(exc),
-                        )
-                    )
-                    raise
-                queries.append(
-                    QueryRecord(
-                        purpose=purpose,
-                        query=promql,
-                        kind="range",
-                        start=start,
-                        end=at,
-                        step_s=step,
-                        series=len(data.get("result") or []),
-                    )
-                )
+                    record.update(series=len(data.get("result") or []))
                 series[metric][track] = values
 
     def counted(purpose: str, counter: str, track: str) -> float | None:
         promql = counter_samples_query(counter, sels[track], request.window_s)
-        try:
+        with _recorded(queries, purpose=purpose, query=promql, time=at) as record:
             n_series, total = _counter_total(client.query(promql, at), purpose)
-        except PrometheusUnavailableError as exc:
-            queries.append(QueryRecord(purpose=purpose, query=promql, time=at, error=str(exc)))
-            raise
-        queries.append(QueryRecord(purpose=purpose, query=promql, time=at, series=n_series, value=total))
+            record.update(series=n_series, value=total)
         return total
 
     rates: dict[str, dict[str, RateCounts | None]] = {rate: {} for rate in policy.rates}

@@ -6,9 +6,11 @@ saved ``verdict.json`` (``ggufship gate report verdict.json``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +30,25 @@ class ReportFiles:
     plots: tuple[Path, ...]
 
 
-def _write(path: Path, data: str | bytes) -> None:
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; it replaces ``path`` when the block succeeds and is
+    removed when it fails, so a reader sees the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data, encoding="utf-8")
+        yield tmp
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    with _replacing(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
 
 
 def _ecdf(counts: list[int]) -> list[float]:
@@ -76,13 +86,8 @@ def _plot_distribution(dist: Distribution, path: Path) -> bool:
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-        try:
+        with _replacing(path) as tmp:
             fig.savefig(tmp, format="png")
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     finally:
         plt.close(fig)
     return True

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
@@ -148,6 +148,40 @@ class Service(ABC):
     def drift(self, info: ServiceInfo) -> str | None:
         """Why the running service differs from what this object would start, or None."""
         return None
+
+    def spawn_http(
+        self,
+        command: list[str],
+        *,
+        log_name: str,
+        state_dir: Path,
+        cwd: Path,
+        env: Mapping[str, str],
+        port: int,
+        data_dir: Path,
+        options: Mapping[str, str],
+        ports: Mapping[str, int] | None = None,
+        runtime_files: tuple[Path, ...] = (),
+    ) -> ServiceInfo:
+        """Spawn ``command`` (its output in ``STATE_DIR/logs/<log_name>``) and describe it: a service
+        answering HTTP on loopback ``port`` (``ports``: every port it listens on, default that one)."""
+        log = state_dir.resolve() / "logs" / log_name
+        pid, ticks = spawn(command, log=log, cwd=cwd, env=dict(env))
+        return ServiceInfo(
+            name=self.name,
+            engine=self.engine,
+            endpoint=f"http://{LOOPBACK}:{port}",
+            pid=pid,
+            pid_start_ticks=ticks,
+            port=port,
+            ports=dict(ports) if ports is not None else {"http": port},
+            command=tuple(command),
+            log=log,
+            data_dir=data_dir,
+            started_at=datetime.now(UTC),
+            options=dict(options),
+            runtime_files=runtime_files,
+        )
 
 
 # ---------------------------------------------------------------- ports

@@ -19,7 +19,6 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -35,7 +34,6 @@ from ggufship.services._process import (
     clean_env,
     http_status,
     require_tool,
-    spawn,
     write_private,
 )
 
@@ -116,20 +114,14 @@ class PrometheusServer(Service):
         ]
         if self.lifecycle:
             command.append("--web.enable-lifecycle")
-        log = state_dir.resolve() / "logs" / "prometheus.log"
-        pid, ticks = spawn(command, log=log, cwd=home, env=clean_env(("PROMETHEUS_",)))
-        return ServiceInfo(
-            name=self.name,
-            engine=self.engine,
-            endpoint=f"http://{LOOPBACK}:{port}",
-            pid=pid,
-            pid_start_ticks=ticks,
+        return self.spawn_http(
+            command,
+            log_name="prometheus.log",
+            state_dir=state_dir,
+            cwd=home,
+            env=clean_env(("PROMETHEUS_",)),
             port=port,
-            ports={"http": port},
-            command=tuple(command),
-            log=log,
             data_dir=data,
-            started_at=datetime.now(UTC),
             options={
                 "scrape_interval": _duration(self.scrape_interval_s),
                 "targets_dir": str(targets),

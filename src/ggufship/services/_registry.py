@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import secrets
 import subprocess
-from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -26,7 +25,6 @@ from ggufship.services._process import (
     clean_env,
     http_status,
     require_tool,
-    spawn,
     write_private,
 )
 
@@ -112,23 +110,17 @@ class DockerRegistry(Service):
         config = home / "config.yml"
         write_private(config, registry_config(port, data, htpasswd))
         command = [str(binary), "serve", str(config)]
-        log = state_dir.resolve() / "logs" / "registry.log"
-        pid, ticks = spawn(command, log=log, cwd=home, env=clean_env(("REGISTRY_", "OTEL_")))
         options = {"auth": self.auth}
         if self.username:
             options["username"] = self.username
-        return ServiceInfo(
-            name=self.name,
-            engine=self.engine,
-            endpoint=f"http://{LOOPBACK}:{port}",
-            pid=pid,
-            pid_start_ticks=ticks,
+        return self.spawn_http(
+            command,
+            log_name="registry.log",
+            state_dir=state_dir,
+            cwd=home,
+            env=clean_env(("REGISTRY_", "OTEL_")),
             port=port,
-            ports={"http": port},
-            command=tuple(command),
-            log=log,
             data_dir=data,
-            started_at=datetime.now(UTC),
             options=options,
         )
 

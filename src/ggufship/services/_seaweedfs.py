@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import sysconfig
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -34,7 +33,6 @@ from ggufship.services._process import (
     remove_runtime_files,
     require_tool,
     short_socket_path,
-    spawn,
     write_private,
 )
 
@@ -152,20 +150,15 @@ class SeaweedS3(Service):
             "-admin.ui=false",
             "-webdav=false",
         ]
-        log = state_dir.resolve() / "logs" / "seaweedfs.log"
-        pid, ticks = spawn(command, log=log, cwd=home, env=clean_env(_ENV_DROP))
-        return ServiceInfo(
-            name=self.name,
-            engine=self.engine,
-            endpoint=f"http://{LOOPBACK}:{s3_port}",
-            pid=pid,
-            pid_start_ticks=ticks,
+        return self.spawn_http(
+            command,
+            log_name="seaweedfs.log",
+            state_dir=state_dir,
+            cwd=home,
+            env=clean_env(_ENV_DROP),
             port=s3_port,
             ports=port_map,
-            command=tuple(command),
-            log=log,
             data_dir=data,
-            started_at=datetime.now(UTC),
             options={"access_key": self.access_key, "config": str(config)},
             runtime_files=runtime,
         )
