@@ -87,7 +87,8 @@ def test_a_block_word_that_selects_nothing_names_the_page(tmp_path: Path) -> Non
 
 
 def test_stage_pages_carry_no_hand_written_exit_code_tables() -> None:
-    """Every table whose header starts with ``| code |`` on a docs page sits in a generated block."""
+    """Every exit-code table (``| code |``) and environment-variable table (``| variable |``) on a
+    docs page sits in a generated block."""
     for page in sorted(DOCS.parent.glob("*.md")):
         inside = False
         for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
@@ -97,3 +98,5 @@ def test_stage_pages_carry_no_hand_written_exit_code_tables() -> None:
                 inside = False
             elif line.startswith(("| code |", "| exit |")) and not inside:
                 raise AssertionError(f"{page.name}:{number}: a hand-written exit-code table")
+            elif line.startswith("| variable |") and not inside:
+                raise AssertionError(f"{page.name}:{number}: a hand-written environment-variable table")
