@@ -195,6 +195,27 @@ def test_apt_packages_are_pinned_and_the_base_is_an_argument() -> None:
             assert any(a.startswith("SOURCE_DATE_EPOCH=") for a in stage_args[stage]), stage
 
 
+def test_base_package_set_is_locked_and_checked() -> None:
+    """components/apt-packages.lock lists every Debian package of the base stage (dependencies
+    included); the builder stage fails on any difference, and the base stage's own pins agree."""
+    lock = {}
+    for line in (ROOT / "components" / "apt-packages.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("=")
+            assert version, f"apt-packages.lock: {line!r} is not package=version"
+            lock[name.split(":")[0]] = version  # Multi-Arch: same packages carry :<arch>
+    assert len(lock) > 50
+    base_runs = " ".join(rest for word, rest in stages()["base"] if word == "RUN")
+    pins = re.findall(r"([a-z0-9][a-z0-9+.\-]*)=([0-9][A-Za-z0-9.+:~\-]*)", base_runs)
+    assert pins
+    for name, version in pins:
+        assert lock.get(name) == version, (
+            f"{name}={version} (Dockerfile) vs {lock.get(name)} (apt-packages.lock)"
+        )
+    check = " ".join(rest for word, rest in stages()["builder"] if word == "RUN")
+    assert "source=components/apt-packages.lock" in check and "diff -u /tmp/apt-lock.txt" in check
+
+
 def test_no_index_or_mirror_host_in_the_build() -> None:
     """The machine's package sources come in at build time (secret pip.conf, mmdebstrap's
     sources file), never written into the repository's build files."""
@@ -218,6 +239,27 @@ def test_wheel_cache_key_covers_the_wheel_stages() -> None:
         assert stage in tail, stage
     assert '--build-context "llama-wheel=$wheel_dir"' in script
     assert '--timestamp "$SDE"' in script
+
+
+def test_local_pip_indexes_are_bound_into_pip_runs_only() -> None:
+    """Reproducibility: the machine's local index directories reach the build as the build
+    contexts pip-index-N, bind-mounted into the RUNs that read the secret pip.conf; buildah's
+    --volume would leave its mount points as empty directories in the base layer."""
+    script = (ROOT / "components" / "build-image.sh").read_text()
+    code = "\n".join(ln for ln in script.splitlines() if not ln.lstrip().startswith("#"))
+    assert "--volume" not in code
+    assert '"--build-context", f"pip-index-{slot}={directory}"' in script
+    slots = sorted(
+        int(m) for m in re.findall(r"^FROM scratch AS pip-index-(\d+)$", DOCKERFILE.read_text(), re.M)
+    )
+    assert slots == list(range(1, len(slots) + 1)) and f"SLOTS = {len(slots)}" in script
+    pip_runs = [rest for word, rest in instructions() if word == "RUN" and "PIP_CONFIG_FILE=" in rest]
+    assert pip_runs
+    for run in pip_runs:
+        for n in slots:
+            assert f"--mount=type=bind,from=pip-index-{n},target=/mnt/pip-index-{n}" in run, run[:120]
+    # The slot lines do not change what is built: the wheel cache key leaves them out.
+    assert "grep -v 'pip-index'" in script
 
 
 def test_build_script_is_valid_bash() -> None:
