@@ -100,3 +100,10 @@ def test_stage_pages_carry_no_hand_written_exit_code_tables() -> None:
                 raise AssertionError(f"{page.name}:{number}: a hand-written exit-code table")
             elif line.startswith("| variable |") and not inside:
                 raise AssertionError(f"{page.name}:{number}: a hand-written environment-variable table")
+
+
+def test_summaries_are_markdown_not_restructured_text() -> None:
+    summaries = [r.summary for r in reference.exit_codes()]
+    assert not [s for s in summaries if "``" in s or ":class:`" in s or ":func:`" in s]
+    tampered = next(r for r in reference.exit_codes() if r.name == "PrometheusAnswerError")
+    assert "A subclass of `PrometheusUnavailableError`" in tampered.summary

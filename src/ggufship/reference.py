@@ -76,9 +76,19 @@ def _public_module(cls: type) -> str:
     return ".".join(parts)
 
 
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def _markdown(text: str) -> str:
+    """reStructuredText of a docstring as Markdown: ``x`` and :class:`a.b.C` become `x` and `C`."""
+    text = _ROLE.sub(lambda m: f"`{m.group(1).rsplit('.', 1)[-1]}`", text)
+    return _LITERAL.sub(r"`\1`", text)
+
+
 def _summary(obj: type) -> str:
     doc = inspect.getdoc(obj) or ""
-    return " ".join(doc.split("\n\n", 1)[0].split())
+    return _markdown(" ".join(doc.split("\n\n", 1)[0].split()))
 
 
 def _subclasses(base: type) -> list[type]:
