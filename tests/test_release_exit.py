@@ -43,8 +43,9 @@ def test_argo_on_exit_rolls_back_unless_succeeded() -> None:
 
 def test_rollback_cli_accepts_what_the_workflow_passes() -> None:
     from ggufship.cli.main import build_parser
+    from ggufship.cli.settings_flags import resolve
 
     where = ["--gitops", "https://git.example/x.git", "--gitops-env", "production"]
     what = ["--name", "support-bot", "--version", "1.4.0", "--verdict", "release workflow w ended Failed"]
-    args = build_parser().parse_args(["rollback", *where, *what])
+    args = resolve(build_parser().parse_args(["rollback", *where, *what]))
     assert args.func.__name__ == "run_rollback" and args.version == "1.4.0"

@@ -71,6 +71,17 @@ def option(
     return {_KEY: spec}
 
 
+def switch(description: str, name: str | None = None, *, short: str | None = None) -> Any:
+    """A bool field that is off unless its flag is given (``--json``, ``--force``): no ``--no-…``."""
+    from pydantic import Field
+
+    return Field(
+        default=False,
+        description=description,
+        json_schema_extra=option(name, short=short, action="store_true"),
+    )
+
+
 @dataclass(frozen=True)
 class Option:
     """One option of a model: where it lives (``path``), how it is spelled, and its field."""

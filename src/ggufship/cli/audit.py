@@ -6,12 +6,14 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ggufship.cli.models import AuditKeygenOptions, AuditVerifyOptions
+    from ggufship.cli.settings_flags import add_model_flags
+
     p = sub.add_parser(
         "audit",
         help="audit log tools (verify the hash chain of an audit log)",
@@ -28,21 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "named by line number), a missing head, a head without its log, lines of another key; "
         "84: a keyed log without its key, or an unusable key; 80: nothing can be read.",
     )
-    v.add_argument("file", type=Path, metavar="FILE", help="the audit log (JSON lines)")
-    v.add_argument("--head", type=Path, metavar="PATH", help="head file (default: FILE.head)")
-    v.add_argument(
-        "--require-head",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="a missing head file is a problem (default); --no-require-head for a log copied without it",
-    )
-    v.add_argument(
-        "--key-file",
-        type=Path,
-        metavar="PATH",
-        help="HMAC key of a keyed log (default: $GGUFSHIP_AUDIT_KEY_FILE, else $GGUFSHIP_AUDIT_KEY)",
-    )
-    v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    add_model_flags(v, AuditVerifyOptions, into="options")
     v.set_defaults(func=run_verify)
 
     k = asub.add_parser(
@@ -51,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Write 32 random bytes (64 hex digits) to FILE, which must not exist. Give it to "
         "the writer (GGUFSHIP_AUDIT_KEY_FILE) and to `audit verify --key-file`.",
     )
-    k.add_argument("file", type=Path, metavar="FILE", help="the key file to create")
+    add_model_flags(k, AuditKeygenOptions, into="options")
     k.set_defaults(func=run_keygen)
 
 
@@ -60,7 +48,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
     key = load_audit_key(args.key_file)
     report = verify_audit(args.file, head=args.head, require_head=args.require_head, key=key)
-    if args.json:
+    if args.json_output:
         json.dump(report.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     for note in report.notes:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from ggufship.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ggufship.cli.models import AwaitCanaryOptions
+    from ggufship.cli.settings_flags import add_model_flags
+
     p = sub.add_parser(
         "await-canary",
         help="wait until the Argo Rollout serving a release is promoted (exit 0) or aborted (71)",
@@ -20,18 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "GitOps commit, the controller has not observed the new generation, or the canary is "
         "progressing or paused for promotion.",
     )
-    p.add_argument("--rollout", required=True, help="the Rollout's name")
-    p.add_argument("--namespace", default="default", help="its namespace (default: default)")
-    p.add_argument(
-        "--sha256", help="digest of the deployed GGUF (the pod template's ggufship.io/model-sha256)"
-    )
-    p.add_argument(
-        "--export", type=Path, metavar="DIR", help="the released export: the digest its GitOps values deploy"
-    )
-    p.add_argument("--timeout", type=float, default=4 * 3600.0, metavar="S", help="give up after S (14400)")
-    p.add_argument("--poll", type=float, default=10.0, metavar="S", help="poll period, seconds (10)")
-    p.add_argument("--report", type=Path, metavar="FILE", help="write the Markdown outcome report here")
-    p.add_argument("--json", action="store_true", help="print the verdict as JSON on stdout")
+    add_model_flags(p, AwaitCanaryOptions, into="options")
     p.set_defaults(func=run_await)
 
 
@@ -46,8 +37,6 @@ def run_await(args: argparse.Namespace) -> int:
         sha = sha or deployed_file(Manifest.load(args.export / MANIFEST_NAME), None).sha256
     if not sha:
         raise UsageError("await-canary: give --sha256 or --export")
-    if not (0 < args.timeout <= 7 * 86_400) or not (0 < args.poll <= 600):
-        raise UsageError("await-canary: --timeout must be in (0, 604800] s and --poll in (0, 600] s")
     verdict = deploy_and_await(
         mode="gitops",
         model_uri="",
@@ -58,7 +47,7 @@ def run_await(args: argparse.Namespace) -> int:
         poll_s=args.poll,
         report_path=str(args.report) if args.report else "",
     )
-    if args.json:
+    if args.json_output:
         sys.stdout.write(json.dumps(verdict, default=str) + "\n")
     else:
         sys.stdout.write(f"{verdict['outcome']}: {verdict.get('message', '')}\n")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ggufship.demo import run_demo
 from ggufship.progress import Reporter
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ggufship.cli.models import DemoOptions
+    from ggufship.cli.settings_flags import add_model_flags
+
     p = sub.add_parser(
         "demo",
         help="the whole path on the embedded default: export, sign, publish, canary rollouts",
@@ -18,15 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "the KFP pipeline locally for release 1.0.0 (export → sign → publish) and 1.1.0 (… → local canary "
         "rollout that promotes), then a rollout of a regressed canary that the gate rolls back.",
     )
-    p.add_argument("--workdir", type=Path, default=Path(".ggufship/demo"), help="where demo files go")
-    p.add_argument("--checkpoint", type=Path, help="use this checkpoint instead of a generated one")
-    p.add_argument("--adapter", type=Path, help="LoRA adapter for --checkpoint")
-    p.add_argument(
-        "--keep-services",
-        action="store_true",
-        help="leave the local services running at the end "
-        "(stop them with `ggufship down --state-dir WORKDIR/services`)",
-    )
+    add_model_flags(p, DemoOptions, into="options")
     p.set_defaults(func=run)
 
 

@@ -14,6 +14,9 @@ DEFAULT_DIR = Path("docs/reference")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ggufship.cli.models import ReferenceOptions
+    from ggufship.cli.settings_flags import add_model_flags
+
     p = sub.add_parser(
         "reference",
         help="generate the exit-code and environment-variable tables from the code",
@@ -21,9 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "docs/reference/settings.md (from the pydantic-settings models). --check exits 2 when the "
         "files in DIR differ from the code; --write rewrites them.",
     )
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--write", type=Path, metavar="DIR", help="write the pages into DIR")
-    mode.add_argument("--check", type=Path, metavar="DIR", help="exit 2 when the pages in DIR are stale")
+    add_model_flags(p, ReferenceOptions, into="options")
     p.set_defaults(func=run)
 
 

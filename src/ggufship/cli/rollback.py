@@ -6,12 +6,14 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 from ggufship.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ggufship.cli.models import RollbackOptions
+    from ggufship.cli.settings_flags import add_model_flags
+
     p = sub.add_parser(
         "rollback",
         help="commit the revert of a rejected release in the GitOps repo (values back to the stable)",
@@ -21,22 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "release (already rolled back, or superseded). Exit 0 in both cases; 76 when there is no "
         "earlier model to go back to.",
     )
-    p.add_argument("--gitops", required=True, metavar="GIT_URL", help="the deploy repository")
-    p.add_argument("--gitops-branch", default="main", help="branch (default main)")
-    p.add_argument("--gitops-env", default="dev", metavar="ENV", help="deploy/ENV/<name>.values.yaml (dev)")
-    p.add_argument("--gitops-author", metavar="'NAME <EMAIL>'", help="commit author (default ggufship)")
-    p.add_argument("--gitops-attempts", type=int, default=5, help="push attempts on rejection (default 5)")
-    p.add_argument("--name", help="model name (or from --export)")
-    p.add_argument("--sha256", help="digest of the rejected deployed GGUF")
-    p.add_argument("--version", help="version of the rejected release")
-    p.add_argument(
-        "--export",
-        type=Path,
-        metavar="DIR",
-        help="the rejected export: name, version and the deployed digest from its manifest.json",
-    )
-    p.add_argument("--verdict", default="canary aborted", help="why it was rejected (one line)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    add_model_flags(p, RollbackOptions, into="options")
     p.set_defaults(func=run_rollback)
 
 
@@ -72,7 +59,7 @@ def run_rollback(args: argparse.Namespace) -> int:
             max_attempts=args.gitops_attempts,
         )
     )
-    if args.json:
+    if args.json_output:
         sys.stdout.write(json.dumps(asdict(result), indent=2) + "\n")
     elif result.rolled_back:
         sys.stdout.write(

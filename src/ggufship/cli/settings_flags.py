@@ -56,7 +56,7 @@ def _help(model: type[BaseModel], opt: Option) -> str:
     """The description, then the default (unless unset, or off for a switch), bounds, env var."""
     extra = []
     default = opt.default_text()
-    if default is not None and opt.default is not None and opt.action is None:
+    if default is not None and opt.default not in (None, ()) and opt.action is None:
         extra.append(f"default: {default}")
     if (bounds := opt.bounds_text()) is not None:
         extra.append(bounds)
@@ -71,6 +71,7 @@ def add_model_flags(
     model: type[BaseModel],
     *,
     exclude: Sequence[str] = (),
+    only: Sequence[str] | None = None,
     groups: dict[str, str] | None = None,
     into: str | None = None,
     error: Callable[[str], Exception] | None = None,
@@ -80,7 +81,10 @@ def add_model_flags(
     (``groups`` titles them: group key → title; ``"options"``: the top level, default the parser
     itself). With ``into``, :func:`resolve` builds the model after parsing (``error``: the exception
     a bad value raises, default :class:`~ggufship.errors.UsageError`; ``spread``: also set each
-    top-level field on the namespace). Returns the options (for :func:`given`)."""
+    top-level field on the namespace; ``only``: the fields that get a flag, the rest come from the
+    environment or their default). Returns the options (for :func:`given`)."""
+    if only is not None:
+        exclude = [*exclude, *(f for f in model.model_fields if f not in only)]
     options = tuple(o for o in options_of(model, exclude=exclude) if o.has_flag)
     made: dict[str, Any] = {}
     exclusive: dict[str, Any] = {}

@@ -1,4 +1,5 @@
-"""``ggufship keygen``, ``ggufship sign`` and ``ggufship verify``."""
+"""``ggufship keygen``, ``ggufship sign`` and ``ggufship verify`` (arguments generated from
+:mod:`ggufship.sign._options`)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ggufship.cli.settings_flags import add_model_flags
+    from ggufship.sign._options import KeygenOptions, SignOptions, VerifyOptions
+
     k = sub.add_parser(
         "keygen",
         help="generate an EC P-256 signing key pair (NAME.key 0600, NAME.pub)",
         description="Write a new EC P-256 key pair for `ggufship sign --private-key`. Never overwrites.",
     )
-    k.add_argument("-o", "--out", type=Path, default=Path(), help="directory for the key pair (default: .)")
-    k.add_argument("--name", default="ggufship", help="file name stem (default: ggufship)")
-    k.add_argument("--json", action="store_true", help="print the paths as JSON")
+    add_model_flags(k, KeygenOptions, into="options")
     k.set_defaults(func=run_keygen)
 
     s = sub.add_parser(
@@ -31,39 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "[--certificate-chain F ...] | --sigstore (keyless, OIDC identity token)."
         ),
     )
-    s.add_argument("out", type=Path, help="export directory")
-    s.add_argument("--private-key", type=Path, help="PEM EC private key (ggufship keygen)")
-    s.add_argument(
-        "--password-env",
-        metavar="VAR",
-        help="env variable with the private key's password (default: GGUFSHIP_PRIVATE_KEY_PASSWORD)",
-    )
-    s.add_argument("--certificate", type=Path, help="PEM signing certificate of --private-key")
-    s.add_argument(
-        "--certificate-chain",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="PEM intermediate/root certificate(s) to include (repeatable)",
-    )
-    s.add_argument("--sigstore", action="store_true", help="keyless signing with Sigstore (Fulcio + Rekor)")
-    s.add_argument(
-        "--identity-token",
-        help="OIDC identity token for --sigstore (prefer the env var GGUFSHIP_IDENTITY_TOKEN: "
-        "command lines are visible to other users)",
-    )
-    s.add_argument(
-        "--no-ambient-credentials",
-        action="store_true",
-        help="--sigstore: do not detect a CI workload identity token",
-    )
-    s.add_argument(
-        "--trust-config",
-        type=Path,
-        help="--sigstore: client trust config of a private Sigstore instance (env GGUFSHIP_TRUST_CONFIG)",
-    )
-    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_model_flags(s, SignOptions, into="options")
     s.set_defaults(func=run_sign)
 
     v = sub.add_parser(
@@ -75,24 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "check OUT/model.sig first, then every digest."
         ),
     )
-    v.add_argument("out", type=Path, help="export directory")
-    v.add_argument("--public-key", type=Path, help="PEM public key of the signing key pair")
-    v.add_argument(
-        "--certificate-chain",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="trusted PEM certificate(s) the signing certificate must chain to (repeatable)",
-    )
-    v.add_argument("--identity", help="keyless: expected signer identity (e-mail or URI in the certificate)")
-    v.add_argument("--identity-provider", help="keyless: expected OIDC issuer URL")
-    v.add_argument(
-        "--trust-config",
-        type=Path,
-        help="keyless: client trust config of a private Sigstore instance (env GGUFSHIP_TRUST_CONFIG)",
-    )
-    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_model_flags(v, VerifyOptions, into="options")
     v.set_defaults(func=run_verify)
 
 
@@ -100,7 +53,7 @@ def run_keygen(args: argparse.Namespace) -> int:
     from ggufship.sign import generate_keypair
 
     private, public = generate_keypair(args.out, args.name)
-    if args.json:
+    if args.json_output:
         sys.stdout.write(json.dumps({"private_key": str(private), "public_key": str(public)}) + "\n")
     else:
         sys.stdout.write(f"private key: {private}\npublic key:  {public}\n")
@@ -150,7 +103,7 @@ def run_sign(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise UsageError(f"sign: {exc.errors()[0]['msg']}") from exc
     signature = sign_export(args.out, request)
-    if args.json:
+    if args.json_output:
         sys.stdout.write(json.dumps({"signature": str(signature), "method": request.method}) + "\n")
     else:
         sys.stdout.write(f"{signature}\n")
@@ -184,7 +137,7 @@ def run_verify(args: argparse.Namespace) -> int:
     try:
         report = verify_signed_export(args.out, policy)  # errors: exit codes 8, 9, 30-34 (main maps them)
     except GgufshipError as exc:
-        if args.json:
+        if args.json_output:
             failure = {
                 "ok": False,
                 "error": type(exc).__name__,
@@ -194,7 +147,7 @@ def run_verify(args: argparse.Namespace) -> int:
             }
             sys.stdout.write(json.dumps(failure, indent=2) + "\n")
         raise
-    if args.json:
+    if args.json_output:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
     signer = report.signature.signer if report.signature else "?"
     logger.info(
@@ -213,7 +166,7 @@ def _verify_digests(args: argparse.Namespace) -> int:
     from ggufship.sign import SIGNATURE_NAME
 
     report = verify_export(args.out, raise_on_error=False)
-    if args.json:
+    if args.json_output:
         sys.stdout.write(
             json.dumps(
                 {"ok": report.ok, "checked": report.checked, "problems": report.problems, "signature": None},
