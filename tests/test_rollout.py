@@ -189,11 +189,12 @@ def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], ti
     code, err = run(model, model, "--steps", "5,x")
     assert code == 2 and "--steps '5,x'" in err
     code, err = run(model, model, "--steps", "5,50")
-    assert code == 2 and "steps: Value error, steps [5, 50]: the last canary weight must be 100" in err
+    last = "Value error, steps [5, 50]: the last canary weight must be 100"
+    assert code == 2 and f"--steps '5,50': {last}" in err
     code, err = run(model, model, "--canary-env", "NOEQUALS")
     assert code == 2 and "--canary-env 'NOEQUALS': expected KEY=VALUE" in err
     code, err = run(model, model, "--analysis-count", "0")
-    assert code == 2 and "analysis_count" in err
+    assert code == 2 and "--analysis-count '0'" in err  # the flag, from RolloutSettings.analysis_count
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n\n")
     code, err = run(model, model, "--prompts", str(empty))

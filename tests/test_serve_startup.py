@@ -135,6 +135,7 @@ def test_settings_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
     from ggufship.cli import serve as cli
+    from ggufship.cli.settings_flags import resolve
 
     monkeypatch.setenv("GGUFSHIP_SERVE_TRACK", "canary")
     monkeypatch.setenv("GGUFSHIP_SERVE_FAULT_ABORT_FRACTION", "0.25")
@@ -142,8 +143,9 @@ def test_settings_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
     args = parser.parse_args(["serve", "m.gguf", "--port", "9", "--context-policy", "truncate"])
-    s = cli.settings_from_args(args)
-    assert (s.model, s.port, s.track, s.context_policy) == ("m.gguf", 9, "canary", "truncate")
+    s = resolve(args).settings  # what ggufship.cli.main does right after parsing
+    assert (s.port, s.track, s.context_policy) == (9, "canary", "truncate")
+    assert s.model == str(Path("m.gguf").absolute())
     assert s.fault_abort_fraction == 0.25 and s.api_keys[0].get_secret_value() == "k1"
     assert "k1" not in repr(s)
 

@@ -20,6 +20,7 @@ import pytest
 from pydantic import ValidationError
 
 from ggufship.cli import services as services_cli
+from ggufship.cli.settings_flags import resolve
 from ggufship.errors import GgufshipError, UsageError
 from ggufship.services import (
     ServicesNotRunningError,
@@ -91,7 +92,7 @@ def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="ggufship")
     sub = parser.add_subparsers(dest="command", required=True)
     services_cli.register(sub)
-    args = parser.parse_args(argv)
+    args = resolve(parser.parse_args(argv))  # the settings model, as ggufship.cli.main builds it
     return int(args.func(args) or 0)
 
 
@@ -361,7 +362,7 @@ def test_cli_up_status_down(tmp_path, capsys):
 
 
 def test_cli_rejects_bad_options(tmp_path):
-    with pytest.raises(UsageError, match="s3_port"):
+    with pytest.raises(UsageError, match="--s3-port"):  # the flag, as given
         cli("up", "--state-dir", str(tmp_path), "--s3-port", "80")
 
 

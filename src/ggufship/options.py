@@ -124,7 +124,7 @@ class Option:
 
     @property
     def is_bool(self) -> bool:
-        return self.field.annotation is bool
+        return _item(self.field.annotation) is bool and not self.is_list
 
     @property
     def description(self) -> str:

@@ -1,4 +1,6 @@
-"""``ggufship up``, ``ggufship down`` and ``ggufship status``: the local services on loopback."""
+"""``ggufship up``, ``ggufship down`` and ``ggufship status``: the local services on loopback.
+
+Their flags are generated from :class:`ggufship.services.ServicesSettings` (``GGUFSHIP_<FIELD>``)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from ggufship.errors import UsageError
 from ggufship.services import (
     CREDENTIALS_FILE,
-    SERVICE_NAMES,
     ServicesNotRunningError,
     ServicesSettings,
     ServiceStatus,
@@ -27,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ggufship.cli.models import DownOptions, JsonOutput
+    from ggufship.cli.settings_flags import add_model_flags
+
     u = sub.add_parser(
         "up",
         help="start the local services (S3, OCI registry, GitOps remote) on 127.0.0.1",
@@ -34,89 +35,44 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "already running services are kept. Endpoints go to STATE_DIR/state.json, generated "
         "credentials to STATE_DIR/credentials.json (0600).",
     )
-    _state_dir_option(u)
-    u.add_argument(
-        "--service",
-        action="append",
-        choices=SERVICE_NAMES,
-        metavar="NAME",
-        help=f"start only this service (repeatable; {', '.join(SERVICE_NAMES)}); default: all",
-    )
-    u.add_argument("--s3-port", type=int, metavar="PORT", help="fixed S3 port (default: a free one)")
-    u.add_argument(
-        "--registry-port", type=int, metavar="PORT", help="fixed registry port (default: a free one)"
-    )
-    u.add_argument(
-        "--registry-auth",
-        action="store_true",
-        default=None,
-        help="require htpasswd basic auth on the registry (login in credentials.json)",
-    )
-    u.add_argument("--timeout", type=float, metavar="S", help="seconds each service may take to answer (60)")
-    u.add_argument("--json", action="store_true", help="print the services as JSON")
+    add_model_flags(u, ServicesSettings, exclude=("stop_timeout_s",), into="settings")
+    add_model_flags(u, JsonOutput, into="output")
     u.set_defaults(func=run_up)
 
     d = sub.add_parser(
         "down",
         help="stop the local services (SIGTERM, then SIGKILL); data stays unless --purge",
     )
-    _state_dir_option(d)
-    d.add_argument("--timeout", type=float, metavar="S", help="seconds between SIGTERM and SIGKILL (10)")
-    d.add_argument(
-        "--purge", action="store_true", help="also delete the services' data, logs and credentials"
-    )
+    add_model_flags(d, ServicesSettings, only=("state_dir", "stop_timeout_s"), into="settings")
+    add_model_flags(d, DownOptions, into="options")
     d.set_defaults(func=run_down)
 
     s = sub.add_parser(
         "status",
         help="show the local services; exit 0 only if every recorded one runs and answers",
     )
-    _state_dir_option(s)
-    s.add_argument("--json", action="store_true", help="print the services as JSON")
+    add_model_flags(s, ServicesSettings, only=("state_dir",), into="settings")
+    add_model_flags(s, JsonOutput, into="output")
     s.set_defaults(func=run_status)
 
 
-def _state_dir_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        metavar="DIR",
-        help="state directory (default: $GGUFSHIP_STATE_DIR or .ggufship)",
-    )
-
-
-def _settings(**overrides: Any) -> ServicesSettings:
-    try:
-        return ServicesSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise UsageError(f"invalid option: {problems}") from exc
-
-
 def run_up(args: argparse.Namespace) -> int:
-    settings = _settings(
-        state_dir=args.state_dir,
-        services=tuple(args.service) if args.service else None,
-        s3_port=args.s3_port,
-        registry_port=args.registry_port,
-        registry_auth=args.registry_auth,
-        start_timeout_s=args.timeout,
-    )
+    settings: ServicesSettings = args.settings
     statuses = up(settings)
-    _report(settings.state_dir, statuses, as_json=args.json)
+    _report(settings.state_dir, statuses, as_json=args.json_output)
     return 0
 
 
 def run_down(args: argparse.Namespace) -> int:
-    settings = _settings(state_dir=args.state_dir, stop_timeout_s=args.timeout)
+    settings: ServicesSettings = args.settings
     down(settings.state_dir, stop_timeout_s=settings.stop_timeout_s, purge=args.purge)
     return 0
 
 
 def run_status(args: argparse.Namespace) -> int:
-    settings = _settings(state_dir=args.state_dir)
+    settings: ServicesSettings = args.settings
     statuses = status(settings.state_dir)
-    _report(settings.state_dir, statuses, as_json=args.json)
+    _report(settings.state_dir, statuses, as_json=args.json_output)
     if not statuses:
         logger.warning("no services recorded in %s; run `ggufship up`", settings.state_dir)
         return ServicesNotRunningError.exit_code

@@ -184,6 +184,20 @@ def spell(opt: Option) -> str:
     return opt.flag
 
 
+def _spell_given(args: argparse.Namespace) -> Callable[[Option], str]:
+    """Errors name the flag and the value given (``--steps '5,x'``), or the flag alone."""
+
+    def spell_with_value(opt: Option) -> str:
+        value = getattr(args, _DEST + opt.name, None)
+        if isinstance(value, str):
+            return f"{opt.flag} {value!r}"
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return f"{opt.flag} {' '.join(map(repr, value))}"
+        return opt.flag
+
+    return spell_with_value
+
+
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Build every model the parsed command declared (``add_model_flags(into=...)``), in place."""
     for key in [k for k in vars(args) if k.startswith(_SPEC)]:
@@ -197,7 +211,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                     node = node.get(part, {})
                 if opt.path[-1] in node:
                     node[opt.path[-1]] = _absolute(opt, node[opt.path[-1]])
-        value = validated(spec.model, data, spec.options, spell=spell, error=spec.error)
+        value = validated(spec.model, data, spec.options, spell=_spell_given(args), error=spec.error)
         setattr(args, spec.into, value)
         if spec.spread:
             for name in type(value).model_fields:

@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ggufship.options import option
 from ggufship.rollout._errors import (
     RolloutAborted,
     RolloutBusyError,
@@ -120,21 +121,36 @@ class RolloutSettings(BaseSettings):
     plan_files: tuple[Path, ...] = Field(
         default=(),
         description="chart values files holding the canary plan (rollout.canary.steps, analysis.*), "
-        "merged in order like helm -f; empty: the chart's own charts/ggufship-api/values.yaml",
+        "merged in order like helm -f (repeatable); empty: the chart's own charts/ggufship-api/values.yaml; "
+        "the options below override it",
+        json_schema_extra=option("plan", metavar="VALUES", repeat=True),
     )
     steps: tuple[int, ...] | None = Field(
         default=None,
         description="override of the plan's steps: canary weights in percent, the last 100; the first "
         "is followed by analysis + manual pause, the others below 100 by analysis",
+        json_schema_extra=option(metavar="W,W,..."),
     )
     analysis_window_s: float | None = Field(
-        default=None, ge=1, le=86_400, description="override of analysis.window (capped at the step's age)"
+        default=None,
+        ge=1,
+        le=86_400,
+        description="override of analysis.window (capped at the step's age)",
+        json_schema_extra=option("analysis_window", metavar="S"),
     )
     analysis_delay_s: float | None = Field(
-        default=None, ge=0, le=86_400, description="override of analysis.initialDelay (>= the window)"
+        default=None,
+        ge=0,
+        le=86_400,
+        description="override of analysis.initialDelay (>= the window)",
+        json_schema_extra=option("analysis_delay", metavar="S"),
     )
     analysis_interval_s: float | None = Field(
-        default=None, gt=0, le=86_400, description="override of analysis.interval (also background)"
+        default=None,
+        gt=0,
+        le=86_400,
+        description="override of analysis.interval (also background)",
+        json_schema_extra=option("analysis_interval", metavar="S"),
     )
     analysis_count: int | None = Field(
         default=None, ge=1, le=100, description="override of analysis.count (limits capped below it)"
@@ -151,6 +167,7 @@ class RolloutSettings(BaseSettings):
         gt=0,
         le=7 * 86_400,
         description="a pause not promoted within this ends the rollout Paused",
+        json_schema_extra=option("pause_timeout", metavar="S"),
     )
     settle_s: float = Field(
         default=5.0, ge=0, le=3600, description="load kept on the stable after an abort or unpromoted end"
@@ -166,21 +183,44 @@ class RolloutSettings(BaseSettings):
     prometheus_scrape_interval_s: float = Field(
         default=1.0, ge=0.1, le=300, description="scrape interval when the rollout starts Prometheus itself"
     )
-    load_concurrency: int = Field(default=4, ge=1, le=256, description="concurrent load requests")
-    load_rate_per_s: float | None = Field(
-        default=None, gt=0, le=10_000, description="pace of the load (None: as fast as concurrency allows)"
+    load_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="concurrent load requests",
+        json_schema_extra=option("concurrency", metavar="N"),
     )
-    load_max_tokens: int = Field(default=16, ge=1, le=4096, description="max_tokens of each load request")
+    load_rate_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=10_000,
+        description="pace of the load (None: as fast as concurrency allows)",
+        json_schema_extra=option("rate", metavar="RPS"),
+    )
+    load_max_tokens: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description="max_tokens of each load request",
+        json_schema_extra=option("max_tokens", metavar="N"),
+    )
     load_max_requests: int = Field(default=1_000_000, ge=1, le=10_000_000, description="load request limit")
     load_max_seconds: float = Field(default=7 * 86_400, gt=0, le=30 * 86_400, description="load time limit")
     load_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="timeout of one load request")
-    load_endpoint: str = Field(default="/v1/completions", pattern=r"^/v1/(chat/)?completions$")
+    load_endpoint: str = Field(
+        default="/v1/completions",
+        pattern=r"^/v1/(chat/)?completions$",
+        description="the endpoint the load calls",
+    )
     analysis_reports: bool = Field(
-        default=True, description="write the gate's Markdown + PNG report for every analysis"
+        default=True,
+        description="write the gate's Markdown + PNG report for every analysis",
+        json_schema_extra=option("reports"),
     )
     gate: dict[str, Any] = Field(
         default_factory=dict,
         description="fields of the gate's request/policy (e.g. min_samples, max_p99_s); JSON in the env",
+        json_schema_extra=option(flag=False),
     )
 
     @field_validator("steps")

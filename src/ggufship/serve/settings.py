@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ggufship.options import option
+
 Track = Literal["stable", "canary"]
 ContextPolicy = Literal["reject", "truncate"]
 LogFormat = Literal["text", "json"]
@@ -28,6 +30,7 @@ class ServeSettings(BaseSettings):
     model: str = Field(
         default="",
         description="a local .gguf, an export directory, s3://bucket/prefix/ or oci://host/repo:tag",
+        json_schema_extra=option(positional=True, uri=True),
     )
     quant: str | None = Field(
         default=None, description="quantization to serve from an export (default Q4_K_M when present)"
@@ -36,10 +39,13 @@ class ServeSettings(BaseSettings):
         default=None,
         pattern=r"^[0-9a-fA-F]{64}$",
         description="the served .gguf must have this SHA256, else the server refuses to start",
+        json_schema_extra=option(metavar="HEX"),
     )
     public_key: Path | None = Field(default=None, description="verify the export's model.sig with this key")
     certificate_chain: tuple[Path, ...] = Field(
-        default=(), description="verify model.sig against this certificate chain (PEM files)"
+        default=(),
+        description="verify model.sig against this certificate chain (PEM files; repeatable)",
+        json_schema_extra=option(metavar="PEM", repeat=True),
     )
     identity: str | None = Field(default=None, description="keyless: the signer identity (e-mail/URI)")
     identity_provider: str | None = Field(default=None, description="keyless: the OIDC issuer of identity")
@@ -63,7 +69,11 @@ class ServeSettings(BaseSettings):
         "(continuous batching); instances: `parallel` llama instances, one generation each",
     )
     parallel: int = Field(
-        default=4, ge=1, le=64, description="sequences decoded together (batch) or llama instances"
+        default=4,
+        ge=1,
+        le=64,
+        description="sequences decoded together (batch) or llama instances",
+        json_schema_extra=option(metavar="N"),
     )
     n_ctx: int = Field(default=0, ge=0, le=1_048_576, description="context window; 0: the model's own")
     n_threads: int | None = Field(default=None, ge=1, le=512, description="threads per instance")
@@ -103,11 +113,18 @@ class ServeSettings(BaseSettings):
             r"(?i)\bI can(?:'|no)t (?:help|assist)\b",
             r"(?i)\bas an AI\b",
         ),
-        description="regular expressions; a response matching any counts in ggufship_refusals_total",
+        description="regular expressions; a response matching any counts in ggufship_refusals_total "
+        "(repeatable)",
+        json_schema_extra=option("refusal_pattern", metavar="REGEX", repeat=True),
     )
 
     # --- auth ---
-    api_keys: tuple[SecretStr, ...] = Field(default=(), description="accepted Bearer keys (none: no auth)")
+    api_keys: tuple[SecretStr, ...] = Field(
+        default=(),
+        description="accepted Bearer keys (none: no auth); environment only: a command line is visible "
+        "to other users (use --api-keys-file)",
+        json_schema_extra=option(flag=False),
+    )
     api_keys_file: Path | None = Field(default=None, description="file with one accepted key per line")
     docs: bool = Field(
         default=True,
@@ -118,7 +135,11 @@ class ServeSettings(BaseSettings):
     max_conversations: int = Field(default=1000, ge=1, le=1_000_000, description="kept (LRU)")
     max_conversation_turns: int = Field(default=50, ge=1, le=10_000, description="turns kept each")
     ping_interval_seconds: float = Field(
-        default=10.0, gt=0, le=3600, description="Dify streams: `event: ping` after this long without data"
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="SSE streams: a ping every this many seconds (`event: ping` on Dify streams, a "
+        "`: ping` comment on OpenAI streams)",
     )
 
     # --- logs and audit ---

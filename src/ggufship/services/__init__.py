@@ -41,6 +41,7 @@ from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ggufship.options import option
 from ggufship.retry import call_with_retries
 from ggufship.services._git import GitRemote
 from ggufship.services._process import (
@@ -217,7 +218,9 @@ class StateDirSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GGUFSHIP_", frozen=True, extra="ignore")
 
     state_dir: Path = Field(
-        default=DEFAULT_STATE_DIR, description="directory holding state.json, credentials, logs and data"
+        default=DEFAULT_STATE_DIR,
+        description="directory holding state.json, credentials, logs and data",
+        json_schema_extra=option(metavar="DIR"),
     )
 
 
@@ -238,17 +241,31 @@ class ServicesSettings(StateDirSettings):
 
     services: tuple[str, ...] = Field(
         default=("s3", "registry", "git", "prometheus"),
-        description="services to start, a subset of s3, registry, git, prometheus (`up --service`)",
+        description="services to start, a subset of s3, registry, git, prometheus (`up --service`, "
+        "repeatable)",
+        json_schema_extra=option("service", metavar="NAME", repeat=True),
     )
     s3_port: int | None = Field(
-        default=None, ge=1024, le=65535, description="S3 port on 127.0.0.1 (default: a free one)"
+        default=None,
+        ge=1024,
+        le=65535,
+        description="S3 port on 127.0.0.1 (default: a free one)",
+        json_schema_extra=option(metavar="PORT"),
     )
     registry_port: int | None = Field(
-        default=None, ge=1024, le=65535, description="registry port on 127.0.0.1 (default: a free one)"
+        default=None,
+        ge=1024,
+        le=65535,
+        description="registry port on 127.0.0.1 (default: a free one)",
+        json_schema_extra=option(metavar="PORT"),
     )
     registry_auth: bool = Field(default=False, description="require htpasswd basic auth on the registry")
     prometheus_port: int | None = Field(
-        default=None, ge=1024, le=65535, description="Prometheus port on 127.0.0.1 (default: a free one)"
+        default=None,
+        ge=1024,
+        le=65535,
+        description="Prometheus port on 127.0.0.1 (default: a free one)",
+        json_schema_extra=option(metavar="PORT"),
     )
     prometheus_scrape_interval_s: float = Field(
         default=1.0, ge=0.1, le=300, description="Prometheus scrape (and rule evaluation) interval, seconds"
@@ -260,10 +277,18 @@ class ServicesSettings(StateDirSettings):
         default=False, description="start Prometheus with --web.enable-lifecycle (HTTP reload/quit)"
     )
     start_timeout_s: float = Field(
-        default=60.0, gt=0, le=600, description="seconds each service may take to answer after start"
+        default=60.0,
+        gt=0,
+        le=600,
+        description="seconds each service may take to answer after start",
+        json_schema_extra=option("timeout", metavar="S"),
     )
     stop_timeout_s: float = Field(
-        default=10.0, gt=0, le=300, description="seconds between SIGTERM and SIGKILL at stop"
+        default=10.0,
+        gt=0,
+        le=300,
+        description="seconds between SIGTERM and SIGKILL at stop",
+        json_schema_extra=option("timeout", metavar="S"),
     )
 
     @field_validator("services")
