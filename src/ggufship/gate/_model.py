@@ -110,10 +110,8 @@ class GatePolicy(BaseModel):
         description="buckets: KS on bucket-reconstructed samples; quantile-series: KS on a quantile's "
         "time series (weaker)",
     )
-    series_quantile: float = Field(
+    series_quantile: Annotated[float, Field(gt=0, lt=1)] = Field(
         default=0.95,
-        gt=0,
-        lt=1,
         description="quantile-series: the quantile",
         json_schema_extra=option("quantile"),
     )
