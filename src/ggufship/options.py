@@ -41,6 +41,7 @@ def option(
     exclusive: str | None = None,
     one_required: bool = False,
     uri: bool = False,
+    nested: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``json_schema_extra`` for a field: its option ``name`` (snake case; default the field's name),
     ``metavar``, ``repeat`` (a list given by repeating the option, for values that may hold commas),
@@ -50,7 +51,11 @@ def option(
     flag; optional when the field has a default), ``action`` (``store_true`` for a bool flag without
     ``--no-…``, ``count`` for ``-vv``), ``flag`` (False: no flag, e.g. a secret read only from the
     environment), ``exclusive`` (the mutually exclusive set it belongs to; ``one_required``: one of
-    the set must be given) and ``uri`` (a path *or* a URI: a local path is made absolute)."""
+    the set must be given) and ``uri`` (a path *or* a URI: a local path is made absolute).
+
+    On a field holding a nested model, ``nested`` maps the nested model's field names to
+    ``option(...)`` specs that override theirs: how a command spells a reused model's options
+    (``--min-top1`` for ``EvaluatePolicy.min_top1_agreement``)."""
     spec: dict[str, Any] = {"repeat": repeat, "query": query}
     if name is not None:
         spec["name"] = name
@@ -68,6 +73,8 @@ def option(
             spec[key] = value
     if not flag:
         spec["flag"] = False
+    if nested:
+        spec["nested"] = {k: v[_KEY] for k, v in nested.items()}
     return {_KEY: spec}
 
 
@@ -209,16 +216,24 @@ def options_of(model: type[BaseModel], *, exclude: Iterable[str] = ()) -> tuple[
     skip = set(exclude)
     out: list[Option] = []
 
-    def walk(cls: type[BaseModel], prefix: tuple[str, ...], group: str) -> None:
+    def spec_of(field: FieldInfo) -> dict[str, Any]:
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        return dict(extra.get(_KEY) or {})  # type: ignore[call-overload]
+
+    def walk(
+        cls: type[BaseModel], prefix: tuple[str, ...], group: str, overrides: dict[str, Any]
+    ) -> None:
         for fname, field in cls.model_fields.items():
             if fname in skip:
                 continue
             nested = _nested_model(field)
             if nested is not None:
-                walk(nested, (*prefix, fname), fname)
+                walk(nested, (*prefix, fname), fname, dict(spec_of(field).get("nested") or {}))
                 continue
-            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-            spec = dict(extra.get(_KEY) or {})  # type: ignore[call-overload]
+            spec = spec_of(field)
+            if fname in overrides:
+                explicit = {k: v for k, v in overrides[fname].items() if k not in ("repeat", "query")}
+                spec = {**spec, **explicit}
             out.append(
                 Option(
                     name=spec.get("name", fname),
@@ -238,7 +253,7 @@ def options_of(model: type[BaseModel], *, exclude: Iterable[str] = ()) -> tuple[
                 )
             )
 
-    walk(model, (), "options")
+    walk(model, (), "options", {})
     names = [o.name for o in out]
     if len(set(names)) != len(names):
         raise ValueError(
