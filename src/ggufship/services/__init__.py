@@ -35,7 +35,7 @@ import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -234,6 +234,10 @@ def resolve_state_dir(given: Path | str | None = None) -> Path:
         raise ServiceStateError(f"GGUFSHIP_STATE_DIR: {exc.errors()[0]['msg']}") from exc
 
 
+#: A TCP port above the privileged range, or None for a free one.
+Port = Annotated[int | None, Field(ge=1024, le=65535)]
+
+
 class ServicesSettings(StateDirSettings):
     """Options of ``ggufship up`` (environment: ``GGUFSHIP_<FIELD>``)."""
 
@@ -245,25 +249,19 @@ class ServicesSettings(StateDirSettings):
         "repeatable)",
         json_schema_extra=option("service", metavar="NAME", repeat=True),
     )
-    s3_port: int | None = Field(
+    s3_port: Port = Field(
         default=None,
-        ge=1024,
-        le=65535,
         description="S3 port on 127.0.0.1 (default: a free one)",
         json_schema_extra=option(metavar="PORT"),
     )
-    registry_port: int | None = Field(
+    registry_port: Port = Field(
         default=None,
-        ge=1024,
-        le=65535,
         description="registry port on 127.0.0.1 (default: a free one)",
         json_schema_extra=option(metavar="PORT"),
     )
     registry_auth: bool = Field(default=False, description="require htpasswd basic auth on the registry")
-    prometheus_port: int | None = Field(
+    prometheus_port: Port = Field(
         default=None,
-        ge=1024,
-        le=65535,
         description="Prometheus port on 127.0.0.1 (default: a free one)",
         json_schema_extra=option(metavar="PORT"),
     )
@@ -276,17 +274,13 @@ class ServicesSettings(StateDirSettings):
     prometheus_lifecycle: bool = Field(
         default=False, description="start Prometheus with --web.enable-lifecycle (HTTP reload/quit)"
     )
-    start_timeout_s: float = Field(
+    start_timeout_s: Annotated[float, Field(gt=0, le=600)] = Field(
         default=60.0,
-        gt=0,
-        le=600,
         description="seconds each service may take to answer after start",
         json_schema_extra=option("timeout", metavar="S"),
     )
-    stop_timeout_s: float = Field(
+    stop_timeout_s: Annotated[float, Field(gt=0, le=300)] = Field(
         default=10.0,
-        gt=0,
-        le=300,
         description="seconds between SIGTERM and SIGKILL at stop",
         json_schema_extra=option("timeout", metavar="S"),
     )
