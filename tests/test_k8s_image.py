@@ -213,7 +213,9 @@ def test_base_package_set_is_locked_and_checked() -> None:
             f"{name}={version} (Dockerfile) vs {lock.get(name)} (apt-packages.lock)"
         )
     check = " ".join(rest for word, rest in stages()["builder"] if word == "RUN")
-    assert "source=components/apt-packages.lock" in check and "diff -u /tmp/apt-lock.txt" in check
+    copies = [rest for word, rest in stages()["builder"] if word == "COPY"]
+    assert "components/apt-packages.lock /build/apt-packages.lock" in copies
+    assert "/build/apt-packages.lock" in check and "diff -u /tmp/apt-lock.txt" in check
 
 
 def test_no_index_or_mirror_host_in_the_build() -> None:
