@@ -21,6 +21,7 @@ import pytest
 
 from ggufship.errors import IntegrityError
 from ggufship.manifest import MANIFEST_NAME, Manifest
+from tests.publish_fixtures import embedded_s3, embedded_s3_env
 
 pytest_plugins = ["tests.services_fixtures"]
 
@@ -80,7 +81,7 @@ def _export_bytes(export: Path) -> int:
 @pytest.fixture(scope="module")
 def published(tmp_path_factory: pytest.TempPathFactory, tiny_export: Path) -> Iterator[dict[str, Any]]:
     """The tiny export, signed, published to a real S3 and a real registry (one set per module)."""
-    from ggufship.publish import PublishRequest, S3Target, publish
+    from ggufship.publish import PublishRequest, publish
     from ggufship.publish._oci import OciTarget
     from ggufship.services import ServicesSettings, down, load_state, up
     from ggufship.sign import SigningRequest, generate_keypair, sign_export
@@ -105,7 +106,7 @@ def published(tmp_path_factory: pytest.TempPathFactory, tiny_export: Path) -> It
         result = publish(
             export,
             PublishRequest(
-                s3=S3Target(bucket="models", state_dir=state_dir, create_bucket=True),
+                s3=embedded_s3(state_dir, bucket="models", create_bucket=True),
                 oci=OciTarget(registry=registry, repository="models/tiny"),
             ),
         )
@@ -115,7 +116,7 @@ def published(tmp_path_factory: pytest.TempPathFactory, tiny_export: Path) -> It
             "public": public,
             "s3_uri": result.s3.uri,
             "oci_uri": f"oci://{registry}/models/tiny:1.0.0",
-            "s3": S3Target(bucket="models", state_dir=state_dir),
+            "s3": embedded_s3(state_dir, bucket="models"),
         }
     finally:
         down(state_dir, stop_timeout_s=10.0)
@@ -146,7 +147,8 @@ def test_signed_pull_and_serve_hash_every_byte_once(
     # any GGUF, e.g. model_signing re-reading the files, would add at least its size)
     assert total <= counter.bytes < total + smallest_gguf, (counter.bytes, total)
 
-    monkeypatch.setenv("GGUFSHIP_STATE_DIR", str(published["state_dir"]))
+    for var, value in embedded_s3_env(published["state_dir"]).items():  # what `ggufship serve` passes on
+        monkeypatch.setenv(var, value)
     settings = ServeSettings(
         model=uri, public_key=published["public"], cache_dir=tmp_path / "cache", n_threads=1
     )
