@@ -42,6 +42,8 @@ def option(
     one_required: bool = False,
     uri: bool = False,
     nested: dict[str, dict[str, Any]] | None = None,
+    group: str | None = None,
+    negative: str | None = None,
 ) -> dict[str, Any]:
     """``json_schema_extra`` for a field: its option ``name`` (snake case; default the field's name),
     ``metavar``, ``repeat`` (a list given by repeating the option, for values that may hold commas),
@@ -55,7 +57,9 @@ def option(
 
     On a field holding a nested model, ``nested`` maps the nested model's field names to
     ``option(...)`` specs that override theirs: how a command spells a reused model's options
-    (``--min-top1`` for ``EvaluatePolicy.min_top1_agreement``)."""
+    (``--min-top1`` for ``EvaluatePolicy.min_top1_agreement``). ``group``: the help section (argument
+    group) of a top-level field; ``negative``: for a ``bool | None`` field, the name of the flag
+    that sets it False (``--s3-insecure`` beside ``--s3-secure``; the two exclude each other)."""
     spec: dict[str, Any] = {"repeat": repeat, "query": query}
     if name is not None:
         spec["name"] = name
@@ -68,6 +72,8 @@ def option(
         ("exclusive", exclusive),
         ("one_required", one_required),
         ("uri", uri),
+        ("group", group),
+        ("negative", negative),
     ):
         if value:
             spec[key] = value
@@ -107,6 +113,7 @@ class Option:
     exclusive: str | None = None
     one_required: bool = False
     uri: bool = False
+    negative: str | None = None
 
     @property
     def flag(self) -> str:
@@ -220,9 +227,7 @@ def options_of(model: type[BaseModel], *, exclude: Iterable[str] = ()) -> tuple[
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         return dict(extra.get(_KEY) or {})  # type: ignore[call-overload]
 
-    def walk(
-        cls: type[BaseModel], prefix: tuple[str, ...], group: str, overrides: dict[str, Any]
-    ) -> None:
+    def walk(cls: type[BaseModel], prefix: tuple[str, ...], group: str, overrides: dict[str, Any]) -> None:
         for fname, field in cls.model_fields.items():
             if fname in skip:
                 continue
@@ -239,7 +244,7 @@ def options_of(model: type[BaseModel], *, exclude: Iterable[str] = ()) -> tuple[
                     name=spec.get("name", fname),
                     path=(*prefix, fname),
                     field=field,
-                    group=group,
+                    group=spec.get("group", group),
                     metavar=spec.get("metavar"),
                     repeat=bool(spec.get("repeat", False)),
                     query=bool(spec.get("query", True)),
@@ -250,6 +255,7 @@ def options_of(model: type[BaseModel], *, exclude: Iterable[str] = ()) -> tuple[
                     exclusive=spec.get("exclusive"),
                     one_required=bool(spec.get("one_required", False)),
                     uri=bool(spec.get("uri", False)),
+                    negative=spec.get("negative"),
                 )
             )
 

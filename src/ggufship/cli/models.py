@@ -160,3 +160,62 @@ class DownOptions(BaseModel):
     model_config = _CONFIG
 
     purge: bool = switch("also delete the services' data, logs and credentials")
+
+
+_PARAM = Field(
+    default=(),
+    description="a pipeline parameter (repeatable), "
+    "e.g. -p checkpoint=/data/ckpt -p name=tiny -p version=1.0.0",
+    json_schema_extra=option("param", short="-p", metavar="KEY=VALUE", repeat=True),
+)
+_ROOT = Field(default=None, description="not used (the pipeline is in the package)")
+
+
+class PipelineCompileOptions(BaseModel):
+    """``ggufship pipeline compile [-o YAML] [--check]``."""
+
+    model_config = _CONFIG
+
+    output: Path | None = Field(
+        default=None,
+        description="output YAML (default: the checkout's golden file, else ./)",
+        json_schema_extra=option(short="-o", metavar="OUTPUT"),
+    )
+    root: Path | None = Field(
+        default=None, description="repository root holding pipelines/ (default: cwd or the checkout)"
+    )
+    check: bool = switch("do not write; exit 1 if the golden YAML is not current")
+
+
+class PipelineRunOptions(BaseModel):
+    """``ggufship pipeline run --local -p KEY=VALUE ...``."""
+
+    model_config = _CONFIG
+
+    local: bool = Field(
+        description="kfp.local.SubprocessRunner(use_venv=False)",
+        json_schema_extra=option(action="store_true"),
+    )
+    param: tuple[str, ...] = _PARAM
+    pipeline_root: Path = Field(default=Path(".ggufship/kfp"), description="where task outputs go")
+    state_dir: Path | None = Field(
+        default=None,
+        description="embedded services state dir (default: $GGUFSHIP_STATE_DIR or .ggufship): fills "
+        "s3/oci/gitops targets and credentials not given",
+    )
+    root: Path | None = _ROOT
+
+
+class PipelineSubmitOptions(BaseModel):
+    """``ggufship pipeline submit --host URL -p KEY=VALUE ...``."""
+
+    model_config = _CONFIG
+
+    host: str = Field(min_length=1, description="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888")
+    param: tuple[str, ...] = _PARAM
+    package: Path | None = Field(
+        default=None, description="compiled YAML (default: this version's, compiled now)"
+    )
+    experiment: str = Field(default="ggufship", min_length=1, description="KFP experiment of the run")
+    run_name: str | None = Field(default=None, description="display name of the run (default: KFP's)")
+    root: Path | None = _ROOT

@@ -1,4 +1,5 @@
-"""``ggufship publish`` and ``ggufship pull``: S3, OCI registry, GitOps."""
+"""``ggufship publish`` and ``ggufship pull``: S3, OCI registry, GitOps (arguments generated from
+:mod:`ggufship.cli.publish_options`)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ggufship.cli.publish_options import PublishOptions, PullOptions
+    from ggufship.cli.settings_flags import add_model_flags
+
     p = sub.add_parser(
         "publish",
         help="publish a verified export to S3, an OCI registry and/or a GitOps repository",
@@ -22,38 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "and deploy/<env>/<name>.values.yaml). Idempotent; a published version with other digests is "
         "refused unless --force.",
     )
-    p.add_argument("out", type=Path, help="export directory (manifest.json, GGUF files, optional model.sig)")
-    s3 = p.add_argument_group("S3 (MinIO, SeaweedFS, AWS; via the minio SDK)")
-    s3.add_argument(
-        "--s3", metavar="s3://BUCKET[/PREFIX]", help="publish under PREFIX/models/<name>/<version>/"
-    )
-    _s3_connection_options(s3)
-    s3.add_argument(
-        "--create-bucket", action="store_true", help="create the bucket if missing (default: error naming it)"
-    )
-    s3.add_argument(
-        "--part-size-mib", type=int, metavar="MIB", help="multipart part size (default 16, min 5)"
-    )
-    oci = p.add_argument_group("OCI registry")
-    oci.add_argument("--oci", metavar="HOST[:PORT]/REPO", help="push as an OCI artifact (ORAS)")
-    _oci_options(oci)
-    g = p.add_argument_group("GitOps")
-    g.add_argument("--gitops", metavar="GIT_URL", help="deploy repository to commit the release to")
-    g.add_argument("--gitops-branch", default="main", help="branch (default main)")
-    g.add_argument("--gitops-env", default="dev", metavar="ENV", help="deploy/ENV/<name>.values.yaml (dev)")
-    g.add_argument(
-        "--gitops-author", metavar="'NAME <EMAIL>'", help="commit author and committer (default ggufship)"
-    )
-    g.add_argument(
-        "--gitops-message",
-        metavar="TEMPLATE",
-        help="commit message; fields {name} {version} {environment} {sha256} "
-        "(default 'release {name} {version} to {environment}')",
-    )
-    g.add_argument("--gitops-quant", metavar="TYPE", help="GGUF the deploy values point at (default Q4_K_M)")
-    g.add_argument("--gitops-attempts", type=int, default=5, help="push attempts on rejection (default 5)")
-    p.add_argument("--force", action="store_true", help="replace a published version that has other digests")
-    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    add_model_flags(p, PublishOptions, into="options")
     p.set_defaults(func=run_publish)
 
     q = sub.add_parser(
@@ -62,75 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Fetch into DEST (a staging dir beside it, renamed into place after every check "
         "passed). With --public-key / --certificate-chain / --identity the signature is verified too.",
     )
-    q.add_argument("uri", help="s3://BUCKET/[PREFIX/]models/NAME/VERSION/ or oci://HOST[:PORT]/REPO:TAG")
-    q.add_argument("-o", "--out", type=Path, required=True, help="destination directory (new or empty)")
-    _s3_connection_options(q)
-    _oci_options(q)
-    q.add_argument("--public-key", type=Path, help="verify model.sig with this public key")
-    q.add_argument("--certificate-chain", type=Path, action="append", help="verify with this CA chain")
-    q.add_argument("--identity", help="verify a Sigstore signature for this identity")
-    q.add_argument("--identity-provider", help="OIDC issuer of --identity")
-    q.add_argument("--trust-config", type=Path, help="private Sigstore trust config (with --identity)")
-    q.add_argument(
-        "--quant",
-        help="fetch only this quantization's GGUF (plus manifest.json, model.sig and the non-GGUF files); "
-        "the signature is still verified exactly; serve accepts the result for this quantization only",
-    )
-    q.add_argument("--force", action="store_true", help="replace a non-empty destination")
-    q.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    add_model_flags(q, PullOptions, into="options")
     q.set_defaults(func=run_pull)
-
-
-def _s3_connection_options(group: Any) -> None:
-    group.add_argument("--s3-endpoint", metavar="URL", help="http(s)://host:port (env GGUFSHIP_S3_ENDPOINT)")
-    group.add_argument(
-        "--s3-access-key",
-        metavar="KEY",
-        help="access key id (env GGUFSHIP_S3_ACCESS_KEY / AWS_ACCESS_KEY_ID)",
-    )
-    group.add_argument(
-        "--s3-secret-key-env",
-        metavar="VAR",
-        help="read the secret key from this environment variable (default GGUFSHIP_S3_SECRET_KEY, "
-        "then AWS_SECRET_ACCESS_KEY)",
-    )
-    group.add_argument("--s3-region", metavar="REGION", help="region (env GGUFSHIP_S3_REGION)")
-    tls = group.add_mutually_exclusive_group()
-    tls.add_argument("--s3-insecure", dest="s3_secure", action="store_false", default=None, help="plain HTTP")
-    tls.add_argument("--s3-secure", dest="s3_secure", action="store_true", help="TLS")
-    group.add_argument(
-        "--state-dir", type=Path, help="`ggufship up` state dir for the default endpoints (.ggufship)"
-    )
-
-
-def _oci_options(group: Any) -> None:
-    group.add_argument(
-        "--oci-username",
-        metavar="USER",
-        help="registry user (env GGUFSHIP_OCI_USERNAME; default: the Docker config's login)",
-    )
-    group.add_argument(
-        "--oci-password-env",
-        metavar="VAR",
-        help="read the registry password from this environment variable (default GGUFSHIP_OCI_PASSWORD)",
-    )
-    mode = group.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--oci-tls",
-        action="store_true",
-        help="HTTPS even for a loopback registry (default: HTTPS unless loopback)",
-    )
-    mode.add_argument(
-        "--oci-insecure",
-        action="store_true",
-        help="plain HTTP to a registry that is not loopback (env GGUFSHIP_OCI_INSECURE)",
-    )
-    group.add_argument(
-        "--oci-ca-bundle",
-        metavar="PEM",
-        type=Path,
-        help="CA certificates trusted for the registry, e.g. a private CA (env GGUFSHIP_OCI_CA_BUNDLE)",
-    )
 
 
 def _secret_from_env(var: str | None, defaults: tuple[str, ...]) -> Any:
@@ -233,7 +138,7 @@ def run_publish(args: argparse.Namespace) -> int:
         force=args.force,
     )
     result = publish(args.out, request, reporter=Reporter(enabled=None if not args.quiet else False))
-    if args.json:
+    if args.json_output:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return 0
     lines = [f"{result.name} {result.version} (manifest sha256 {result.manifest_sha256})"]
@@ -290,7 +195,7 @@ def run_pull(args: argparse.Namespace) -> int:
         reporter=reporter,
         quant=args.quant,
     )
-    if args.json:
+    if args.json_output:
         sys.stdout.write(json.dumps({"uri": args.uri, "path": str(path)}, indent=2) + "\n")
     else:
         sys.stdout.write(f"{path}\n")

@@ -118,7 +118,19 @@ def add_model_flags(
             names = ([opt.short] if opt.short else []) + [opt.flag]
             kwargs["dest"] = _DEST + opt.name
             kwargs["default"] = None
-            if opt.action in ("store_true", "count"):
+            if opt.negative is not None:  # --s3-secure / --s3-insecure: True, False or not given
+                pair = target.add_mutually_exclusive_group()
+                off = pair.add_argument(
+                    "--" + opt.negative.replace("_", "-"),
+                    dest=_DEST + opt.name,
+                    action="store_false",
+                    default=None,
+                    help=f"the opposite of {opt.flag}",
+                )
+                setattr(off, MARK, opt)
+                target = pair
+                kwargs["action"] = "store_true"
+            elif opt.action in ("store_true", "count"):
                 kwargs["action"] = opt.action
             elif opt.is_bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
