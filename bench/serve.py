@@ -20,7 +20,9 @@ seed, temperature 0 (greedy) everywhere. Two phases:
    level is bounded in requests and in time (``--load-timeout``: no new request after it); the
    backends run one after the other *per level*, in a rotating order, ``--rounds`` times
    (ABAB...), so that load from other processes on a shared machine hits all of them alike. The
-   1-minute load average is recorded next to every measurement.
+   1-minute load average is recorded next to every measurement. Each run prints its tokens/s and
+   TTFT p50/p99 as it ends, and ``--json`` / ``--markdown`` are rewritten after every run (an
+   interrupted benchmark keeps what it measured).
 
 Backends (``--backend``, repeatable): ``in-process``; ``ggufship batch`` (``--engine batch
 --parallel 16``, all ``--threads``); ``ggufship instances`` (``--engine instances`` with the
