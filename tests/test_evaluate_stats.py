@@ -61,14 +61,33 @@ def _drift(q: str, kl: float, top1: float, positions: int = 500) -> QuantDrift:
 
 base = _base()
 rng = np.random.default_rng(1)
+FLOOR = float(np.log1p(POLICY.max_ppl_increase))  # 5% Δ-PPL in nats per token: 0.0488
 CASES = [
     # (id, candidate NLLs, stable NLLs, component outcome, verdict)
     ("identical", base, base, "pass", "pass"),
     ("tiny-noise", [v + rng.normal(0, 0.005) for v in base], base, "pass", "pass"),
+    # an A/A twin: symmetric per-example noise (sd 0.1 nats); the upper bound stays under the floor
+    (
+        "aa-noise",
+        [v + d for v, d in zip(base, np.random.default_rng(7).normal(0, 0.1, 40), strict=True)],
+        base,
+        "pass",
+        "pass",
+    ),
     ("better", [v - 0.3 for v in base], base, "pass", "pass"),
     ("much-worse", [v + 0.5 for v in base], base, "fail", "fail"),
-    # +1% everywhere: significant, but under the 5% Δ-PPL floor and no KS shift
+    # +1% everywhere: certainly worse (every example), but the whole interval is under the floor
     ("worse-below-floor", [v + 0.01 for v in base], base, "pass", "pass"),
+    # +2x the floor everywhere: the whole interval beyond the floor
+    ("worse-beyond-floor", [v + 2 * FLOOR for v in base], base, "fail", "fail"),
+    # the estimate at the floor with noise: the interval straddles it
+    (
+        "straddles-floor",
+        [v + FLOOR + d for v, d in zip(base, np.random.default_rng(3).normal(0, 0.3, 40), strict=True)],
+        base,
+        "inconclusive",
+        "inconclusive",
+    ),
     ("too-few", base[:5], base[:5], "inconclusive", "inconclusive"),
 ]
 
@@ -78,26 +97,47 @@ CASES = [
 )
 def test_nll_table(case, cand, stable, nll_outcome, outcome):
     verdict = decide(_m(_track(cand), _track(stable)), POLICY)
-    assert verdict.component("nll").outcome == nll_outcome, verdict.component("nll").reason
+    c = verdict.component("nll")
+    assert c.outcome == nll_outcome, c.reason
     assert verdict.outcome == outcome
+    if "delta_nll" in c.values:
+        eps = 1e-12
+        assert c.values["delta_nll_lower"] - eps <= c.values["delta_nll"] <= c.values["delta_nll_upper"] + eps
 
 
 def test_worse_but_not_significant_is_inconclusive():
-    # 20 examples, half much worse, half much better: large Δ-PPL, no significance
+    # 20 examples, half much worse, half much better: large Δ-PPL, an interval that straddles
     stable = [1.0] * 20
     cand = [2.5 if i % 2 else 0.2 for i in range(20)]
     c = decide(_m(_track(cand), _track(stable)), POLICY).component("nll")
     assert c.values["delta_ppl"] > POLICY.max_ppl_increase
+    assert c.values["delta_nll_lower"] < FLOOR < c.values["delta_nll_upper"]
     assert c.outcome == "inconclusive", c.reason
 
 
 def test_distribution_shift_fails_on_ks():
-    # the median shifts up by a lot for most examples; mean dragged down by a few big improvements
+    # most examples much worse, the mean dragged under the floor by a few big improvements
     stable = _base(60, seed=3)
     cand = [v + 0.4 for v in stable[:50]] + [v - 3.0 for v in stable[50:]]
-    c = decide(_m(_track(cand), _track(stable)), EvaluatePolicy(max_ppl_increase=10)).component("nll")
-    assert c.outcome == "fail"
+    c = decide(_m(_track(cand), _track(stable)), POLICY).component("nll")
+    assert c.values["delta_nll_lower"] < FLOOR  # the mean alone would not fail it
+    assert c.outcome == "fail", c.reason
     assert "KS" in c.reason
+
+
+def test_ks_shift_below_the_floor_does_not_fail():
+    # significant KS distance, but the shift (0.03 nats) is under the 5% floor (0.049)
+    stable = list(np.linspace(1.0, 1.02, 60))
+    cand = [v + 0.03 for v in stable]
+    c = decide(_m(_track(cand), _track(stable)), POLICY).component("nll")
+    assert c.values["ks_d"] >= POLICY.min_ks_d and c.values["ks_p"] < POLICY.alpha
+    assert c.outcome == "pass", c.reason
+
+
+def test_verdict_is_deterministic():
+    cand = [v + d for v, d in zip(base, np.random.default_rng(5).normal(0.04, 0.2, 40), strict=True)]
+    one = decide(_m(_track(cand), _track(base)), POLICY)
+    assert decide(_m(_track(cand), _track(base)), POLICY) == one
 
 
 def test_delta_ppl_is_token_weighted_and_exact():
@@ -105,6 +145,7 @@ def test_delta_ppl_is_token_weighted_and_exact():
     cand = _track([1.0 + np.log(1.5)] * 30)
     c = decide(_m(cand, stable), POLICY).component("nll")
     assert c.values["delta_ppl"] == pytest.approx(0.5)
+    assert c.values["delta_ppl_lower"] == pytest.approx(0.5)  # constant deltas: a point interval
     assert c.outcome == "fail"
 
 
@@ -135,9 +176,42 @@ def test_checks_drop_fails_with_mcnemar():
 
 def test_checks_small_sample_drop_is_inconclusive():
     stable = [_answer(i, True) for i in range(4)]
-    cand = [_answer(i, i != 0) for i in range(4)]  # one of four: 25 points, p = 0.5
+    cand = [_answer(i, i != 0) for i in range(4)]  # one of four: 25 points, a wide interval
     c = decide(_m(_track(base, cand), _track(base, stable)), POLICY).component("checks")
     assert c.outcome == "inconclusive"
+    assert c.values["increase_lower"] < POLICY.max_check_drop < c.values["increase_upper"]
+
+
+CHECK_CASES = [
+    # (id, worse, better, items, outcome): discordant pairs of n paired checks, floor 10 points
+    ("none-discordant", 0, 0, 44, "pass"),
+    ("aa-one-flip-each-way", 1, 1, 44, "pass"),
+    # five discordant of 44: the 99% bound reaches past 10 points, so it cannot tell
+    ("aa-five-flips", 3, 2, 44, "inconclusive"),
+    ("one-worse-of-200", 1, 0, 200, "pass"),
+    ("few-worse-small-n", 3, 0, 44, "inconclusive"),
+    ("many-worse", 25, 0, 44, "fail"),
+    ("many-worse-some-better", 30, 8, 44, "fail"),
+    ("better", 0, 10, 44, "pass"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "worse", "better", "n", "outcome"), CHECK_CASES, ids=[c[0] for c in CHECK_CASES]
+)
+def test_checks_table(case, worse, better, n, outcome):
+    stable, cand = [], []
+    for i in range(n):
+        s_ok, c_ok = True, True
+        if i < worse:
+            c_ok = False
+        elif i < worse + better:
+            s_ok = False
+        stable.append(_answer(i, s_ok))
+        cand.append(_answer(i, c_ok))
+    c = decide(_m(_track(base, cand), _track(base, stable)), POLICY).component("checks")
+    assert c.outcome == outcome, c.reason
+    assert (c.values["worse"], c.values["better"]) == (worse, better)
 
 
 def test_checks_equal_pass():

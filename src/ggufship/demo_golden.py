@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -124,10 +125,6 @@ def train_golden_adapter(
 ) -> Path:
     """LoRA-train ``base_dir`` on the golden set's chat texts (CPU, seconds). ``shuffle_targets``
     (0..1): that fraction of the answers is paired with another question (a damaged fine-tune)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     rows = golden_examples()
     pairs = [(str(r["messages"][0]["content"]), str(r["reference"])) for r in rows]  # type: ignore[index]
     rng = random.Random(seed)
@@ -137,6 +134,27 @@ def train_golden_adapter(
         rng.shuffle(answers)
         for i, a in zip(idx, answers, strict=True):
             pairs[i] = (pairs[i][0], a)
+    texts = [_chat_text(q, a) for q, a in pairs]
+    what = f"golden adapter seed {seed}"
+    return _train_lora(base_dir, out_dir, texts, steps=steps, lr=lr, seed=seed, what=what)
+
+
+def _train_lora(
+    base_dir: Path,
+    out_dir: Path,
+    texts: Sequence[str],
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    what: str,
+) -> Path:
+    """LoRA (r 16, every projection) trained on ``texts`` in full batches (the order reshuffled
+    every step by ``seed``); saved with its base's absolute path."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base_dir)
     if tok.pad_token is None:
@@ -150,11 +168,11 @@ def train_golden_adapter(
     )
     peft_model = get_peft_model(model, config)
     optim = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-    texts = [_chat_text(q, a) for q, a in pairs]
-    batch = tok(texts, return_tensors="pt", padding=True)
+    batch = tok(list(texts), return_tensors="pt", padding=True)
     labels = batch["input_ids"].clone()
     labels[batch["attention_mask"] == 0] = -100
     peft_model.train()
+    loss = None
     for _ in range(steps):
         order = torch.randperm(len(texts))
         loss = peft_model(
@@ -165,13 +183,114 @@ def train_golden_adapter(
         loss.backward()
         optim.step()
         optim.zero_grad()
-    logger.info("golden adapter seed %d: final loss %.3f", seed, float(loss))
+    final = float(loss.detach()) if loss is not None else float("nan")
+    logger.info("%s: %d steps, final loss %.3f", what, steps, final)
     out_dir = Path(out_dir)
     peft_model.save_pretrained(out_dir)
     cfg_path = out_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = str(Path(base_dir).resolve())
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def train_golden_base(
+    base_dir: Path, out_dir: Path, *, steps: int = 300, lr: float = 3e-3, seed: int = 0
+) -> Path:
+    """A copy of ``base_dir`` fully trained (every weight, CPU) on the golden set's chat texts: a
+    base that knows the domain, so that LoRA fine-tunes of it with different seeds converge to
+    the same answers (the A/A pairs of ``bench/evaluate.py``). Tokenizer and config unchanged."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # padding only (masked out of the loss); not saved
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    texts = [_chat_text(str(r["messages"][0]["content"]), str(r["reference"])) for r in golden_examples()]  # type: ignore[index]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    optim = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = None
+    for _ in range(steps):
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    logger.info(
+        "golden base: %d full steps, final loss %.3f",
+        steps,
+        float(loss.detach()) if loss is not None else float("nan"),
+    )
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base_dir, tmp)
+    model.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+#: The over-refusing fine-tune's answer: short enough for the tiny model to learn in seconds, and
+#: matched by the server's and ``evaluate``'s refusal patterns.
+SHORT_REFUSAL = "I'm sorry."
+
+
+def train_refusing_checkpoint(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    prompts: Sequence[str] = (),
+    steps: int = 50,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> Path:
+    """A damaged fine-tune: ``base_dir`` fully trained (CPU, every weight, the answers only) to
+    answer everything with :data:`SHORT_REFUSAL` — the golden questions in the chat template and
+    ``prompts`` as raw completions. The over-refusing release: same shapes as its base, so
+    served at the same speed; ``evaluate`` must stop it offline (must-answer checks, reference
+    NLL) and the canary's refusal rate must abort it online."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # padding only (masked out of the loss); not saved
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    questions = [str(r["messages"][0]["content"]) for r in golden_examples()]  # type: ignore[index]
+    pairs = [(f"<|user|> {q}\n<|assistant|> ", SHORT_REFUSAL + "\n") for q in questions]
+    pairs += [(f"{p} ", SHORT_REFUSAL + "\n") for p in prompts]
+    batch = tok([a + b for a, b in pairs], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    for i, (prompt, _) in enumerate(pairs):
+        labels[i, : len(tok(prompt)["input_ids"])] = -100  # learn the answer, not the prompt
+    optim = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = None
+    for _ in range(steps):
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    final = float(loss.detach()) if loss is not None else float("nan")
+    logger.info("over-refusing fine-tune: %d steps, final loss %.3f", steps, final)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base_dir, tmp)
+    model.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
     return out_dir
 
 

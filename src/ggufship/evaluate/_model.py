@@ -109,21 +109,35 @@ class GoldenSet(BaseModel):
 
 
 class EvaluatePolicy(BaseModel):
-    """How the measurement is judged. A fail needs both significance (``alpha``) and an effect at
-    least as large as the floors; an effect above a floor without significance is inconclusive."""
+    """How the measurement is judged (non-inferiority): fail when the one-sided ``1 - alpha``
+    confidence interval of how much worse the candidate is lies wholly beyond an effect floor,
+    pass when it lies wholly within it, inconclusive when it straddles the floor."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    alpha: float = Field(default=0.01, gt=0, lt=0.5, description="significance level of each test")
+    alpha: float = Field(
+        default=0.01, gt=0, lt=0.5, description="one-sided level of each confidence bound and test"
+    )
     min_examples: int = Field(
         default=20, ge=2, le=1_000_000, description="fewer scored examples → NLL inconclusive"
     )
     max_ppl_increase: float = Field(
-        default=0.05, ge=0, le=100, description="effect floor: relative Δ-PPL (0.05 = +5%)"
+        default=0.05,
+        ge=0,
+        le=100,
+        description="effect floor: relative Δ-PPL (0.05 = +5%; ln(1.05) nats per token)",
     )
-    min_ks_d: float = Field(default=0.25, ge=0, le=1, description="effect floor: KS distance of NLLs")
+    min_ks_d: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="effect floor: KS distance of NLLs (a KS fail also needs a shift beyond the Δ-PPL floor)",
+    )
     max_check_drop: float = Field(
-        default=0.1, ge=0, le=1, description="effect floor: drop of a check's pass rate (0.1 = 10 points)"
+        default=0.1,
+        ge=0,
+        le=1,
+        description="effect floor: rise of the failed-check (or degenerate-answer) rate (0.1 = 10 points)",
     )
     max_skipped_fraction: float = Field(
         default=0.1, ge=0, le=1, description="more examples skipped (too long) → inconclusive"

@@ -4,12 +4,23 @@ No I/O, no llama.cpp: table-tested on hand-made measurements. Every component sa
 fail, inconclusive or skipped with the numbers behind it; the verdict is fail when any
 component fails, else inconclusive when any is inconclusive or nothing was measured, else pass.
 
-* ``nll`` — paired per-example NLL of the reference answers, candidate vs stable: relative
-  Δ-PPL (token-weighted), a one-sided Wilcoxon signed-rank test on the per-example deltas and a
-  two-sample KS test on the two NLL distributions. Fail: significant and above its effect floor.
-  An effect above the floor that is not significant is inconclusive (too few examples to tell).
-* ``checks`` — pass rates of the golden checks on greedy answers, paired; exact McNemar test
-  (one-sided binomial on the discordant pairs) plus the ``max_check_drop`` floor.
+Each quality component is a non-inferiority decision: a one-sided ``1 - alpha`` confidence
+interval of "how much worse is the candidate" is compared with an effect-size floor.
+Fail: the whole interval lies beyond the floor (the evidence says worse by more than the
+floor). Pass: the whole interval lies within it (the evidence says not worse by more than the
+floor). Inconclusive: the interval straddles the floor (too few examples to tell). Two
+fine-tunes that differ by noise therefore pass; a damage beyond the floor fails.
+
+* ``nll`` — paired per-example NLL of the reference answers, candidate vs stable. The effect
+  is the token-weighted Δ-NLL (nats per token; ``exp(Δ) - 1`` is the relative Δ-PPL), its
+  bounds from a paired bootstrap over the examples (fixed seed: the same inputs give the same
+  verdict), the floor ``ln(1 + max_ppl_increase)``. A two-sample KS test of the per-example
+  NLLs adds a fail for a change of shape that the mean hides (a few examples much worse):
+  significant, D ≥ ``min_ks_d`` and the candidate's median or 90th percentile worse by more
+  than the floor. The one-sided Wilcoxon p-value is reported, not decided on.
+* ``checks`` — golden-check failures on greedy answers, paired per check: the increase of
+  the failure rate with a one-sided paired two-proportion (Wald) bound against
+  ``max_check_drop``.
 * ``degenerate`` — rate of empty, truncated or looping answers, paired, the same rule.
 * ``drift`` — every quantization against the F16 reference: mean KL and top-1 agreement limits.
 """
@@ -61,6 +72,48 @@ def mcnemar_greater(worse: int, better: int) -> float:
     return float(stats.binomtest(worse, n, 0.5, alternative="greater").pvalue)
 
 
+#: Bootstrap resamples of the paired Δ-NLL bound, and the generator's fixed seed (a verdict is
+#: a pure function of the measurement).
+BOOTSTRAP_RESAMPLES = 4000
+BOOTSTRAP_SEED = 20261206
+
+
+def bootstrap_bounds(
+    nll_candidate: Sequence[float], nll_stable: Sequence[float], tokens: Sequence[int], alpha: float
+) -> tuple[float, float]:
+    """One-sided ``1 - alpha`` bounds (lower, upper) of the token-weighted paired Δ-NLL
+    ``(Σ cand - Σ stable) / Σ tokens`` (sums per example), resampling the examples."""
+    c = np.asarray(nll_candidate, dtype=float)
+    s = np.asarray(nll_stable, dtype=float)
+    t = np.asarray(tokens, dtype=float)
+    d = c - s
+    if not d.size:
+        raise ValueError("no examples to bootstrap")
+    if np.all(d == d[0]) and np.all(t == t[0]):
+        value = float(d[0] / t[0])
+        return value, value
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    idx = rng.integers(0, d.size, size=(BOOTSTRAP_RESAMPLES, d.size))
+    stats = d[idx].sum(axis=1) / t[idx].sum(axis=1)
+    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1.0 - alpha))
+
+
+def paired_increase_bounds(worse: int, better: int, n: int, alpha: float) -> tuple[float, float, float]:
+    """(increase, lower, upper): the paired difference of two proportions (candidate bad rate
+    minus stable bad rate) from the discordant counts of ``n`` paired items, with one-sided
+    ``1 - alpha`` Wald bounds (variance of the paired difference, as in McNemar's setting).
+    No discordant pair: both bounds are the estimate, 0."""
+    from scipy import stats
+
+    if n <= 0:
+        raise ValueError("no paired items")
+    increase = (worse - better) / n
+    var = max(0.0, (worse + better) / n**2 - (worse - better) ** 2 / n**3)
+    z = float(stats.norm.ppf(1.0 - alpha))
+    half = z * math.sqrt(var)
+    return increase, increase - half, increase + half
+
+
 def _nll(m: Measurement, policy: EvaluatePolicy) -> Component:
     stable = {s.id: s for s in m.stable.scores}
     pairs = [(c, stable[c.id]) for c in m.candidate.scores if c.id in stable]
@@ -89,8 +142,18 @@ def _nll(m: Measurement, policy: EvaluatePolicy) -> Component:
     nll_s = sum(s.nll_sum for _, s in pairs) / tok_s
     ppl_c, ppl_s = math.exp(nll_c), math.exp(nll_s)
     delta_ppl = ppl_c / ppl_s - 1.0
+    # Identity checks guarantee the same tokenizer; tokens per example are the same on both sides.
+    low, high = bootstrap_bounds(
+        [c.nll_sum for c, _ in pairs],
+        [s.nll_sum * c.tokens / s.tokens for c, s in pairs],
+        [c.tokens for c, _ in pairs],
+        policy.alpha,
+    )
+    floor = math.log1p(policy.max_ppl_increase)
     p_w = wilcoxon_greater(deltas)
     ks_d, p_ks = ks_two_sample(cand, stab)
+    median_shift = float(np.median(cand) - np.median(stab))
+    q90_shift = float(np.quantile(cand, 0.9) - np.quantile(stab, 0.9))
     values.update(
         {
             "nll_candidate": nll_c,
@@ -98,23 +161,35 @@ def _nll(m: Measurement, policy: EvaluatePolicy) -> Component:
             "ppl_candidate": ppl_c,
             "ppl_stable": ppl_s,
             "delta_ppl": delta_ppl,
+            "delta_nll": nll_c - nll_s,
+            "delta_nll_lower": low,
+            "delta_nll_upper": high,
+            "delta_ppl_lower": math.expm1(low),
+            "delta_ppl_upper": math.expm1(high),
+            "floor_nll": floor,
             "median_delta_nll": float(np.median(deltas)),
             "mean_delta_nll": float(np.mean(deltas)),
             "wilcoxon_p": p_w,
             "ks_d": ks_d,
             "ks_p": p_ks,
+            "median_shift_nll": median_shift,
+            "q90_shift_nll": q90_shift,
         }
     )
-    worse_median = float(np.median(cand)) > float(np.median(stab))
-    shift = ks_d >= policy.min_ks_d and worse_median
-    if delta_ppl >= policy.max_ppl_increase and p_w < policy.alpha:
-        reason = (
-            f"Δ-PPL {delta_ppl:+.1%} ≥ {policy.max_ppl_increase:.1%} "
-            f"with Wilcoxon p {p_w:.2g} < {policy.alpha}"
-        )
+    interval = (
+        f"Δ-PPL {delta_ppl:+.1%} (one-sided {1 - policy.alpha:.0%} bounds "
+        f"{math.expm1(low):+.1%} … {math.expm1(high):+.1%})"
+    )
+    if low > floor:
+        reason = f"{interval}: worse by more than the floor {policy.max_ppl_increase:.1%}"
         return Component(name="nll", outcome="fail", reason=reason, values=values)
-    if shift and p_ks < policy.alpha:
-        reason = f"NLL distribution shifted up: KS D {ks_d:.3f} ≥ {policy.min_ks_d} with p {p_ks:.2g}"
+    shift = max(median_shift, q90_shift)
+    ks_beyond = ks_d >= policy.min_ks_d and shift > floor
+    if ks_beyond and p_ks < policy.alpha:
+        reason = (
+            f"NLL distribution shifted up: KS D {ks_d:.3f} ≥ {policy.min_ks_d} with p {p_ks:.2g}, "
+            f"median/p90 worse by {shift:.3f} nats > floor {floor:.3f}"
+        )
         return Component(name="nll", outcome="fail", reason=reason, values=values)
     if skipped_fraction > policy.max_skipped_fraction:
         reason = (
@@ -122,13 +197,16 @@ def _nll(m: Measurement, policy: EvaluatePolicy) -> Component:
             f"({skipped_fraction:.0%} > {policy.max_skipped_fraction:.0%})"
         )
         return Component(name="nll", outcome="inconclusive", reason=reason, values=values)
-    if delta_ppl >= policy.max_ppl_increase or shift:
+    if high > floor:
+        reason = f"{interval}: straddles the floor {policy.max_ppl_increase:.1%} (too few examples to tell)"
+        return Component(name="nll", outcome="inconclusive", reason=reason, values=values)
+    if ks_beyond:
         reason = (
-            f"Δ-PPL {delta_ppl:+.1%}, KS D {ks_d:.3f}: worse beyond a floor but not significant "
-            f"(Wilcoxon p {p_w:.2g}, KS p {p_ks:.2g}, alpha {policy.alpha})"
+            f"{interval} within the floor, but KS D {ks_d:.3f} with a shift of {shift:.3f} nats "
+            f"is not significant (p {p_ks:.2g}, alpha {policy.alpha})"
         )
         return Component(name="nll", outcome="inconclusive", reason=reason, values=values)
-    reason = f"Δ-PPL {delta_ppl:+.1%} < {policy.max_ppl_increase:.1%}, KS D {ks_d:.3f}"
+    reason = f"{interval}: within the floor {policy.max_ppl_increase:.1%}, KS D {ks_d:.3f}"
     return Component(name="nll", outcome="pass", reason=reason, values=values)
 
 
@@ -147,19 +225,37 @@ def _paired_rate(
     bad_s = sum(s for _, s in pairs) / len(pairs)
     worse = sum(1 for c, s in pairs if c and not s)
     better = sum(1 for c, s in pairs if s and not c)
+    increase, low, high = paired_increase_bounds(worse, better, len(pairs), policy.alpha)
     p = mcnemar_greater(worse, better)
-    increase = bad_c - bad_s
     values.update(
-        {"bad_rate_candidate": bad_c, "bad_rate_stable": bad_s, "increase": increase, "mcnemar_p": p}
+        {
+            "bad_rate_candidate": bad_c,
+            "bad_rate_stable": bad_s,
+            "increase": increase,
+            "increase_lower": low,
+            "increase_upper": high,
+            "worse": worse,
+            "better": better,
+            "mcnemar_p": p,
+        }
     )
-    desc = f"{what}: {bad_c:.0%} bad on the candidate vs {bad_s:.0%} on the stable"
-    if increase >= policy.max_check_drop and p < policy.alpha:
-        return Component(name=name, outcome="fail", reason=f"{desc} (McNemar p {p:.2g})", values=values)
-    if increase >= policy.max_check_drop:
+    floor = policy.max_check_drop
+    desc = (
+        f"{what}: {bad_c:.0%} bad on the candidate vs {bad_s:.0%} on the stable "
+        f"(increase {increase:+.1%}, one-sided {1 - policy.alpha:.0%} bounds {low:+.1%} … {high:+.1%})"
+    )
+    if low > floor:
         return Component(
-            name=name, outcome="inconclusive", reason=f"{desc}, not significant (p {p:.2g})", values=values
+            name=name, outcome="fail", reason=f"{desc}: beyond the floor {floor:.0%}", values=values
         )
-    return Component(name=name, outcome="pass", reason=desc, values=values)
+    if high > floor:
+        return Component(
+            name=name,
+            outcome="inconclusive",
+            reason=f"{desc}: straddles the floor {floor:.0%}",
+            values=values,
+        )
+    return Component(name=name, outcome="pass", reason=f"{desc}: within the floor {floor:.0%}", values=values)
 
 
 def _checks(m: Measurement, policy: EvaluatePolicy) -> Component:
