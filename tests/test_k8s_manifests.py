@@ -190,6 +190,7 @@ def test_kfp_sensor_posts_a_v2beta1_run(tmp_path: Path) -> None:
     declared = spec["root"]["inputDefinitions"]["parameters"]
     required = {n for n, d in declared.items() if not d.get("isOptional")}
     needed = required | {"s3", "oci", "gitops", "environment", "deploy_mode", "rollout_name", "namespace"}
+    needed |= {"release_repo", "release_revision"}  # the spec is read from Git in the pod
     for trigger in sensor["spec"]["triggers"]:
         sent = {
             p["dest"].removeprefix("runtime_config.parameters.")
@@ -267,6 +268,9 @@ def test_sensor_templates_extract_release(sensor_name: str, tmp_path: Path) -> N
         assert got["runtime_config.parameters.rollout_name"] == "support-bot-ggufship-api"
         assert got["runtime_config.parameters.oci"] == "registry.example.com/models/support-bot"
         assert got["runtime_config.parameters.deploy_mode"] == "gitops"
+        # the spec is cloned from the release repository (the EventSource's acme/ml-releases) at the push
+        assert got["runtime_config.parameters.release_repo"] == "https://github.com/acme/ml-releases.git"
+        assert got["runtime_config.parameters.release_revision"] == PUSH["after"]
         assert (
             got["display_name"] == f"ggufship release releases/support-bot-1.4.0-rc.1.yaml @ {PUSH['after']}"
         )
@@ -466,8 +470,8 @@ def test_one_ggufship_image_everywhere() -> None:
     import re
 
     found: dict[str, set[str]] = {}
-    kfp_src = (ROOT / "components" / "kfp_components.py").read_text()
-    found["components/kfp_components.py"] = set(re.findall(r'"GGUFSHIP_IMAGE", "([^"]+)"', kfp_src))
+    kfp_src = (ROOT / "src" / "ggufship" / "pipeline" / "components.py").read_text()
+    found["src/ggufship/pipeline/components.py"] = set(re.findall(r'"GGUFSHIP_IMAGE", "([^"]+)"', kfp_src))
     hera_src = (ROOT / "pipelines" / "argo" / "release_workflow.py").read_text()
     found["pipelines/argo/release_workflow.py"] = set(re.findall(r'^IMAGE = "([^"]+)"', hera_src, re.M))
     pipelines = ROOT / "pipelines"
@@ -478,7 +482,7 @@ def test_one_ggufship_image_everywhere() -> None:
             found[str(path.relative_to(ROOT))] = images
     values = yaml.safe_load((ROOT / "charts" / "ggufship-api" / "values.yaml").read_text())
     found["charts/ggufship-api/values.yaml"] = {f"{values['image']['repository']}:{values['image']['tag']}"}
-    for must in ("components/kfp_components.py", "pipelines/export_to_canary.yaml",
+    for must in ("src/ggufship/pipeline/components.py", "pipelines/export_to_canary.yaml",
                  "pipelines/argo/release-workflow.yaml", "charts/ggufship-api/values.yaml"):  # fmt: skip
         assert found.get(must), f"no ggufship image found in {must}"
     distinct = set().union(*found.values())

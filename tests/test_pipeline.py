@@ -11,7 +11,7 @@ import yaml
 
 from ggufship.cli.main import main
 from ggufship.errors import UsageError
-from ggufship.pipeline import compile_pipeline, find_pipeline
+from ggufship.pipeline import compile_pipeline, golden_path
 
 pytest_plugins = ["tests.services_fixtures"]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_golden_yaml_is_current(tmp_path: Path) -> None:
     fresh = compile_pipeline(tmp_path / "p.yaml", root=ROOT)
-    golden = find_pipeline(ROOT).with_suffix(".yaml")
+    golden = golden_path(ROOT)
     assert golden.read_text() == fresh.read_text(), "run `ggufship pipeline compile` and commit the YAML"
     assert main(["pipeline", "compile", "--check", "--root", str(ROOT)]) == 0
 
@@ -30,7 +30,7 @@ def test_golden_does_not_depend_on_hera(tmp_path: Path) -> None:
     import hera.workflows  # noqa: F401
 
     fresh = compile_pipeline(tmp_path / "p.yaml", root=ROOT)
-    assert find_pipeline(ROOT).with_suffix(".yaml").read_text() == fresh.read_text()
+    assert golden_path(ROOT).read_text() == fresh.read_text()
 
 
 def test_check_detects_stale_golden(tmp_path: Path) -> None:
@@ -40,7 +40,7 @@ def test_check_detects_stale_golden(tmp_path: Path) -> None:
 
 
 def test_compiled_pipeline_shape() -> None:
-    docs = list(yaml.safe_load_all(find_pipeline(ROOT).with_suffix(".yaml").read_text()))
+    docs = list(yaml.safe_load_all(golden_path(ROOT).read_text()))
     spec = docs[0]
     # Every task runs inside the exit handler; the rollback runs after it whatever happened
     # (kfp dsl.ExitHandler compiles to triggerPolicy ALL_UPSTREAM_TASKS_COMPLETED).
@@ -75,10 +75,46 @@ def test_compiled_pipeline_shape() -> None:
     assert publish_secrets == {"ggufship-s3", "ggufship-oci", "ggufship-git"}
     assert k8s["exec-sign-model"]["secretAsVolume"][0]["secretName"] == "ggufship-signing"
     assert {s["secretName"] for s in k8s["exec-rollback-release"]["secretAsEnv"]} == {"ggufship-git"}
-    # s3:// checkpoint/adapter/release: export and evaluate get the S3 credentials too
-    assert {s["secretName"] for s in k8s["exec-export-model"]["secretAsEnv"]} == {"ggufship-s3"}
-    assert {s["secretName"] for s in k8s["exec-evaluate-model"]["secretAsEnv"]} == {"ggufship-s3"}
+    # s3:// checkpoint/adapter/release: export and evaluate get the S3 credentials too, and the
+    # Git token for a private release_repo
+    for task in ("exec-export-model", "exec-evaluate-model"):
+        assert {s["secretName"] for s in k8s[task]["secretAsEnv"]} == {"ggufship-s3", "ggufship-git"}
     assert int(k8s["exec-export-model"]["activeDeadlineSeconds"]) == 4 * 3600
+
+
+def test_deploy_takes_the_digest_not_the_model() -> None:
+    """The deploy task has no artifact input (KFP would download the whole signed export for it):
+    it gets the GitOps-deployed GGUF's digest and the model URI as strings from publish."""
+    spec = next(yaml.safe_load_all(golden_path(ROOT).read_text()))
+    deploy = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]["deploy-and-await"]
+    assert "artifacts" not in deploy["inputs"]
+    params = deploy["inputs"]["parameters"]
+    for name in ("model_sha256", "model_uri"):
+        assert params[name]["taskOutputParameter"] == {
+            "outputParameterKey": name,
+            "producerTask": "publish-model",
+        }
+    assert "artifacts" not in spec["components"]["comp-deploy-and-await"]["inputDefinitions"]
+    outputs = spec["components"]["comp-publish-model"]["outputDefinitions"]["parameters"]
+    assert outputs["model_sha256"] == {"parameterType": "STRING"}
+
+
+def test_inputs_volume_is_mounted() -> None:
+    """export and evaluate (the tasks reading checkpoint/adapter/release paths) mount the PVC named by
+    the volume_claim parameter at /checkpoints, where the Sensor's checkpoint paths point; no other task
+    mounts it. (kfp-kubernetes kfp/kubernetes/volume.py mount_pvc writes pvcMount with pvcNameParameter.)"""
+    from ggufship.pipeline.definition import DEFAULT_VOLUME_CLAIM, VOLUME_MOUNT
+
+    docs = list(yaml.safe_load_all(golden_path(ROOT).read_text()))
+    declared = docs[0]["root"]["inputDefinitions"]["parameters"]
+    assert declared["volume_claim"]["defaultValue"] == DEFAULT_VOLUME_CLAIM
+    k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    mounted = {name for name, cfg in k8s.items() if cfg.get("pvcMount")}
+    assert mounted == {"exec-export-model", "exec-evaluate-model"}
+    for name in mounted:
+        (mount,) = k8s[name]["pvcMount"]
+        assert mount["mountPath"] == VOLUME_MOUNT == "/checkpoints"
+        assert mount["pvcNameParameter"] == {"componentInputParameter": "pipelinechannel--volume_claim"}
 
 
 def test_bad_params() -> None:

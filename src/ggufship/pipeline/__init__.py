@@ -1,15 +1,17 @@
 """The KFP pipeline ``export-to-canary``: compile it, run it locally, submit it.
 
-The pipeline definition lives in the repository (``pipelines/export_to_canary.py``,
-components in ``components/kfp_components.py``); each component calls one function of
-:mod:`ggufship.pipeline.steps`. This front finds the definition, compiles it to the
-golden YAML, runs it with ``kfp.local.SubprocessRunner(use_venv=False)`` against the
-embedded services, or submits the compiled YAML to a KFP API server.
+The pipeline definition is part of the package (:mod:`ggufship.pipeline.definition`,
+components in :mod:`ggufship.pipeline.components`), so it compiles from an installed
+wheel; each component calls one function of :mod:`ggufship.pipeline.steps`. This front
+compiles it to YAML (in a checkout: the golden ``pipelines/export_to_canary.yaml``), runs
+it with ``kfp.local.SubprocessRunner(use_venv=False)`` against the embedded services, or
+submits it to a KFP API server. Reading the embedded services' state (``ggufship up``) is
+done here (:func:`embedded_targets`) and by the CLI only: the steps take endpoints and
+credentials from their parameters and environment.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import tempfile
@@ -18,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from ggufship.environment import environment
@@ -28,19 +29,21 @@ from ggufship.pipeline.steps import PipelineStepError, RolloutAbortedError, Roll
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "PIPELINE_FILE",
+    "GOLDEN_FILE",
     "PipelineStepError",
     "RolloutAbortedError",
     "RolloutTimeoutError",
     "compile_pipeline",
     "embedded_targets",
-    "find_pipeline",
-    "load_pipeline_module",
+    "golden_path",
     "run_local",
     "submit",
 ]
 
-PIPELINE_FILE = Path("pipelines") / "export_to_canary.py"
+#: The compiled pipeline a checkout keeps (relative to the repository root).
+GOLDEN_FILE = Path("pipelines") / "export_to_canary.yaml"
+#: Where ``compile`` writes outside a checkout.
+PLAIN_FILE = Path("export_to_canary.yaml")
 
 
 class PipelineDefinitionError(PipelineStepError):
@@ -55,27 +58,36 @@ class PipelineSubmitError(PipelineStepError):
     exit_code = 74
 
 
+def _checkout_root() -> Path | None:
+    """The source checkout this package runs from (an editable install), if any."""
+    base = Path(__file__).resolve().parents[3]
+    return base if (base / "pyproject.toml").is_file() and (base / "pipelines").is_dir() else None
+
+
+def golden_path(root: Path | None = None) -> Path:
+    """Where the compiled YAML goes by default: ``ROOT/pipelines/export_to_canary.yaml`` for
+    ``root``, else for the current directory or the source checkout when they hold
+    ``pipelines/``, else ``./export_to_canary.yaml`` (an installed wheel outside a checkout)."""
+    if root is not None:
+        return Path(root) / GOLDEN_FILE
+    for base in (Path.cwd(), _checkout_root()):
+        if base is not None and (base / GOLDEN_FILE.parent).is_dir():
+            return base / GOLDEN_FILE
+    return Path.cwd() / PLAIN_FILE
+
+
 def find_pipeline(root: Path | None = None) -> Path:
-    """``pipelines/export_to_canary.py`` under ``root``, the current directory or the source checkout."""
-    candidates = [root] if root else [Path.cwd(), Path(__file__).resolve().parents[3]]
-    for base in candidates:
-        path = Path(base) / PIPELINE_FILE
-        if path.is_file():
-            return path
-    looked = ", ".join(str(Path(b) / PIPELINE_FILE) for b in candidates)
-    raise PipelineDefinitionError(f"pipeline definition not found (looked at {looked}); use --root REPO")
+    """Compatibility for callers written when the definition was ``pipelines/export_to_canary.py``
+    (they take ``.with_suffix(".yaml")`` of it): :func:`golden_path` with a ``.py`` suffix.
+    Use :func:`golden_path`; this goes once no caller is left."""
+    return golden_path(root).with_suffix(".py")
 
 
-def load_pipeline_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ggufship_export_to_canary", path)
-    if spec is None or spec.loader is None:
-        raise PipelineDefinitionError(f"{path}: cannot be imported")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise PipelineDefinitionError(f"{path}: import failed: {exc}") from exc
-    return module
+def _pipeline() -> Any:
+    """The ``@dsl.pipeline`` function (imports kfp)."""
+    from ggufship.pipeline.definition import export_to_canary
+
+    return export_to_canary
 
 
 @contextmanager
@@ -107,17 +119,22 @@ def _plain_yaml_strings() -> Iterator[None]:
 
 
 def compile_pipeline(output: Path | None = None, *, root: Path | None = None) -> Path:
-    """Compile the pipeline to YAML (default: the golden ``pipelines/export_to_canary.yaml``)."""
+    """Compile the pipeline to YAML at ``output`` (default: :func:`golden_path` of ``root``);
+    written to a temporary file beside it and renamed, so a failed compile leaves nothing."""
     from kfp import compiler
 
-    source = find_pipeline(root)
-    module = load_pipeline_module(source)
-    out = output or source.with_suffix(".yaml")
+    out = Path(output) if output is not None else golden_path(root)
+    if not out.parent.is_dir():
+        raise PipelineDefinitionError(f"{out}: directory {out.parent} does not exist")
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    with _plain_yaml_strings():
-        compiler.Compiler().compile(module.export_to_canary, str(tmp))
+    try:
+        with _plain_yaml_strings():
+            compiler.Compiler().compile(_pipeline(), str(tmp))
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise PipelineDefinitionError(f"compiling the pipeline to {out} failed: {exc}") from exc
     tmp.replace(out)
-    logger.info("compiled %s → %s", source, out)
+    logger.info("compiled the pipeline → %s", out)
     return out
 
 
@@ -138,12 +155,15 @@ def run_local(
     """Run the whole pipeline on this machine with ``kfp.local.SubprocessRunner(use_venv=False)``.
 
     Every task runs as a subprocess of this Python (so ggufship must be importable here);
-    ``env`` is added to the environment the tasks inherit (S3/OCI/git credentials).
-    Raises :class:`PipelineStepError` naming the failed task.
+    ``env`` is added to the environment the tasks inherit (S3/OCI/git endpoints and
+    credentials: :func:`embedded_targets` gives the embedded services'). ``root`` is not
+    used (the definition is in the package; kept for callers). Kubernetes settings
+    (Secrets, the inputs volume) are ignored by ``kfp.local``. Raises
+    :class:`PipelineStepError` naming the failed task.
     """
     from kfp import local
 
-    module = load_pipeline_module(find_pipeline(root))
+    pipeline = _pipeline()
     pipeline_root = Path(pipeline_root).resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
     workspace = Path(tempfile.mkdtemp(prefix="kfp-workspace-", dir=pipeline_root))
@@ -162,7 +182,7 @@ def run_local(
             # kfp warns that our base image name has no "python" in it: it is a Python image.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")
             try:
-                task = module.export_to_canary(**arguments)
+                task = pipeline(**arguments)
             except RuntimeError as exc:
                 raise PipelineStepError(f"local pipeline run failed: {exc}") from exc
             except TypeError as exc:
@@ -181,14 +201,22 @@ def submit(
     root: Path | None = None,
 ) -> str:
     """Create a run from the compiled YAML on a KFP API server (what ``kfp run create`` does);
-    returns the run id."""
+    returns the run id. ``package``: the compiled YAML to submit; default: this installed
+    version's pipeline, compiled now (in a checkout identical to the golden YAML). ``root``
+    is not used (kept for callers)."""
+    with tempfile.TemporaryDirectory(prefix="ggufship-kfp-") as tmp:
+        if package is None:
+            package = compile_pipeline(Path(tmp) / PLAIN_FILE)
+        elif not package.is_file():
+            raise PipelineDefinitionError(f"{package}: compiled pipeline not found")
+        return _create_run(host, package, arguments, experiment, run_name)
+
+
+def _create_run(
+    host: str, package: Path, arguments: dict[str, Any], experiment: str, run_name: str | None
+) -> str:
     import kfp
 
-    package = package or find_pipeline(root).with_suffix(".yaml")
-    if not package.is_file():
-        raise PipelineDefinitionError(
-            f"{package}: compiled pipeline not found (run `ggufship pipeline compile`)"
-        )
     try:
         client = kfp.Client(host=host)
         run = client.create_run_from_pipeline_package(
@@ -200,7 +228,9 @@ def submit(
 
 
 def embedded_targets(state_dir: Path, name: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """Targets (s3, oci, gitops) and credential environment from the embedded services, if running."""
+    """Targets (s3, oci, gitops) and the environment with their endpoint and credentials
+    (``GGUFSHIP_S3_*``, ``GGUFSHIP_OCI_*``) from the embedded services of ``ggufship up``, if
+    running: the local runner's front (the steps themselves never read the state dir)."""
     from ggufship.services import load_credentials, load_state
 
     params: dict[str, Any] = {}

@@ -42,6 +42,8 @@ def evaluate_step(
     report_dir: str,
     stable_export: str = "",
     release: str = "",
+    release_repo: str = "",
+    release_revision: str = "",
     on_inconclusive: str = "stop",
 ) -> dict[str, Any]:
     if on_inconclusive not in ON_INCONCLUSIVE:
@@ -68,7 +70,9 @@ def evaluate_step(
                     EvaluateRequest(
                         candidate=tmp,
                         stable=Path(stable_export),
-                        release=resolve_release_input(release, Path(inputs)),
+                        release=resolve_release_input(
+                            release, Path(inputs), repo=release_repo, revision=release_revision
+                        ),
                         report_dir=report,
                     )
                 )

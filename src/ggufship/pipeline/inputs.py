@@ -1,9 +1,13 @@
-"""Pipeline inputs given as ``s3://bucket/prefix``: fetched into a local directory before a step uses them.
+"""Pipeline inputs given as ``s3://bucket/prefix`` or taken from Git: fetched into a local directory
+before a step uses them.
 
 The KFP ``checkpoint``, ``adapter`` and ``release`` parameters are either a local (or
-mounted volume) path or an ``s3://`` URI. An ``s3://`` input is downloaded with the
-minio SDK (credentials as the publish step gets them: ``GGUFSHIP_S3_*`` / ``AWS_*``,
-else the embedded services' state dir) into a fresh directory:
+mounted volume) path or an ``s3://`` URI; ``release`` may instead be a path in a Git
+repository at a revision (``release_repo``, ``release_revision``: what the Argo Events
+Sensor sends for a push to the release repository), see :func:`fetch_git_revision`.
+An ``s3://`` input is downloaded with the minio SDK (credentials from the environment
+only, as the publish step gets them: ``GGUFSHIP_S3_*`` / ``AWS_*``; the local runner
+puts the embedded services' there) into a fresh directory:
 
 * every object listed under the prefix is fetched; each key below the prefix must be a
   relative, normalised path (:func:`ggufship.layout.confined_join`);
@@ -19,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import struct
+import subprocess
 from pathlib import Path
 
 from ggufship.layout import confined_join
@@ -32,6 +38,10 @@ logger = logging.getLogger(__name__)
 MAX_OBJECTS = 10_000
 CHUNK_SIZE = 1 << 20
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
+
+#: Seconds a git clone/checkout of the release repository may take.
+GIT_TIMEOUT_S = 600.0
+_REVISION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._/-]{0,199}$")
 
 #: The file that marks a directory as this kind of input.
 MARKERS = {"checkpoint": "config.json", "adapter": "adapter_config.json"}
@@ -161,10 +171,78 @@ def resolve_dir_input(value: str, kind: str, workdir: Path) -> Path:
     return dest
 
 
-def resolve_release_input(value: str, workdir: Path) -> Path:
-    """A local file for the ``release`` parameter. ``s3://bucket/prefix/release.yaml``: every
-    object under ``prefix/`` is fetched (the golden set beside the spec is resolved relative
-    to it) and the spec's local path returned."""
+def fetch_git_revision(repo: str, revision: str, dest: Path) -> Path:
+    """Clone ``repo`` into ``dest`` (created, must be empty) and check out ``revision``
+    (a commit, tag or branch; empty: the remote's default branch) detached.
+
+    ``GGUFSHIP_GIT_TOKEN`` authenticates to an ``https://`` repository as for the GitOps
+    publish (an ``http.extraHeader`` in git's environment, never in the URL or a file:
+    :mod:`ggufship.publish._git_auth`). Raises :class:`InputFetchError` naming the
+    repository and revision when the clone fails or the revision is not a commit there.
+    Returns ``dest``.
+    """
+    from ggufship.publish._git_auth import auth_env, redact
+
+    where = f"{repo}@{revision or 'HEAD'}"
+    if not repo:
+        raise InputFetchError("release_repo is empty")
+    if revision and (not _REVISION.match(revision) or ".." in revision):
+        raise InputFetchError(f"{where}: release_revision {revision!r} is not a commit, tag or branch name")
+    dest.mkdir(parents=True, exist_ok=True)
+    if any(dest.iterdir()):
+        raise InputFetchError(f"{where}: checkout directory {dest} is not empty")
+    env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "", **auth_env(repo)}
+
+    def git(*args: str, cwd: Path | None = None) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *args],
+                cwd=cwd,
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                timeout=GIT_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise InputFetchError(f"{where}: git {args[0]} took longer than {GIT_TIMEOUT_S:.0f} s") from exc
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            detail = redact(lines[-1]) if lines else f"exit status {done.returncode}"
+            raise InputFetchError(f"{where}: git {args[0]} failed: {detail}")
+        return done.stdout.strip()
+
+    git("clone", "--quiet", "--no-checkout", "--", repo, str(dest))
+    try:
+        commit = git("rev-parse", "--verify", "--quiet", f"{revision or 'HEAD'}^{{commit}}", cwd=dest)
+    except InputFetchError as exc:
+        raise InputFetchError(f"{where}: no such commit, tag or branch in the repository") from exc
+    git("-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", commit, cwd=dest)
+    logger.info("release repository %s at %s (commit %s) in %s", repo, revision or "HEAD", commit, dest)
+    return dest
+
+
+def resolve_release_input(value: str, workdir: Path, *, repo: str = "", revision: str = "") -> Path:
+    """A local file for the ``release`` parameter.
+
+    * ``repo`` given: ``value`` is the spec's path in that Git repository (e.g.
+      ``releases/<name>-<version>.yaml``), checked out at ``revision``
+      (:func:`fetch_git_revision`); the golden set beside it comes from the same checkout.
+    * ``s3://bucket/prefix/release.yaml``: every object under ``prefix/`` is fetched (the
+      golden set beside the spec is resolved relative to it) and the spec's local path returned.
+    * otherwise a local (or mounted volume) path, returned as it is.
+    """
+    if repo:
+        if is_s3(value):
+            raise InputFetchError(f"{value}: give either an s3:// release or release_repo {repo}, not both")
+        where = f"{repo}@{revision or 'HEAD'}"
+        checkout = fetch_git_revision(repo, revision, workdir / "release-repo")
+        spec = confined_join(checkout, value, what=f"{where}: release {value!r}")
+        if not spec.is_file():
+            raise InputFetchError(f"{where}: no file {value!r} in the repository at that revision")
+        return spec
+    if revision:
+        raise InputFetchError(f"release_revision {revision!r} given without release_repo")
     if not is_s3(value):
         return Path(value)
     parent, _, name = value.rstrip("/").rpartition("/")

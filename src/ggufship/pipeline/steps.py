@@ -1,6 +1,6 @@
 """The library calls behind each KFP component of the ``export-to-canary`` pipeline.
 
-Each component in ``components/kfp_components.py`` is a typed signature plus one
+Each component in :mod:`ggufship.pipeline.components` is a typed signature plus one
 call into this module. The functions take and return plain values (paths,
 strings, dicts) because that is what crosses a KFP task boundary; they call the
 stage libraries (export, sign, publish, rollout) and return the metadata the
@@ -91,8 +91,14 @@ def export(
     adapter: str = "",
     quantizations: str = "F16,Q4_K_M",
     release: str = "",
+    release_repo: str = "",
+    release_revision: str = "",
 ) -> dict[str, Any]:
-    """Export the checkpoint (merging the adapter when given) into ``out_dir``."""
+    """Export the checkpoint (merging the adapter when given) into ``out_dir``.
+
+    ``checkpoint``/``adapter``: a local or mounted-volume path, or ``s3://bucket/prefix``;
+    ``release``: the same, or, with ``release_repo``, a path in that Git repository at
+    ``release_revision`` (:func:`ggufship.pipeline.inputs.resolve_release_input`)."""
     from ggufship.export import ExportRequest, export_checkpoint
     from ggufship.runtime import load_ggml_backends
 
@@ -115,7 +121,11 @@ def export(
                 name=name,
                 version=version,
                 adapter=resolve_dir_input(adapter, "adapter", work) if adapter else None,
-                release=resolve_release_input(release, work) if release else None,
+                release=(
+                    resolve_release_input(release, work, repo=release_repo, revision=release_revision)
+                    if release
+                    else None
+                ),
                 quants=quants,
             )
         )
@@ -177,8 +187,9 @@ def publish(
 ) -> dict[str, str]:
     """Publish the export to each target given; returns the URIs/refs/commit (empty when skipped).
 
-    Connection settings and credentials come from the environment (``GGUFSHIP_S3_*``,
-    ``GGUFSHIP_OCI_*``, else the Docker config's login) or, for S3, the embedded services' state dir.
+    Connection settings and credentials come from the environment only (``GGUFSHIP_S3_*``,
+    ``GGUFSHIP_OCI_*``, else the Docker config's login; ``GGUFSHIP_GIT_TOKEN``): the local
+    runner (:func:`ggufship.pipeline.embedded_targets`) puts the embedded services' there.
     """
     from ggufship.publish import GitOpsTarget, PublishRequest, S3Target
     from ggufship.publish import publish as publish_export
@@ -235,6 +246,11 @@ def deploy_and_await(
     if mode not in DEPLOY_MODES:
         raise UsageError(f"deploy mode {mode!r}: use one of {', '.join(DEPLOY_MODES)}")
     _quiet_http_logs()
+    if mode in ("local", "patch") and not model_uri:
+        raise UsageError(
+            f"deploy mode {mode!r} needs model_uri (publish to an s3 or oci target: the published "
+            "model is what the canary serves)"
+        )
     if mode == "none":
         verdict: dict[str, Any] = {"outcome": "skipped", "phase": "", "analyses": []}
     elif mode == "local":
@@ -285,9 +301,12 @@ def publish_outputs(
     environment: str,
     force: bool,
     create_bucket: bool = False,
-) -> tuple[str, str, str, str]:
-    """:func:`publish` for the KFP component: ``(s3_uri, oci_reference, gitops_commit, model_uri)``;
-    ``model_uri`` is what the deploy step serves (the OCI reference if published there, else S3).
+) -> tuple[str, str, str, str, str]:
+    """:func:`publish` for the KFP component:
+    ``(s3_uri, oci_reference, gitops_commit, model_uri, model_sha256)``; ``model_uri`` is what
+    the deploy step serves (the OCI reference if published there, else S3, else empty) and
+    ``model_sha256`` the digest of the GGUF the GitOps values deploy (what the Rollout's pod
+    template carries), so the deploy step needs only these strings, not the export.
 
     The task has no KFP retry policy (KFP retries every failure alike, and a conflict — the
     version already published with other content — never resolves: it only cost minutes of
@@ -318,7 +337,8 @@ def publish_outputs(
     )
     s3_uri, oci_ref = out.get("s3_uri", ""), out.get("oci_reference", "")
     model_uri = f"oci://{oci_ref}" if oci_ref else s3_uri
-    return s3_uri, oci_ref, out.get("gitops_commit", ""), model_uri
+    sha256 = str(model_metadata(Path(export_dir))["deployed_sha256"])
+    return s3_uri, oci_ref, out.get("gitops_commit", ""), model_uri, sha256
 
 
 def deploy_component(*, verdict: Any, report_path: str, **kwargs: Any) -> str:

@@ -1,10 +1,16 @@
 """The KFP v2 pipeline ``export-to-canary``: export → evaluate → sign → publish → deploy → await the canary;
 an exit handler writes the rollback to Git when the run did not succeed.
 
-Compile with ``ggufship pipeline compile`` (writes the golden
-``pipelines/export_to_canary.yaml``); run on this machine against the embedded
-services with ``ggufship pipeline run --local``; on a cluster with
-``kfp run create -e <experiment> -r <run-name> -f pipelines/export_to_canary.yaml -- checkpoint=… name=…``.
+The definition is part of the package, so ``ggufship pipeline compile`` works from an
+installed wheel; the repository keeps the compiled golden ``pipelines/export_to_canary.yaml``.
+Run it on this machine against the embedded services with ``ggufship pipeline run --local``;
+on a cluster with ``kfp run create -e <experiment> -r <run-name> -f
+pipelines/export_to_canary.yaml -- checkpoint=… name=…``.
+
+Inputs (see docs/pipeline.md): ``checkpoint``/``adapter``/``release`` are paths on the
+inputs volume — the PersistentVolumeClaim ``volume_claim`` mounted at :data:`VOLUME_MOUNT`
+in the export and evaluate tasks — or ``s3://`` URIs; with ``release_repo`` the release
+spec is read from that Git repository at ``release_revision``.
 
 Secrets come from Kubernetes Secrets via kfp-kubernetes (they are ignored by
 ``kfp.local``, where the same variables come from the caller's environment):
@@ -15,18 +21,14 @@ Secrets come from Kubernetes Secrets via kfp-kubernetes (they are ignored by
 | | ``GGUFSHIP_S3_ACCESS_KEY``, ``GGUFSHIP_S3_SECRET_KEY`` (publish, deploy; export and |
 | | evaluate too: their ``checkpoint``/``adapter``/``release`` may be ``s3://bucket/prefix``) |
 | ``ggufship-oci`` | ``username``, ``password`` → ``GGUFSHIP_OCI_USERNAME``, ``GGUFSHIP_OCI_PASSWORD`` |
-| ``ggufship-git`` | ``token`` → ``GGUFSHIP_GIT_TOKEN`` |
+| ``ggufship-git`` | ``token`` → ``GGUFSHIP_GIT_TOKEN`` (publish, rollback; export and evaluate: |
+| | a private ``release_repo``) |
 | ``ggufship-signing`` | mounted at ``/etc/ggufship/signing`` (``private.pem``) |
 """
 
-import sys
-from pathlib import Path
-
 from kfp import dsl, kubernetes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from components.kfp_components import (
+from ggufship.pipeline.components import (
     deploy_and_await,
     evaluate_model,
     export_model,
@@ -37,6 +39,9 @@ from components.kfp_components import (
 
 PIPELINE_NAME = "export-to-canary"
 SIGNING_MOUNT = "/etc/ggufship/signing"
+#: Where the inputs volume (``volume_claim``) is mounted: the Sensor's checkpoint paths are under it.
+VOLUME_MOUNT = "/checkpoints"
+DEFAULT_VOLUME_CLAIM = "ggufship-checkpoints"
 
 
 def _with_secrets(task: dsl.PipelineTask, *, s3: bool = False, oci: bool = False, git: bool = False) -> None:
@@ -76,6 +81,9 @@ def export_to_canary(
     adapter: str = "",
     quantizations: str = "F16,Q4_K_M",
     release: str = "",
+    release_repo: str = "",
+    release_revision: str = "",
+    volume_claim: str = DEFAULT_VOLUME_CLAIM,
     signing_method: str = "key",
     signing_key: str = f"{SIGNING_MOUNT}/private.pem",
     certificate: str = "",
@@ -113,11 +121,15 @@ def export_to_canary(
             adapter=adapter,
             quantizations=quantizations,
             release=release,
+            release_repo=release_repo,
+            release_revision=release_revision,
         ).set_display_name("export")
         # Same inputs give byte-identical outputs, so a cached export is a correct export.
         exported.set_caching_options(True)
         exported.set_cpu_request("2").set_memory_request("8G").set_retry(num_retries=1)
-        _with_secrets(exported, s3=True)  # an s3:// checkpoint/adapter/release is fetched with these
+        # an s3:// checkpoint/adapter/release is fetched with these; a private release_repo with the token
+        _with_secrets(exported, s3=True, git=True)
+        kubernetes.mount_pvc(exported, pvc_name=volume_claim, mount_path=VOLUME_MOUNT)
         kubernetes.set_timeout(exported, 4 * 3600)
 
         # Quality before trust: the measured evaluation goes into the manifest that sign covers; a
@@ -126,10 +138,13 @@ def export_to_canary(
             model=exported.outputs["model"],
             stable_export=evaluate_against,
             release=release,
+            release_repo=release_repo,
+            release_revision=release_revision,
             on_inconclusive=on_inconclusive,
         ).set_display_name("evaluate")
         evaluated.set_caching_options(False).set_cpu_request("2").set_memory_request("8G")
-        _with_secrets(evaluated, s3=True)  # an s3:// release spec
+        _with_secrets(evaluated, s3=True, git=True)  # an s3:// release spec, a private release_repo
+        kubernetes.mount_pvc(evaluated, pvc_name=volume_claim, mount_path=VOLUME_MOUNT)
         kubernetes.set_timeout(evaluated, 4 * 3600)
 
         signed = sign_model(
@@ -162,10 +177,12 @@ def export_to_canary(
         _with_secrets(published, s3=True, oci=True, git=True)
         kubernetes.set_timeout(published, 3600)
 
+        # Only strings cross to the deploy task (the digest, the URI): a Model input would make
+        # KFP download the whole signed export just to read its digest.
         deployed = deploy_and_await(
-            model=signed.outputs["signed_model"],
             mode=deploy_mode,
             model_uri=published.outputs["model_uri"],
+            model_sha256=published.outputs["model_sha256"],
             rollout_name=rollout_name,
             namespace=namespace,
             stable_model=stable_model,
@@ -175,9 +192,3 @@ def export_to_canary(
         deployed.set_caching_options(False)
         _with_secrets(deployed, s3=True, oci=True)
         kubernetes.set_timeout(deployed, 6 * 3600)
-
-
-if __name__ == "__main__":
-    from kfp import compiler
-
-    compiler.Compiler().compile(export_to_canary, str(Path(__file__).with_suffix(".yaml")))
