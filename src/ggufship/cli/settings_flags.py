@@ -53,16 +53,9 @@ def env_name(model: type[BaseModel], opt: Option) -> str | None:
 
 
 def _help(model: type[BaseModel], opt: Option) -> str:
-    """The description, then the default (unless unset, or off for a switch), bounds, env var."""
-    extra = []
-    default = opt.default_text()
-    if default is not None and opt.default not in (None, ()) and opt.action is None:
-        extra.append(f"default: {default}")
-    if (bounds := opt.bounds_text()) is not None:
-        extra.append(bounds)
-    if (env := env_name(model, opt)) is not None:
-        extra.append(f"env {env}")
-    text = f"{opt.description} ({'; '.join(extra)})" if extra else opt.description
+    """The option's help (description, default, bounds), then the environment variable."""
+    env = env_name(model, opt)
+    text = opt.help() if env is None else f"{opt.help()} (env {env})"
     return text.replace("%", "%%")
 
 
@@ -103,7 +96,7 @@ def add_model_flags(
                 exclusive[opt.exclusive] = target.add_mutually_exclusive_group(required=required)
             target = exclusive[opt.exclusive]
         kwargs: dict[str, Any] = {"help": _help(model, opt)}
-        choices = opt.choices
+        choices = opt.choices if not opt.is_list or opt.repeat or opt.positional else None  # not "a,b"
         if choices is not None:
             kwargs["choices"] = choices
         if opt.positional:
