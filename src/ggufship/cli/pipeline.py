@@ -1,4 +1,5 @@
-"""``ggufship pipeline compile | run --local | submit``: the KFP pipeline."""
+"""``ggufship pipeline compile | run --local | submit``: the KFP pipeline (arguments generated
+from :mod:`ggufship.cli.models`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,9 @@ logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ggufship.cli.models import PipelineCompileOptions, PipelineRunOptions, PipelineSubmitOptions
+    from ggufship.cli.settings_flags import add_model_flags
+
     p = sub.add_parser(
         "pipeline",
         help="the KFP pipeline export-to-canary: compile, run locally, submit",
@@ -23,55 +28,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
 
-    c = psub.add_parser("compile", help="write pipelines/export_to_canary.yaml")
-    c.add_argument(
-        "-o", "--output", type=Path, help="output YAML (default: the golden file beside the source)"
-    )
-    c.add_argument(
-        "--root", type=Path, help="repository root holding pipelines/ (default: cwd or the checkout)"
-    )
-    c.add_argument(
-        "--check", action="store_true", help="do not write; exit 1 if the golden YAML is not current"
-    )
+    c = psub.add_parser("compile", help="write pipelines/export_to_canary.yaml (works from a wheel)")
+    add_model_flags(c, PipelineCompileOptions, into="options")
     c.set_defaults(func=run_compile)
 
     r = psub.add_parser("run", help="run the pipeline (only --local here; use `submit` for a cluster)")
-    r.add_argument(
-        "--local", action="store_true", required=True, help="kfp.local.SubprocessRunner(use_venv=False)"
-    )
-    _arguments_options(r)
-    r.add_argument("--pipeline-root", type=Path, default=Path(".ggufship/kfp"), help="where task outputs go")
-    r.add_argument(
-        "--state-dir",
-        type=Path,
-        help="embedded services state dir (default: $GGUFSHIP_STATE_DIR or .ggufship): fills "
-        "s3/oci/gitops targets and credentials not given",
-    )
-    r.add_argument("--root", type=Path, help="repository root holding pipelines/")
+    add_model_flags(r, PipelineRunOptions, into="options")
     r.set_defaults(func=run_local_cmd)
 
     s = psub.add_parser("submit", help="create a run on a KFP API server (like `kfp run create`)")
-    s.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888")
-    _arguments_options(s)
-    s.add_argument("--package", type=Path, help="compiled YAML (default: the golden file)")
-    s.add_argument("--experiment", default="ggufship")
-    s.add_argument("--run-name")
-    s.add_argument("--root", type=Path, help="repository root holding pipelines/")
+    add_model_flags(s, PipelineSubmitOptions, into="options")
     s.set_defaults(func=run_submit)
 
 
-def _arguments_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "-p",
-        "--param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a pipeline parameter (repeatable), e.g. -p checkpoint=/data/ckpt -p name=tiny -p version=1.0.0",
-    )
-
-
-def parse_params(items: list[str]) -> dict[str, Any]:
+def parse_params(items: Sequence[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -92,10 +62,10 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 def run_compile(args: argparse.Namespace) -> int:
     import tempfile
 
-    from ggufship.pipeline import compile_pipeline, find_pipeline
+    from ggufship.pipeline import compile_pipeline, golden_path
 
     if args.check:
-        golden = args.output or find_pipeline(args.root).with_suffix(".yaml")
+        golden = args.output or golden_path(args.root)
         with tempfile.TemporaryDirectory() as tmp:
             fresh = compile_pipeline(Path(tmp) / "pipeline.yaml", root=args.root)
             if not golden.is_file() or golden.read_text() != fresh.read_text():
