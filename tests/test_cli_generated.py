@@ -166,3 +166,70 @@ def test_choices_exclusive_sets_and_required_arguments_come_from_the_model(
     with pytest.raises(SystemExit):
         main(["publish", "out", "--s3-secure", "--s3-insecure"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_every_spelling_the_options_module_offers() -> None:
+    """One throwaway model per feature: positional lists, count, short alias, Enum choices,
+    a required exclusive set, a True/False pair, a nested model respelled, env in the help."""
+    import enum
+    from pathlib import Path
+
+    from pydantic import BaseModel, Field
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    from ggufship.cli.settings_flags import add_model_flags
+    from ggufship.errors import UsageError
+    from ggufship.options import option, switch
+
+    class Color(enum.Enum):
+        RED = "red"
+        BLUE = "blue"
+
+    class Inner(BaseModel):
+        depth: int = Field(default=1, ge=1, le=9, description="how deep")
+
+    class Demo(BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="DEMO_", frozen=True)
+
+        files: tuple[Path, ...] = Field(description="input files", json_schema_extra=option(positional=True))
+        verbose: int = Field(
+            default=0, description="more output", json_schema_extra=option(short="-V", action="count")
+        )
+        color: Color = Field(default=Color.RED, description="a color")
+        a: str | None = Field(
+            default=None, description="one", json_schema_extra=option(exclusive="x", one_required=True)
+        )
+        b: str | None = Field(default=None, description="other", json_schema_extra=option(exclusive="x"))
+        tls: bool | None = Field(default=None, description="TLS", json_schema_extra=option(negative="plain"))
+        dry: bool = switch("do nothing")
+        inner: Inner = Field(
+            default_factory=Inner, json_schema_extra=option(nested={"depth": option("levels")})
+        )
+
+    parser = argparse.ArgumentParser(prog="demo", exit_on_error=False)
+    add_model_flags(parser, Demo, into="demo", spread=False)
+    args = resolve(
+        parser.parse_args(
+            ["x.txt", "y.txt", "-VV", "--color", "blue", "--a", "1", "--plain", "--levels", "3"]
+        )
+    )
+    demo = args.demo
+    assert [p.name for p in demo.files] == ["x.txt", "y.txt"] and all(p.is_absolute() for p in demo.files)
+    assert (demo.verbose, demo.color, demo.a, demo.tls, demo.dry, demo.inner.depth) == (
+        2,
+        Color.BLUE,
+        "1",
+        False,
+        False,
+        3,
+    )
+    text = " ".join(parser.format_help().split())
+    assert (
+        "{red,blue}" in text
+        and "env DEMO_COLOR" in text
+        and "--levels N how deep (default: 1; ≥ 1, ≤ 9)" in text
+    )
+    with pytest.raises(argparse.ArgumentError, match="not allowed with argument"):
+        parser.parse_args(["x", "--a", "1", "--b", "2"])
+    with pytest.raises(UsageError, match=r"--levels '0': Input should be greater than or equal to 1"):
+        resolve(parser.parse_args(["x", "--a", "1", "--levels", "0"]))

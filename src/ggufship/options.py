@@ -159,6 +159,8 @@ class Option:
             return ",".join(map(str, value)) if value else "none"
         if isinstance(value, bool):
             return "on" if value else "off"
+        if isinstance(value, Enum):
+            return str(value.value)
         if isinstance(value, float) and value.is_integer():
             return str(int(value))
         return str(value)
@@ -278,7 +280,7 @@ def model_input(options: Sequence[Option], values: Mapping[str, Sequence[Any]]) 
         if not given:
             continue
         if opt.is_list:
-            if opt.repeat:
+            if opt.repeat or opt.positional:  # repeated flags, or the words of a list argument
                 value: Any = tuple(given)
             else:
                 value = tuple(part.strip() for part in str(given[-1]).split(",") if part.strip())
