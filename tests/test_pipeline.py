@@ -127,6 +127,24 @@ def test_bad_params() -> None:
     assert main(["pipeline", "run", "--local", "-p", "name=x"]) == 2
 
 
+def test_embedded_targets_leave_the_users_settings(services_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The front fills targets and credentials from `ggufship up`, but never over the caller's own
+    S3 endpoint or OCI login (the embedded keys must not go to an endpoint the user named)."""
+    from ggufship.pipeline import embedded_targets
+
+    state_dir, _ = services_factory(services=("s3", "git"))
+    for var in ("GGUFSHIP_S3_ENDPOINT", "GGUFSHIP_OCI_USERNAME"):
+        monkeypatch.delenv(var, raising=False)
+    targets, env = embedded_targets(state_dir, "tiny")
+    assert targets["s3"] == "s3://ggufship-models" and env["GGUFSHIP_S3_ENDPOINT"].startswith(
+        "http://127.0.0.1:"
+    )
+    monkeypatch.setenv("GGUFSHIP_S3_ENDPOINT", "https://s3.example.com")
+    targets, env = embedded_targets(state_dir, "tiny")
+    assert "s3" not in targets and not any(k.startswith("GGUFSHIP_S3_") for k in env)
+    assert targets["gitops"].startswith("file://")  # the other services are still filled
+
+
 def test_local_run_full_pipeline(
     tmp_path: Path, services_factory, llama_ckpt: Path, llama_lora: Path
 ) -> None:

@@ -227,10 +227,17 @@ def _create_run(
     return str(run.run_id)
 
 
+_USER_SETTING = {"s3": "GGUFSHIP_S3_ENDPOINT", "registry": "GGUFSHIP_OCI_USERNAME"}
+
+
 def embedded_targets(state_dir: Path, name: str) -> tuple[dict[str, Any], dict[str, str]]:
     """Targets (s3, oci, gitops) and the environment with their endpoint and credentials
     (``GGUFSHIP_S3_*``, ``GGUFSHIP_OCI_*``) from the embedded services of ``ggufship up``, if
-    running: the local runner's front (the steps themselves never read the state dir)."""
+    running: the local runner's front (the steps themselves never read the state dir).
+
+    The caller's own settings win: with ``GGUFSHIP_S3_ENDPOINT`` in the environment the embedded
+    S3 is left out, with ``GGUFSHIP_OCI_USERNAME`` the embedded registry, so the embedded keys
+    never replace the user's nor go to an endpoint the user named."""
     from ggufship.services import load_credentials, load_state
 
     params: dict[str, Any] = {}
@@ -242,7 +249,9 @@ def embedded_targets(state_dir: Path, name: str) -> tuple[dict[str, Any], dict[s
         logger.info("no embedded services in %s (%s); give s3/oci/gitops explicitly", state_dir, exc)
         return params, env
     for svc in state.services.values():
-        if svc.name == "s3":
+        if svc.name in ("s3", "registry") and os.environ.get(_USER_SETTING[svc.name]):
+            logger.info("%s is set: the embedded %s is not used", _USER_SETTING[svc.name], svc.name)
+        elif svc.name == "s3":
             params["s3"] = "s3://ggufship-models"
             params["create_bucket"] = True
             env["GGUFSHIP_S3_ENDPOINT"] = svc.endpoint
