@@ -235,6 +235,8 @@ printf '{"image": "%s", "digest": "%s", "size": "%s", "build_seconds": %d, "base
 if [ "$SMOKE" = 1 ]; then
   py="$ROOT/.venv/bin/python"
   [ -x "$py" ] || { echo "build-image.sh: the smoke checks need the project venv (bash scripts/setup.sh)" >&2; exit 1; }
-  "$py" "$ROOT/components/smoke_image.py" --image "$IMAGE"
+  # The smoke's KFP component definitions and host-side code from the built sources (with
+  # --rev the work tree may differ from what is in the image).
+  PYTHONPATH="$SRC/src${PYTHONPATH:+:$PYTHONPATH}" "$py" "$SRC/components/smoke_image.py" --image "$IMAGE"
 fi
 echo "$IMAGE@$digest"
