@@ -6,7 +6,10 @@ Starts its own SeaweedFS S3 and docker-registry (``ggufship up`` in a temporary 
 dir), builds an export in the real layout — one GGUF-named file of ``--size-mib``
 random bytes (``bench-1.0.0-Q4_K_M.gguf``), its ``.sha256`` sidecar, ``README.md``,
 ``manifest.json`` — signs it with a fresh EC key (``model.sig``), publishes it to S3
-and the registry, then measures, for each kind, best of ``--runs`` (runs interleaved):
+and the registry, pulls once per kind untimed (imports, connection pools), then runs
+``--runs`` A/B pairs per kind — baseline and pull back to back, the order alternating —
+and reports the median of the per-run ratios (robust to a machine whose load changes
+between runs; the 1-minute load average is printed with each run):
 
 * transfer: ``curl`` GET of the GGUF (S3 object, SigV4; registry blob) into a file;
 * hash: one ``hashlib.sha256`` pass over the downloaded file (4 MiB reads);
@@ -15,6 +18,9 @@ and the registry, then measures, for each kind, best of ``--runs`` (runs interle
   checked — into a fresh directory.
 
 Target: pull <= 1.2 x (transfer + hash). Prints a Markdown table for bench/RESULTS.md.
+The pull also fsyncs what it wrote (an atomic, durable directory); curl does not. The CPU
+column (user + system seconds, medians: curl's plus the hash pass's, and the pull's over
+all its threads) does not depend on how the machine's other load shares the cores.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import argparse
 import hashlib
 import os
 import platform
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +57,12 @@ def timed(fn: Callable[[], None]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def cpu_seconds() -> float:
+    """user + system CPU of this process (all threads) and of its waited-for children (curl)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def hash_pass(path: Path) -> None:
@@ -136,57 +150,74 @@ def main() -> int:
             "oci": ["-L", f"http://{registry}/v2/models/bench/blobs/sha256:{sha}"],
         }
         policy = VerificationPolicy(public_key=public)
-        best: dict[str, dict[str, float]] = {k: {} for k in kinds}
+
+        def baseline(kind: str) -> tuple[float, float, float]:
+            raw = work / "raw.bin"
+            cpu = cpu_seconds()
+            t_get = timed(lambda: subprocess.run(["curl", "-sSf", "-o", str(raw), *gets[kind]], check=True))
+            if raw.stat().st_size != args.size_mib * MIB:
+                raise SystemExit(f"{kind}: curl fetched {raw.stat().st_size} bytes")
+            t_hash = timed(lambda: hash_pass(raw))
+            cpu = cpu_seconds() - cpu
+            raw.unlink()
+            return t_get, t_hash, cpu
+
+        def ours(kind: str, run: int) -> tuple[float, float]:
+            dest = work / f"pulled-{kind}-{run}"
+            cpu = cpu_seconds()
+            t_pull = timed(lambda: pull_verified(uris[kind], dest, policy=policy, s3=s3))
+            cpu = cpu_seconds() - cpu
+            shutil.rmtree(dest)
+            return t_pull, cpu
+
+        for kind in kinds:  # imports (model_signing, cryptography) and connection pools: not timed
+            t_warm, _ = ours(kind, -1)
+            print(f"warm-up {kind}: pull {t_warm:.2f} s (not counted)", file=sys.stderr)
+        rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds}
+        cpus: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+        loads: list[float] = [os.getloadavg()[0]]
         for run in range(args.runs):
             for kind in kinds:
-                raw = work / "raw.bin"
-                dest = work / f"pulled-{kind}-{run}"
-
-                def baseline(k: str = kind, r: Path = raw) -> tuple[float, float]:
-                    t_get = timed(
-                        lambda: subprocess.run(["curl", "-sSf", "-o", str(r), *gets[k]], check=True)
-                    )
-                    if r.stat().st_size != args.size_mib * MIB:
-                        raise SystemExit(f"{k}: curl fetched {r.stat().st_size} bytes")
-                    t_hash = timed(lambda: hash_pass(r))
-                    r.unlink()
-                    return t_get, t_hash
-
-                def ours(k: str = kind, d: Path = dest) -> float:
-                    t_pull = timed(lambda: pull_verified(uris[k], d, policy=policy, s3=s3))
-                    shutil.rmtree(d)
-                    return t_pull
-
-                if run % 2:  # alternate the order: neither side always runs on a freshly dirtied page cache
-                    t_pull = ours()
-                    t_get, t_hash = baseline()
+                # A/B per run, the order alternating: both sides see the same load and neither
+                # always runs on a freshly dirtied page cache
+                if run % 2:
+                    t_pull, cpu_pull = ours(kind, run)
+                    t_get, t_hash, cpu_base = baseline(kind)
                 else:
-                    t_get, t_hash = baseline()
-                    t_pull = ours()
-                for label, value in (("get", t_get), ("hash", t_hash), ("pull", t_pull)):
-                    best[kind][label] = min(best[kind].get(label, value), value)
+                    t_get, t_hash, cpu_base = baseline(kind)
+                    t_pull, cpu_pull = ours(kind, run)
+                rows[kind].append((t_get, t_hash, t_pull))
+                cpus[kind].append((cpu_base, cpu_pull))
+                loads.append(os.getloadavg()[0])
                 print(
                     f"run {run} {kind}: curl {t_get:.2f} s, hash {t_hash:.2f} s, pull {t_pull:.2f} s, "
-                    f"ratio {t_pull / (t_get + t_hash):.2f}",
+                    f"ratio {t_pull / (t_get + t_hash):.2f}; CPU {cpu_base:.2f} s vs {cpu_pull:.2f} s "
+                    f"(load {loads[-1]:.1f})",
                     file=sys.stderr,
                 )
 
         print(
             f"\n{args.size_mib} MiB GGUF (random bytes) + sidecar + README + manifest, signed (EC key); "
-            f"best of {args.runs}, runs interleaved (order alternating); "
+            f"{args.runs} A/B runs per source (order alternating), medians; "
+            f"1-min load average {min(loads):.1f}-{max(loads):.1f} during the runs; "
             f"Python {platform.python_version()}, {os.cpu_count()} CPUs\n"
         )
         print(
-            "| source | curl GET (s) | hashlib pass (s) | transfer + hash (s) | ggufship pull (s) | ratio |"
+            "| source | curl GET (s) | hashlib pass (s) | transfer + hash (s) | ggufship pull (s) "
+            "| ratio, median (min-max) | CPU s: curl + hash / pull |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for kind in kinds:
-            b = best[kind]
-            base = b["get"] + b["hash"]
-            cells = (
-                f"{b['get']:.2f} | {b['hash']:.2f} | {base:.2f} | {b['pull']:.2f} | {b['pull'] / base:.2f}"
+            got = rows[kind]
+            ratios = [p / (g + h) for g, h, p in got]
+            cells = " | ".join(
+                f"{statistics.median(v):.2f}"
+                for v in ([g for g, _, _ in got], [h for _, h, _ in got], [g + h for g, h, _ in got])
             )
-            print(f"| {kind} | {cells} |")
+            pull_med = statistics.median(p for _, _, p in got)
+            spread = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+            cpu_cells = " / ".join(f"{statistics.median(c[i] for c in cpus[kind]):.2f}" for i in (0, 1))
+            print(f"| {kind} | {cells} | {pull_med:.2f} | {spread} | {cpu_cells} |")
     finally:
         down(state_dir)
         shutil.rmtree(work, ignore_errors=True)
