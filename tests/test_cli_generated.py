@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from ggufship.cli.main import build_parser, main
-from ggufship.cli.settings_flags import MARK, resolve
+from ggufship.cli.settings_flags import MARK, materialize_all, resolve
 
 #: Hand-written arguments still allowed: (command path, first option string or dest) → why.
 NOT_GENERATED: dict[tuple[str, str], str] = {
@@ -36,6 +36,7 @@ GLOBAL = {"-h", "--version", "-v", "-q"}
 def _parsers(
     parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
 ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    materialize_all(parser)  # the generated arguments of every command, not only a parsed one
     yield path, parser
     # argparse has no public API to list a parser's actions; `_actions` is the stdlib's own list.
     for action in parser._actions:

@@ -39,10 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "(mean KL, top-1 agreement). Records the result in the candidate's manifest.json and model card "
         "(before signing). Exit 0 pass, 1 fail, 2 inconclusive, 90-94 errors.",
     )
-    from ggufship.cli.settings_flags import add_model_flags
-    from ggufship.evaluate._options import EvaluateOptions
+    from ggufship.cli.settings_flags import add_model_flags, deferred
 
-    add_model_flags(p, EvaluateOptions, groups={"policy": "policy"}, into="options", error=_input_error)
+    def flags() -> None:  # on first use: ggufship.evaluate is a heavy import
+        from ggufship.evaluate._options import EvaluateOptions
+
+        add_model_flags(p, EvaluateOptions, groups={"policy": "policy"}, into="options", error=_input_error)
+
+    deferred(p, flags)
     p.set_defaults(func=run_evaluate)
     _exit_on_error(p)
 

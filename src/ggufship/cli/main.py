@@ -22,7 +22,7 @@ from ggufship.cli import serve as serve_cmd
 from ggufship.cli import services as services_cmd
 from ggufship.cli import sign as sign_cmd
 from ggufship.cli.paths import absolute_paths
-from ggufship.cli.settings_flags import resolve
+from ggufship.cli.settings_flags import LazyArgumentParser, resolve
 from ggufship.errors import GgufshipError
 
 logger = logging.getLogger("ggufship")
@@ -31,7 +31,8 @@ logger = logging.getLogger("ggufship")
 def build_parser() -> argparse.ArgumentParser:
     from ggufship import __version__
 
-    parser = argparse.ArgumentParser(
+    # Lazy: a command's generated arguments are added when that command is parsed or its help shown.
+    parser = LazyArgumentParser(
         prog="ggufship",
         description="Checkpoint → verified, signed GGUF → API → canary-gated rollout.",
     )

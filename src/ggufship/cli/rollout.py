@@ -32,18 +32,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "ggufship rollout promote | abort | status [--state-dir DIR] controls a running rollout.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from ggufship.cli.settings_flags import add_model_flags
-    from ggufship.rollout import RolloutSettings
-    from ggufship.rollout._options import RolloutOptions
+    from ggufship.cli.settings_flags import add_model_flags, deferred
 
-    add_model_flags(p, RolloutOptions, into="options")
-    add_model_flags(
-        p,
-        RolloutSettings,
-        groups={"options": "rollout options (environment: GGUFSHIP_ROLLOUT_<FIELD>)"},
-        into="settings",
-        spread=False,
-    )
+    def flags() -> None:  # on first use (ggufship.rollout imports the gate, httpx, rich)
+        from ggufship.rollout import RolloutSettings
+        from ggufship.rollout._options import RolloutOptions
+
+        add_model_flags(p, RolloutOptions, into="options")
+        add_model_flags(
+            p,
+            RolloutSettings,
+            groups={"options": "rollout options (environment: GGUFSHIP_ROLLOUT_<FIELD>)"},
+            into="settings",
+            spread=False,
+        )
+
+    deferred(p, flags)
     p.set_defaults(func=run_rollout_cmd)
     # `ggufship await-canary` (the cluster's outcome of a release) and `ggufship rollback` (an
     # abort written back to Git) sit beside the local rollout.

@@ -21,10 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "as GGUFSHIP_SERVE_<OPTION> in the environment."
         ),
     )
-    from ggufship.cli.settings_flags import add_model_flags
-    from ggufship.serve.settings import ServeSettings
+    from ggufship.cli.settings_flags import add_model_flags, deferred
 
-    add_model_flags(p, ServeSettings, into="settings")
+    def flags() -> None:  # on first use: ggufship.serve imports FastAPI
+        from ggufship.serve.settings import ServeSettings
+
+        add_model_flags(p, ServeSettings, into="settings")
+
+    deferred(p, flags)
     p.set_defaults(func=run_serve)
 
 

@@ -41,6 +41,56 @@ class _Spec:
     spread: bool
 
 
+class LazyArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose arguments may be added when it is first used (parsed, or its help or
+    usage shown): a command whose model lives in a package with heavy imports (``ggufship.serve``
+    pulls in FastAPI) costs nothing to the other commands. Subparsers are of the same class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deferred: list[Callable[[], object]] = []
+
+    def defer(self, add: Callable[[], object]) -> None:
+        self._deferred.append(add)
+
+    def materialize(self) -> None:
+        """Run every deferred ``add`` now (idempotent)."""
+        while self._deferred:
+            self._deferred.pop(0)()
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.materialize()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self.materialize()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self.materialize()
+        return super().format_help()
+
+
+def deferred(parser: argparse.ArgumentParser, add: Callable[[], object]) -> None:
+    """Call ``add`` (which adds ``parser``'s arguments) when ``parser`` is first used, if it is a
+    :class:`LazyArgumentParser`; else now."""
+    if isinstance(parser, LazyArgumentParser):
+        parser.defer(add)
+    else:
+        add()
+
+
+def materialize_all(parser: argparse.ArgumentParser) -> None:
+    """Add every deferred argument of ``parser`` and of its subparsers, recursively (for tools
+    that inspect the whole tree)."""
+    if isinstance(parser, LazyArgumentParser):
+        parser.materialize()
+    for action in parser._actions:  # argparse lists a parser's actions nowhere public
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                materialize_all(sub)
+
+
 def env_name(model: type[BaseModel], opt: Option) -> str | None:
     """The environment variable a settings model reads for a top-level option (None otherwise)."""
     if len(opt.path) != 1 or not hasattr(model, "settings_customise_sources"):

@@ -13,15 +13,22 @@ logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from ggufship.cli.settings_flags import add_model_flags
-    from ggufship.sign._options import KeygenOptions, SignOptions, VerifyOptions
+    from ggufship.cli.settings_flags import add_model_flags, deferred
+
+    def flags(parser: argparse.ArgumentParser, name: str) -> None:
+        def add() -> None:  # on first use: ggufship.sign imports the Sigstore libraries
+            from ggufship.sign import _options
+
+            add_model_flags(parser, getattr(_options, name), into="options")
+
+        deferred(parser, add)
 
     k = sub.add_parser(
         "keygen",
         help="generate an EC P-256 signing key pair (NAME.key 0600, NAME.pub)",
         description="Write a new EC P-256 key pair for `ggufship sign --private-key`. Never overwrites.",
     )
-    add_model_flags(k, KeygenOptions, into="options")
+    flags(k, "KeygenOptions")
     k.set_defaults(func=run_keygen)
 
     s = sub.add_parser(
@@ -33,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "[--certificate-chain F ...] | --sigstore (keyless, OIDC identity token)."
         ),
     )
-    add_model_flags(s, SignOptions, into="options")
+    flags(s, "SignOptions")
     s.set_defaults(func=run_sign)
 
     v = sub.add_parser(
@@ -45,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "check OUT/model.sig first, then every digest."
         ),
     )
-    add_model_flags(v, VerifyOptions, into="options")
+    flags(v, "VerifyOptions")
     v.set_defaults(func=run_verify)
 
 
