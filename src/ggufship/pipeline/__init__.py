@@ -76,13 +76,6 @@ def golden_path(root: Path | None = None) -> Path:
     return Path.cwd() / PLAIN_FILE
 
 
-def find_pipeline(root: Path | None = None) -> Path:
-    """Compatibility for callers written when the definition was ``pipelines/export_to_canary.py``
-    (they take ``.with_suffix(".yaml")`` of it): :func:`golden_path` with a ``.py`` suffix.
-    Use :func:`golden_path`; this goes once no caller is left."""
-    return golden_path(root).with_suffix(".py")
-
-
 def _pipeline() -> Any:
     """The ``@dsl.pipeline`` function (imports kfp)."""
     from ggufship.pipeline.definition import export_to_canary
