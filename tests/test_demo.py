@@ -9,8 +9,10 @@ from pathlib import Path
 
 
 def test_demo_runs_end_to_end_twice(tmp_path: Path) -> None:
-    """export → sign → publish (KFP pipeline under kfp.local), a canary that promotes, and a
-    regressed canary that the gate rolls back; every service stopped at the end. Twice in the
+    """export → sign → publish (KFP pipeline under kfp.local), a canary that promotes, a
+    latency-regressed canary that the gate rolls back, and a quality-regressed release (an
+    over-refusing fine-tune at normal speed) that `evaluate` stops before sign/publish and whose
+    canary, forced through, the online quality signals abort; every service stopped at the end. Twice in the
     same workdir: a re-run starts clean (it used to retry its publish for ~4 minutes, then fail
     with exit 70: the GitOps record of 1.0.0 held the first run's signature)."""
     workdir = tmp_path / "demo"
@@ -31,6 +33,15 @@ def _check_run(workdir: Path, run: int) -> None:
     assert "s3_uri: s3://ggufship-models/models/tiny-llama-demo/1.0.0/" in out
     assert "canary: promoted (gate passed)" in out
     assert "rollout: Degraded" in out
+    # the quality-regressed release: stopped by evaluate inside the pipeline, before sign/publish
+    assert "quality-regressed release 1.2.0" in out
+    assert "  evaluate: fail — pipeline stopped before sign and publish (exit code 75" in out
+    assert "1.2.0" not in "".join(line for line in out.splitlines() if "s3_uri" in line)  # never published
+    # ... and forced through with evaluation off: aborted on its refusal rate, not on latency
+    quality = out.split("quality-regressed canary, forced through with evaluation off", 1)[1]
+    assert "  rollout: Degraded" in quality
+    assert "  gate rate-refusal: fail" in quality, quality
+    assert "  gate ks-latency: " in quality and "  gate ks-latency: fail" not in quality, quality
     # kfp.local prints each task's outputs to stdout too ("    report: Markdown(...)"): take the summary's.
     reports = [line[len("  report: ") :] for line in out.splitlines() if line.startswith("  report: /")]
     assert len(reports) >= 2 and all(Path(r).is_file() for r in reports), reports

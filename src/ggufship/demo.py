@@ -11,7 +11,14 @@
 5. a second rollout whose canary is regressed (fault injection: +0.5 s on every
    request, the server's documented, default-off setting) — the gate fails it and the
    rollout aborts back to the stable;
-6. stop the services and print the reports' paths.
+6. a quality-regressed release ``1.2.0``: a fine-tune of the demo model that answers
+   everything with a refusal (:func:`~ggufship.demo_golden.train_refusing_checkpoint`; same
+   shapes, so the same speed). (a) The pipeline with ``evaluate_against`` the stable and a
+   release spec that declares the demo golden set: ``evaluate`` fails it and the run stops
+   before sign and publish. (b) Forced through with the evaluation off (its unsigned export
+   rolled out directly): the canary's online quality signals (the refusal rate, with answer
+   surprisal and bad answers, next to latency) abort it while its latency passes;
+7. stop the services and print the reports' paths.
 
 Every run starts clean: the services a previous run left (``--keep-services``, or one that
 was killed) are stopped and the demo's state — S3 objects, the OCI registry, the GitOps
@@ -34,6 +41,7 @@ from typing import Any
 import yaml
 
 from ggufship.demo_checkpoint import build_checkpoint, build_lora_adapter
+from ggufship.demo_golden import train_refusing_checkpoint, write_golden_set
 from ggufship.environment import environment
 from ggufship.errors import GgufshipError
 from ggufship.progress import Reporter
@@ -75,6 +83,18 @@ ROLLOUT_ENV = {
     ),
 }
 REGRESSION_ENV = {"GGUFSHIP_SERVE_FAULT_DELAY_SECONDS": "0.5", "GGUFSHIP_SERVE_FAULT_DELAY_FRACTION": "1"}
+#: The quality rollout's gate: latency and TTFT (the same floors as above: they must pass) plus
+#: the answers' quality signals — surprisal (KS) and the refusal and bad-answer rates (one-sided
+#: Fisher tests, +2 points floor) — with answers long enough to hold a refusal.
+QUALITY_GATE = {
+    "min_samples": 8,
+    "metrics": ["latency", "ttft", "surprisal"],
+    "rates": ["refusal", "bad_answer"],
+    "max_p99_s": 3.0,
+    "min_ks_d": 0.3,
+    "min_median_shift": 0.5,
+}
+QUALITY_LOAD_MAX_TOKENS = 12
 
 
 class DemoError(GgufshipError):
@@ -202,6 +222,11 @@ def run_demo(
         lines.append(f"  rollout: {bad['phase']} — {bad['reason']}")
         lines += [f"  report: {r}" for r in bad["reports"]] or ["  report: (none written)"]
         lines.append(f"  status: {bad['status']}")
+
+        # 1.2.0: a quality-regressed release at normal speed.
+        lines += _quality_regressed_release(
+            workdir, checkpoint, common, env, pipeline_root, state_dir, stable=state_dir / "pulled"
+        )
     finally:
         if not keep_services:
             down(state_dir)
@@ -252,3 +277,124 @@ def _regressed_rollout(state_dir: Path, pulled_from: Path) -> dict[str, Any]:
         "reports": reports,
         "status": str(state_dir / "rollout" / "status.json"),
     }
+
+
+def _stable_export(pulled_from: Path) -> Path:
+    pulled = sorted(p for p in pulled_from.iterdir() if p.is_dir()) if pulled_from.is_dir() else []
+    if not pulled:
+        raise DemoError(f"no pulled release under {pulled_from} to compare the quality-regressed one with")
+    return pulled[-1]
+
+
+def _quality_regressed_release(
+    workdir: Path,
+    checkpoint: Path,
+    common: dict[str, Any],
+    env: dict[str, str],
+    pipeline_root: Path,
+    state_dir: Path,
+    *,
+    stable: Path,
+) -> list[str]:
+    """Release 1.2.0, an over-refusing fine-tune: stopped by ``evaluate`` in the pipeline, then
+    forced through as a canary whose online quality signals abort it."""
+    from ggufship.pipeline import run_local
+    from ggufship.pipeline.evaluation import EvaluationFailedError
+    from ggufship.rollout import DEFAULT_PROMPTS, RolloutRequest, RolloutSettings, run_rollout
+
+    stable_export = _stable_export(stable)
+    bad_ckpt = workdir / "checkpoints" / "over-refusing"
+    if not (bad_ckpt / "config.json").exists():
+        logger.info("training the over-refusing fine-tune of the demo model in %s", bad_ckpt)
+        train_refusing_checkpoint(checkpoint, bad_ckpt, prompts=DEFAULT_PROMPTS)
+    golden = write_golden_set(workdir / "golden" / "demo-golden.jsonl")
+    spec = yaml.safe_load((workdir / "release.yaml").read_text(encoding="utf-8"))
+    spec["description"] = "The demo model fine-tuned to refuse everything: a quality regression."
+    spec["golden_set"] = {"name": "ggufship/demo-golden", "path": str(golden)}
+    release = workdir / "release-quality.yaml"
+    release.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+
+    lines = ["quality-regressed release 1.2.0 (a fine-tune that refuses everything, same shapes and speed)"]
+    # (a) the pipeline evaluates it against the stable before signing: it must stop there.
+    logger.info("release 1.2.0: KFP pipeline with evaluate_against the stable; expecting evaluate to stop it")
+    root3 = pipeline_root / "1.2.0"
+    args = {
+        **common,
+        "checkpoint": str(bad_ckpt),
+        "adapter": "",
+        "release": str(release),
+        "version": "1.2.0",
+        "deploy_mode": "none",
+        "evaluate_against": str(stable_export),
+    }
+    try:
+        run_local(args, pipeline_root=root3, env=env)
+    except GgufshipError as exc:
+        stopped = str(exc)
+    else:
+        raise DemoError("the quality-regressed release passed the pipeline: evaluate did not stop it")
+    run3 = _run_dir(root3)
+    if (run3 / "publish-model").exists() or (run3 / "sign-model").exists():
+        raise DemoError(f"the quality-regressed release reached sign/publish ({run3})")
+    reports = sorted(run3.glob("evaluate-model/**/report.md"))
+    verdict = _evaluation_verdict(run3)
+    if verdict.get("outcome") != "fail":
+        raise DemoError(f"evaluate did not fail the quality-regressed release: {verdict or stopped}")
+    lines.append(
+        f"  evaluate: fail — pipeline stopped before sign and publish "
+        f"(exit code {EvaluationFailedError.exit_code}, EvaluationFailedError)"
+    )
+    lines.append(f"  reason: {verdict.get('reason', '')}")
+    lines += [f"  report: {r}" for r in reports]
+
+    # (b) forced through with the evaluation off: its export goes straight to a canary.
+    candidate = _export_output(run3)
+    logger.info("quality-regressed canary (evaluation off): expecting the online quality signals to abort it")
+    with environment(ROLLOUT_ENV):
+        settings = RolloutSettings(
+            analysis_reports=True, gate=QUALITY_GATE, load_max_tokens=QUALITY_LOAD_MAX_TOKENS
+        )
+    status = run_rollout(
+        RolloutRequest(
+            stable=stable_export,
+            canary=candidate,
+            state_dir=state_dir,
+            auto_promote=True,
+            settings=settings,
+        )
+    )
+    if status.phase != "Degraded":
+        raise DemoError(
+            f"the quality-regressed canary was not rolled back (phase {status.phase}): {status.message}"
+        )
+    lines.append("quality-regressed canary, forced through with evaluation off (no injected delay)")
+    lines.append(f"  rollout: {status.phase} — {status.abort_reason or status.message}")
+    failed = [a for a in status.analyses if a.outcome == "fail"]
+    checks = failed[-1].verdict.get("checks", []) if failed else []
+    for check in checks:
+        if check.get("kind") in ("ks", "proportion"):
+            lines.append(f"  gate {check.get('name')}: {check.get('outcome')} — {check.get('reason', '')}")
+    lines += [f"  report: {a.report}" for a in status.analyses if getattr(a, "report", None)]
+    return lines
+
+
+def _evaluation_verdict(run_dir: Path) -> dict[str, Any]:
+    """The evaluate step's verdict: ``evaluation`` of the evaluated copy's manifest, else the
+    outcome line of its report (``**Outcome: fail** — reason``)."""
+    for manifest in sorted(run_dir.glob("evaluate-model/**/manifest.json")):
+        data = json.loads(manifest.read_text(encoding="utf-8")).get("evaluation")
+        if data:
+            return dict(data)
+    for report in sorted(run_dir.glob("evaluate-model/**/report.md")):
+        for line in report.read_text(encoding="utf-8").splitlines():
+            if line.startswith("**Outcome: "):
+                outcome, _, reason = line.removeprefix("**Outcome: ").partition("** — ")
+                return {"outcome": outcome, "reason": reason}
+    return {}
+
+
+def _export_output(run_dir: Path) -> Path:
+    manifests = sorted(run_dir.glob("export-model/**/manifest.json"))
+    if not manifests:
+        raise DemoError(f"no export under {run_dir / 'export-model'}")
+    return manifests[0].parent

@@ -247,7 +247,7 @@ def train_refusing_checkpoint(
     out_dir: Path,
     *,
     prompts: Sequence[str] = (),
-    steps: int = 50,
+    steps: int = 100,
     lr: float = 1e-2,
     seed: int = 0,
 ) -> Path:

@@ -122,10 +122,10 @@ class EvaluatePolicy(BaseModel):
         default=20, ge=2, le=1_000_000, description="fewer scored examples → NLL inconclusive"
     )
     max_ppl_increase: float = Field(
-        default=0.05,
+        default=0.10,
         ge=0,
         le=100,
-        description="effect floor: relative Δ-PPL (0.05 = +5%; ln(1.05) nats per token)",
+        description="effect floor: relative Δ-PPL (0.10 = +10%; ln(1.1) nats per token)",
     )
     min_ks_d: float = Field(
         default=0.25,
