@@ -1,16 +1,19 @@
 """Benchmark of ``ggufship evaluate``'s decision: false-fail rate on A/A pairs and power against a
 graded series of damages, on tiny real checkpoints exported to GGUF and measured with llama.cpp.
 
-    .venv/bin/python bench/evaluate.py [--seeds 10] [--damage-seeds 3] [--work DIR]
+    .venv/bin/python bench/evaluate.py [--seeds 20] [--damage-seeds 3] [--lora-steps 10] [--work DIR]
 
-A/A: N LoRA fine-tunes of the same tiny base with the same recipe and different seeds
-(``demo_checkpoint.build_lora_adapter``), each exported to F16 and measured once on the demo
-golden set (``demo_golden``); every ordered pair (candidate i, stable j ≠ i) is one A/A
-comparison judged by the pure core (``evaluate.decide``) with the default policy. Damage: the
-first ``--damage-seeds`` fine-tunes exported from a base whose output layer is scaled by 1.25 … 4
-(``damage_checkpoint``: same shapes, same speed), each compared with every other undamaged
-export. Quantization drift: F16 vs Q8_0, Q4_K_M, Q3_K_M and Q2_K of the first fine-tune.
-Prints Markdown tables for bench/RESULTS.md.
+The tiny seeded Llama of the tests is first trained once on the golden set's domain
+(``demo_golden.train_golden_base``: every weight, 300 full-batch steps; cached under ``--work``).
+A/A: N LoRA fine-tunes of that trained base with the same recipe and different seeds
+(``demo_golden.train_golden_adapter``: the LoRA init differs), each exported to F16 and measured
+once on the demo golden set; every ordered pair (candidate i, stable j ≠ i) is one A/A
+comparison judged by the pure core (``evaluate.decide``) with the default policy. A re-export
+of fine-tune 0 (the same inputs exported again) is judged against fine-tune 0. Damage: the
+first ``--damage-seeds`` fine-tunes exported from the trained base with its output layer scaled
+by 1.02 … 1.5 (``damage_checkpoint``: sharper next-token distributions, same shapes, same
+speed), each compared with every other undamaged fine-tune. Quantization drift: F16 vs Q8_0,
+Q4_K_M, Q3_K_M and Q2_K of fine-tune 0. Prints Markdown tables for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -22,21 +25,28 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ggufship.demo_checkpoint import TinySpec, build_checkpoint, build_lora_adapter
-from ggufship.demo_golden import damage_checkpoint, write_golden_set
+from ggufship.demo_checkpoint import TinySpec, build_checkpoint
+from ggufship.demo_golden import (
+    damage_checkpoint,
+    train_golden_adapter,
+    train_golden_base,
+    write_golden_set,
+)
 from ggufship.evaluate import EvaluatePolicy, Measurement, decide, load_golden_set
 from ggufship.evaluate._llama import opened
 from ggufship.evaluate._measure import measure_drift, measure_track
 from ggufship.export import ExportRequest, export_checkpoint
 
 log = logging.getLogger("bench.evaluate")
-SCALES = (1.25, 1.5, 2.0, 3.0, 4.0)
+SCALES = (1.02, 1.05, 1.1, 1.15, 1.25, 1.5)
 DRIFT_QUANTS = ("F16", "Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--lora-steps", type=int, default=10)
+    ap.add_argument("--base-steps", type=int, default=300)
     ap.add_argument("--damage-seeds", type=int, default=3)
     ap.add_argument("--work", type=Path)
     args = ap.parse_args()
@@ -49,9 +59,14 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-evaluate-"))
     policy = EvaluatePolicy()
     t_start = time.perf_counter()
-    base = work / "base"
+    random_base = work / "base"
+    if not (random_base / "config.json").is_file():
+        build_checkpoint(random_base, TinySpec())
+    base = work / "base-trained"
     if not (base / "config.json").is_file():
-        build_checkpoint(base, TinySpec())
+        t0 = time.perf_counter()
+        train_golden_base(random_base, base, steps=args.base_steps)
+        log.info("trained the base in %.0f s", time.perf_counter() - t0)
     golden = load_golden_set(write_golden_set(work / "golden.jsonl"))
 
     def export(adapter: Path, tag: str, quants: tuple[str, ...] = ("F16",), ckpt: Path = base) -> Path:
@@ -75,17 +90,19 @@ def main() -> None:
         tag = f"aa{seed}"
         adapter = work / f"lora-{seed}"
         if not (adapter / "adapter_config.json").is_file():
-            build_lora_adapter(base, adapter, seed=seed)
+            train_golden_adapter(base, adapter, seed=seed, steps=args.lora_steps)
         out = export(adapter, tag, DRIFT_QUANTS if seed == 0 else ("F16",))
         t0 = time.perf_counter()
         good.append(measure(out, tag))
         t_measure += time.perf_counter() - t0
         log.info("good %d measured", seed)
+    again = measure(export(work / "lora-0", "aa0-again"), "aa0-again")
+    reexport = decide(Measurement(candidate=again, stable=good[0], examples=len(golden.examples)), policy)
     damaged_tracks: dict[float, list[tuple[int, object]]] = {}
     for seed in range(min(args.damage_seeds, args.seeds)):
         for scale in SCALES:
             tag = f"d{seed}x{scale:g}"
-            damaged_base = work / f"base-x{scale:g}"
+            damaged_base = work / f"base-trained-x{scale:g}"
             if not damaged_base.exists():
                 damage_checkpoint(base, damaged_base, scale=scale)
             cand = measure(export(work / f"lora-{seed}", tag, ckpt=damaged_base), tag)
@@ -100,7 +117,9 @@ def main() -> None:
                 if i != j:
                     v = decide(Measurement(candidate=cand, stable=stable, examples=len(golden.examples)), pol)
                     aa[v.outcome] += 1
-                    components.update(c.name for c in v.components if c.outcome == "fail")
+                    components.update(
+                        f"{c.name}:{c.outcome}" for c in v.components if c.outcome in ("fail", "inconclusive")
+                    )
                     ppl.append(v.component("nll").values.get("delta_ppl"))
         damaged: dict[float, Counter] = {}
         dmg_ppl: dict[float, list[float]] = {}
@@ -126,6 +145,11 @@ def main() -> None:
     total = time.perf_counter() - t_start
 
     n_aa = sum(aa.values())
+    rx = reexport.component("nll").values
+    print(
+        f"\nre-export of fine-tune 0 vs fine-tune 0: {reexport.outcome} (Δ-PPL {rx.get('delta_ppl')}, "
+        f"bounds {rx.get('delta_ppl_lower')} … {rx.get('delta_ppl_upper')})"
+    )
     print(f"\nA/A: {args.seeds} fine-tunes, {n_aa} ordered pairs, default policy")
     print("| outcome | pairs | rate |\n|---|---|---|")
     for k in ("pass", "inconclusive", "fail"):
@@ -146,7 +170,7 @@ def main() -> None:
             f"| ×{scale:g} | {sum(c.values())} | {c['fail'] / n:.0%} | {c['inconclusive'] / n:.0%} | "
             f"{c['pass'] / n:.0%} | {med:+.1%} |"
         )
-    print(f"\nfailing components on A/A pairs (default policy): {dict(aa_components)}")
+    print(f"\nfailing / inconclusive components on A/A pairs (default policy): {dict(aa_components)}")
     print("\nSweep of the effect floors (max_ppl_increase / max_check_drop; other settings default)")
     print(
         "| Δ-PPL floor / check floor | A/A fail | A/A inconclusive | "
@@ -154,7 +178,7 @@ def main() -> None:
         + " |\n|---|---|---|"
         + "---|" * len(SCALES)
     )
-    sweep = [(0.05, 0.1), (0.10, 0.1), (0.20, 0.1), (0.05, 0.3), (0.10, 0.3), (0.20, 0.3), (0.20, 0.5)]
+    sweep = [(0.05, 0.1), (0.10, 0.1), (0.10, 0.3), (0.20, 0.3), (0.20, 0.5)]
     for floor, check_floor in sweep:
         a2, _, _, d2, _ = judge(
             policy.model_copy(update={"max_ppl_increase": floor, "max_check_drop": check_floor})
@@ -178,7 +202,7 @@ def main() -> None:
         )
     print(
         f"\nmeasure per export (NLL + greedy answers, 1 thread): {t_measure / len(good):.1f} s; "
-        f"total {total:.0f} s"
+        f"total {total:.0f} s; LoRA steps {args.lora_steps}, base steps {args.base_steps}"
     )
 
 
