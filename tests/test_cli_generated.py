@@ -15,6 +15,7 @@ import pytest
 
 from ggufship.cli.main import build_parser, main
 from ggufship.cli.settings_flags import MARK, materialize_all, resolve
+from ggufship.errors import UsageError
 
 #: Hand-written arguments still allowed: (command path, first option string or dest) → why.
 NOT_GENERATED: dict[tuple[str, str], str] = {
@@ -150,6 +151,10 @@ def test_flags_override_the_environment_the_help_names(monkeypatch: pytest.Monke
     assert args.settings.start_timeout_s == 7
     args = resolve(build_parser().parse_args(["up", "--timeout", "9"]))
     assert args.settings.start_timeout_s == 9
+    # a bad value from the environment is named by its variable as well as its flag
+    monkeypatch.setenv("GGUFSHIP_SERVE_PORT", "eighty")
+    with pytest.raises(UsageError, match="--port / GGUFSHIP_SERVE_PORT: Input should be a valid integer"):
+        resolve(build_parser().parse_args(["serve", "m.gguf"]))
 
 
 def test_choices_exclusive_sets_and_required_arguments_come_from_the_model(

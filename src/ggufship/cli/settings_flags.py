@@ -239,8 +239,9 @@ def spell(opt: Option) -> str:
     return opt.flag
 
 
-def _spell_given(args: argparse.Namespace) -> Callable[[Option], str]:
-    """Errors name the flag and the value given (``--steps '5,x'``), or the flag alone."""
+def _spell_given(args: argparse.Namespace, model: type[BaseModel]) -> Callable[[Option], str]:
+    """Errors name the flag and the value given (``--steps '5,x'``); an option not given is named
+    with its environment variable, where the bad value came from (``--port / GGUFSHIP_SERVE_PORT``)."""
 
     def spell_with_value(opt: Option) -> str:
         value = getattr(args, _DEST + opt.name, None)
@@ -248,7 +249,8 @@ def _spell_given(args: argparse.Namespace) -> Callable[[Option], str]:
             return f"{opt.flag} {value!r}"
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             return f"{opt.flag} {' '.join(map(repr, value))}"
-        return opt.flag
+        env = env_name(model, opt)
+        return f"{opt.flag} / {env}" if value is None and env is not None else opt.flag
 
     return spell_with_value
 
@@ -266,7 +268,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                     node = node.get(part, {})
                 if opt.path[-1] in node:
                     node[opt.path[-1]] = _absolute(opt, node[opt.path[-1]])
-        value = validated(spec.model, data, spec.options, spell=_spell_given(args), error=spec.error)
+        value = validated(
+            spec.model, data, spec.options, spell=_spell_given(args, spec.model), error=spec.error
+        )
         setattr(args, spec.into, value)
         if spec.spread:
             for name in type(value).model_fields:
