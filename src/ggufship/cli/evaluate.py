@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "exit 0 pass, 1 fail, 2 inconclusive",
         description="Measure the candidate export's GGUFs against the stable (or base) export on the "
         "golden set declared in the release spec: teacher-forced NLL of the reference answers (Δ-PPL, "
-        "Wilcoxon, KS), greedy answers against the golden checks, every quantization against the F16 "
+        "bootstrap bound, KS), greedy answers against the golden checks, every quantization against the F16 "
         "(mean KL, top-1 agreement). Records the result in the candidate's manifest.json and model card "
         "(before signing). Exit 0 pass, 1 fail, 2 inconclusive, 90-94 errors.",
     )
