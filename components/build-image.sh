@@ -45,7 +45,7 @@ for arg in "$@"; do
     --rebuild-wheel) REBUILD_WHEEL=1 ;;
     --rev=?*) REV="${arg#--rev=}" ;;
     --apt-lock) APT_LOCK=1; SMOKE=0 ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "build-image.sh: unknown argument $arg (known: --no-smoke --no-cache --rebuild-wheel --rev=REV --apt-lock)" >&2; exit 2 ;;
   esac
 done
