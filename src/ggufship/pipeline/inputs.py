@@ -48,7 +48,7 @@ MARKERS = {"checkpoint": "config.json", "adapter": "adapter_config.json"}
 
 
 class InputFetchError(PipelineStepError):
-    """An ``s3://`` pipeline input is missing, empty, truncated or not what the parameter needs."""
+    """An ``s3://`` or Git pipeline input is missing, empty, truncated or not what the parameter needs."""
 
 
 def is_s3(value: str) -> bool:
