@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from ggufship.retry import call_with_retries, poll_until
+from ggufship.retry import call_with_retries, poll_results, poll_until
 
 logger = logging.getLogger(__name__)
 
@@ -95,3 +95,39 @@ def test_poll_until_with_a_growing_interval_still_returns_on_success() -> None:
 
     assert poll_until(fifth, timeout_s=30, interval_s=0.0001, max_interval_s=0.001)
     assert len(calls) == 5
+
+
+def test_poll_results_waits_what_each_result_asks_and_returns_the_done_one() -> None:
+    results = iter([1, 2, 3, 10])
+    slept: list[float] = []
+    last = poll_results(
+        lambda: next(results),
+        done=lambda n: n >= 10,
+        give_up=lambda n: False,
+        wait_s=lambda n: n / 10,
+        sleep=slept.append,
+    )
+    assert last == 10
+    assert slept == [0.1, 0.2, 0.3]
+
+
+def test_poll_results_gives_up_with_the_last_result_that_is_not_done() -> None:
+    calls: list[int] = []
+
+    def count() -> int:
+        calls.append(1)
+        return len(calls)
+
+    slept: list[float] = []
+    last = poll_results(
+        count, done=lambda n: False, give_up=lambda n: n >= 4, wait_s=lambda n: 0.0, sleep=slept.append
+    )
+    assert last == 4 and len(calls) == 4 and slept == [0.0, 0.0, 0.0]
+
+
+def test_poll_results_propagates_the_attempt_s_exception() -> None:
+    def broken() -> int:
+        raise KeyError("gone")
+
+    with pytest.raises(KeyError, match="gone"):
+        poll_results(broken, done=lambda n: True, give_up=lambda n: True, wait_s=lambda n: 0.0)

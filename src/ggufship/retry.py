@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tenacity import (
     RetryCallState,
@@ -60,6 +61,38 @@ def poll_until(
         retry_error_callback=lambda _state: False,
     )
     return bool(retrying(condition))
+
+
+def _last_result(state: RetryCallState) -> Any:
+    if state.outcome is None:  # tenacity asks for a wait, a stop or a verdict only after an attempt
+        raise RuntimeError("no attempt has finished yet")
+    return state.outcome.result()
+
+
+def poll_results(
+    attempt: Callable[[], T],
+    *,
+    done: Callable[[T], bool],
+    give_up: Callable[[T], bool],
+    wait_s: Callable[[T], float],
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``attempt`` until ``done(result)`` or ``give_up(result)``; the last result.
+
+    For polls whose wait and bound depend on what was seen: after a result that is not
+    ``done``, the wait ends if ``give_up(result)`` (the bounds: a deadline, a count of tries),
+    else ``attempt`` runs again after ``wait_s(result)`` seconds (``sleep`` can be replaced, as
+    with a manual clock in tests). ``give_up`` must turn true within a bounded time. An
+    exception ``attempt`` raises ends the wait and propagates.
+    """
+    retrying = Retrying(
+        sleep=sleep,
+        retry=retry_if_result(lambda result: not done(result)),
+        wait=lambda state: wait_s(_last_result(state)),
+        stop=lambda state: give_up(_last_result(state)),
+        retry_error_callback=_last_result,
+    )
+    return retrying(attempt)
 
 
 def call_with_retries(
