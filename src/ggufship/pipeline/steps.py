@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ggufship.errors import GgufshipError, UsageError
+from ggufship.retry import poll_results
 
 logger = logging.getLogger(__name__)
 
@@ -500,7 +501,7 @@ def _await_rollout(
     is progressing or paused for promotion. ``get_rollout`` (default: the Kubernetes API)
     returns the Rollout object; an API error is logged and retried until the deadline.
     """
-    from ggufship.pipeline.rollout_state import assess
+    from ggufship.pipeline.rollout_state import RolloutAssessment, assess
 
     if get_rollout is None:
         api = _kube_api()
@@ -511,7 +512,11 @@ def _await_rollout(
     deadline = clock() + timeout_s
     last = ""
     paused_seen = False
-    while True:
+    started = clock()
+
+    def read() -> RolloutAssessment:
+        nonlocal last, paused_seen, started
+        started = clock()
         try:
             obj: Any = get_rollout()
         except Exception as exc:  # the API server may be briefly unreachable: no data is "waiting"
@@ -523,13 +528,21 @@ def _await_rollout(
             logger.info("rollout %s/%s: %s", namespace, name, line)
             last = line
         paused_seen = paused_seen or reading.state == "paused"
-        if reading.final:
-            return {
-                "outcome": reading.state,
-                "phase": reading.phase,
-                "message": reading.reason if not reading.message else f"{reading.reason} ({reading.message})",
-                "revision": reading.current_pod_hash,
-                "paused_for_promotion": paused_seen,
-                "analyses": [],
-            }
-        sleep(max(0.0, min(poll_s, deadline - clock())))
+        return reading
+
+    # A read begun at the deadline is final (assess: "timed-out"), so give_up only bounds the loop.
+    reading = poll_results(
+        read,
+        done=lambda reading: reading.final,
+        give_up=lambda _reading: started >= deadline,
+        wait_s=lambda _reading: max(0.0, min(poll_s, deadline - clock())),
+        sleep=sleep,
+    )
+    return {
+        "outcome": reading.state,
+        "phase": reading.phase,
+        "message": reading.reason if not reading.message else f"{reading.reason} ({reading.message})",
+        "revision": reading.current_pod_hash,
+        "paused_for_promotion": paused_seen,
+        "analyses": [],
+    }
