@@ -267,6 +267,7 @@ class RolloutMachine:
                 break
             if time.monotonic() - self._last_publish >= 1.0:
                 self._update()
+            # A scheduler's tick, not a poll (retry.py): the policy ends the run (steps, analyses, controls).
             time.sleep(self.plan.poll_s)
 
     def _perform(self, action: Action) -> Event | None:
