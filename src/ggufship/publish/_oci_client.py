@@ -39,11 +39,14 @@ from pydantic import SecretStr
 
 from ggufship.errors import GgufshipError
 from ggufship.publish import _docker_config
+from ggufship.retry import call_with_retries
 
 logger = logging.getLogger(__name__)
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 _IDEMPOTENT = ("GET", "HEAD")
+# Transport errors a GET/HEAD is retried after (twice, 0.2 s then 0.4 s later); TLS problems are not.
+_TRANSIENT = (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError, httpx.TimeoutException)
 _TOKEN_MARGIN_S = 10.0  # refresh a token this long before it expires
 _DEFAULT_TOKEN_LIFETIME_S = 60.0  # the token spec's default for a missing expires_in
 
@@ -324,40 +327,42 @@ class RegistryClient:
         return f"{self.base}/v2/{path}"
 
     def _send(self, method: str, url: str, headers: dict[str, str], content: bytes | None) -> httpx.Response:
-        attempts = 3 if method in _IDEMPOTENT else 1
-        for attempt in range(1, attempts + 1):
+        def attempt() -> httpx.Response:
             try:
                 body = content() if callable(content) else content
                 request = self.http.build_request(method, url, headers=headers, content=body)
                 return self.http.send(request, stream=True, follow_redirects=method in _IDEMPOTENT)
-            except httpx.HTTPError as exc:
-                tls = (
-                    _tls_problem(exc) if isinstance(exc, httpx.ConnectError) and not self.t.insecure else None
+            except httpx.ConnectError as exc:
+                tls = _tls_problem(exc) if not self.t.insecure else None
+                if tls is None:
+                    raise
+                hint = (
+                    "; give the registry's CA with GGUFSHIP_OCI_CA_BUNDLE / --oci-ca-bundle "
+                    "(or SSL_CERT_FILE)"
+                    if "not trusted" in tls
+                    else "; a plain-HTTP registry needs GGUFSHIP_OCI_INSECURE / --oci-insecure"
                 )
-                if tls is not None:
-                    hint = (
-                        "; give the registry's CA with GGUFSHIP_OCI_CA_BUNDLE / --oci-ca-bundle "
-                        "(or SSL_CERT_FILE)"
-                        if "not trusted" in tls
-                        else "; a plain-HTTP registry needs GGUFSHIP_OCI_INSECURE / --oci-insecure"
-                    )
-                    raise OciUnavailableError(f"{self.t.registry}: TLS: {tls}{hint}") from exc
-                if attempt < attempts and isinstance(
-                    exc,
-                    (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError, httpx.TimeoutException),
-                ):
-                    time.sleep(0.2 * attempt)
-                    continue
-                if isinstance(exc, httpx.ConnectError):
-                    what = "registry unreachable"
-                elif isinstance(exc, httpx.TimeoutException):
-                    what = f"no answer within {self.t.timeout_s:g} s"
-                else:
-                    what = "connection dropped"
-                raise OciUnavailableError(
-                    f"{self.t.registry}: {what} ({method} {url}): {exc or type(exc).__name__}"
-                ) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+                raise OciUnavailableError(f"{self.t.registry}: TLS: {tls}{hint}") from exc
+
+        try:
+            return call_with_retries(
+                attempt,
+                attempts=3 if method in _IDEMPOTENT else 1,
+                backoff_s=(0.2, 0.4),
+                may_pass=lambda exc: isinstance(exc, _TRANSIENT),
+                logger=logger,
+                what=f"{self.t.registry}: {method} {url}",
+            )
+        except httpx.HTTPError as exc:
+            if isinstance(exc, httpx.ConnectError):
+                what = "registry unreachable"
+            elif isinstance(exc, httpx.TimeoutException):
+                what = f"no answer within {self.t.timeout_s:g} s"
+            else:
+                what = "connection dropped"
+            raise OciUnavailableError(
+                f"{self.t.registry}: {what} ({method} {url}): {exc or type(exc).__name__}"
+            ) from exc
 
     @contextmanager
     def stream(
