@@ -170,6 +170,85 @@ def test_dify_shaped_streaming_tool_call(server: RunningServer) -> None:
     assert finishes == ["tool_calls"]
 
 
+def test_streamed_logprobs_with_tools(client: openai.OpenAI) -> None:
+    """``logprobs`` with ``tools`` offered, streamed (issue 17): content chunks carry the logprobs of
+    their tokens, the same as the blocking answer's; a streamed call's chunks carry none, as the
+    blocking call answer has ``logprobs: null`` (the API's ``logprobs`` holds message content only)."""
+    kw = {
+        "model": "tiny",
+        "messages": CHAT,
+        "tools": TOOLS,
+        "tool_choice": "auto",
+        "temperature": 0,
+        "max_tokens": 8,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    blocking = client.chat.completions.create(**kw).choices[0]
+    assert blocking.message.tool_calls is None, blocking  # greedy: the untrained model answers text
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    sent = [c.choices[0] for c in chunks if c.choices and c.choices[0].delta.content]
+    assert sent and all(ch.logprobs is not None and ch.logprobs.content for ch in sent), sent
+    streamed = [
+        t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content
+    ]
+    assert [t.token for t in streamed] == [t.token for t in blocking.logprobs.content]
+    assert [t.logprob for t in streamed] == pytest.approx(
+        [t.logprob for t in blocking.logprobs.content], abs=1e-4
+    )
+    assert all(len(t.top_logprobs) == 2 for t in streamed)
+    text = "".join(ch.delta.content for ch in sent)
+    assert text == blocking.message.content
+    assert b"".join(bytes(t.bytes) for t in streamed).decode("utf-8", "replace") == text
+
+    forced = {**kw, "tool_choice": {"type": "function", "function": {"name": "get_time"}}, "max_tokens": 200}
+    call = client.chat.completions.create(**forced).choices[0]
+    assert call.finish_reason == "tool_calls" and call.logprobs is None
+    chunks = list(client.chat.completions.create(**forced, stream=True))
+    assert any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    assert all(c.choices[0].logprobs is None for c in chunks if c.choices)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "content"),
+    [
+        (["Hel", "lo", " there"], "Hello there"),
+        (["  ", "\n", "Hi"], "  \nHi"),  # held while it may still open a call
+        (['{"name": "nope",', ' "arguments"', ": {}}"], '{"name": "nope", "arguments": {}}'),  # to the end
+        (['{"name": "get_time", ', '"arguments": {"zone": "UTC"}}', " trailing"], None),  # a call
+    ],
+)
+def test_chat_stream_logprobs_follow_the_text_they_belong_to(pieces: list[str], content: str | None) -> None:
+    """Logprobs of text the call parser holds back go out with that text once it is content; those of
+    a call (and of the text after it, which is dropped) are not sent."""
+    from ggufship.serve._context import Prompt
+    from ggufship.serve._engine import Finished, SamplingParams, TextDelta, TokenLogprob
+    from ggufship.serve._inference import Job
+    from ggufship.serve._routes_openai import _ChatChoice
+    from ggufship.serve._tools import ToolSpec, ToolUse
+
+    offered = tuple(ToolSpec(n, "", s) for n, s in SCHEMAS.items())
+    job = Job(Prompt((1,), 8), SamplingParams(max_tokens=8, logprobs=0), ToolUse(offered, None))
+    sent: list[dict] = []
+
+    def chunk(index: int, delta, finish=None, lps=None) -> str:
+        sent.append({"delta": delta.model_dump(exclude_none=True), "finish": finish, "lps": lps})
+        return ""
+
+    choice = _ChatChoice(0, job, chunk)
+    for piece in pieces:  # one token per piece
+        choice.delta(TextDelta(piece, (TokenLogprob(piece, -0.5, tuple(piece.encode())),)))
+    choice.end(Finished("stop", 1, len(pieces), "".join(pieces), None))
+    texts = [c for c in sent if c["delta"].get("content")]
+    assert all(c["lps"] is None for c in sent if c not in texts)
+    if content is None:
+        assert not texts and any("tool_calls" in c["delta"] for c in sent)
+        return
+    assert "".join(c["delta"]["content"] for c in texts) == content
+    assert all(c["lps"] for c in texts)
+    assert [t.token for c in texts for t in c["lps"]] == pieces
+
+
 @pytest.mark.parametrize(
     ("text", "call", "arguments"),
     [

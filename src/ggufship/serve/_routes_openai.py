@@ -281,21 +281,29 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
 class _ChatChoice:
     """The chunks of one choice of a chat stream; with tools offered the text goes through a
-    :class:`CallStream` (a tool call streams as OpenAI's ``tool_calls`` deltas)."""
+    :class:`CallStream` (a tool call streams as OpenAI's ``tool_calls`` deltas).
+
+    With ``logprobs`` asked, a content chunk carries the logprobs of the tokens whose text it sends.
+    Tokens whose text the :class:`CallStream` holds back keep their logprobs here until that text goes
+    out as content; tokens that become a tool call have none sent (``logprobs`` holds message content
+    only, as in a blocking answer that is a call)."""
 
     def __init__(self, index: int, job: Job, chunk: Callable[..., str]) -> None:
         self.index = index
         self.job = job
         self.chunk = chunk
         self.calls = None if job.tools is None else CallStream(job.tools.offered)
+        self.wants_logprobs = job.params.logprobs is not None
+        self.held: list[TokenLogprob] = []  # logprobs of text the CallStream has not sent yet
 
     def opening(self) -> list[str]:
         return [self.chunk(self.index, ChoiceDelta(role="assistant", content=""))]
 
     def delta(self, item: TextDelta) -> list[str]:
         if self.calls is None:
-            lps = item.logprobs if self.job.params.logprobs is not None else None
+            lps = item.logprobs if self.wants_logprobs else None
             return [self.chunk(self.index, ChoiceDelta(content=item.text), lps=lps)]
+        self.held.extend(item.logprobs)
         return [self._event(e) for e in self.calls.feed(item.text)]
 
     def end(self, done: Finished) -> list[str]:
@@ -310,8 +318,10 @@ class _ChatChoice:
         return out
 
     def _event(self, event: StreamEvent) -> str:
+        taken, self.held = self.held, []
         if isinstance(event, ContentDelta):
-            return self.chunk(self.index, ChoiceDelta(content=event.text))
+            lps = taken if self.wants_logprobs else None
+            return self.chunk(self.index, ChoiceDelta(content=event.text), lps=lps)
         if isinstance(event, CallStart):
             call = ToolCallDelta(
                 index=0,
