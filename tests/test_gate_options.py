@@ -163,6 +163,31 @@ def test_policy_environment_variables_merge_with_flags(monkeypatch: pytest.Monke
     assert make_request(None, max_p99_s=2.0).policy.alpha == 0.02
 
 
+def test_state_dir_from_the_environment_need_not_record_a_prometheus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--state-dir (generated from services.StateDirSettings): the flag, else $GGUFSHIP_STATE_DIR,
+    else .ggufship; only a state dir given as a flag must record a Prometheus."""
+    from ggufship.cli.paths import absolute_paths
+    from ggufship.cli.settings_flags import resolve
+
+    def parse(argv: list[str]) -> argparse.Namespace:  # as ggufship.cli.main does
+        return absolute_paths(resolve(_root().parse_args(argv)))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GGUFSHIP_GATE_PROMETHEUS_URL", raising=False)
+    monkeypatch.setenv("GGUFSHIP_STATE_DIR", "empty")
+    for command in (["gate"], ["gate", "serve"]):
+        args = parse(command)
+        assert args.state_dir == tmp_path / "empty"
+        assert gate_cli.build_request(args).prometheus_url == "http://127.0.0.1:9090"  # the default
+        args = parse([*command, "--state-dir", "empty"])
+        with pytest.raises(GateConfigError, match=r"--state-dir .*empty: no prometheus recorded"):
+            gate_cli.build_request(args)
+    args = parse(["gate", "serve", "--port", "0"])
+    assert (args.host, args.port) == ("127.0.0.1", 0)
+
+
 # ---------------------------------------------------------------- gate/ without an import cycle
 
 # each module may import only the modules before it (the package front imports them all)

@@ -33,35 +33,38 @@ def _exit_on_error(parser: argparse.ArgumentParser) -> None:
 
 
 def _analysis_options(p: argparse.ArgumentParser) -> None:
-    """The flags of every :class:`~ggufship.gate.GateRequest` option, generated from the model,
-    and ``--state-dir`` (where the CLI finds the embedded stack's Prometheus)."""
+    """The flags of every :class:`~ggufship.gate.GateRequest` option and ``--state-dir`` (where the
+    CLI finds the embedded stack's Prometheus: the services' one declaration,
+    :class:`~ggufship.services.StateDirSettings`), generated from the models."""
     from ggufship.cli.settings_flags import add_model_flags
-    from ggufship.gate import GateRequest
+    from ggufship.gate import GateConfigError, GateRequest
+    from ggufship.services import StateDirSettings
 
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        metavar="DIR",
-        help="local services state dir (default: $GGUFSHIP_STATE_DIR, else .ggufship); its Prometheus "
-        "is the default of --prometheus when neither it nor $GGUFSHIP_GATE_PROMETHEUS_URL is set",
-    )
+    state = add_model_flags(p, StateDirSettings, into="state", error=GateConfigError)
     options = add_model_flags(p, GateRequest, groups={"options": "what to analyse", "policy": "policy"})
-    p.set_defaults(gate_options=options)
+    p.set_defaults(gate_options=options, state_options=state)
+
+
+_STATE_DIR_PROMETHEUS = (
+    " Without --prometheus and $GGUFSHIP_GATE_PROMETHEUS_URL, the Prometheus of the local services "
+    "(`ggufship up`) recorded in --state-dir is queried."
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from ggufship.cli.models import GateOutputOptions, GateReportOptions, GateServeOptions
+    from ggufship.cli.settings_flags import add_model_flags
+    from ggufship.gate import GateConfigError
+
     gate = sub.add_parser(
         "gate",
         help="one canary-vs-stable analysis from Prometheus: exit 0 pass, 1 fail, 2 inconclusive",
         description="Threshold checks (canary p99 latency, 5xx ratio) and a KS test of each track's "
         "bucket-reconstructed distributions over a window. Exit 0 pass, 1 fail, 2 inconclusive, "
-        "11 invalid options.",
+        "11 invalid options." + _STATE_DIR_PROMETHEUS,
     )
     _analysis_options(gate)
-    gate.add_argument("--json", action="store_true", help="print the verdict JSON on stdout")
-    gate.add_argument(
-        "--out", type=Path, metavar="DIR", help="write verdict.json, report.md and ECDF PNGs here"
-    )
+    add_model_flags(gate, GateOutputOptions, into="output", error=GateConfigError)
     gate.set_defaults(func=run_gate)
     _exit_on_error(gate)
     gsub = gate.add_subparsers(dest="gate_command", metavar="SUBCOMMAND")
@@ -70,38 +73,38 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "serve",
         help="serve verdicts over HTTP (GET /gate) for the Argo Rollouts web provider",
         description="GET /gate?window=5m&model=... answers 200 with the verdict JSON (any outcome); "
-        "GET /healthz answers ok. Options set the defaults; query parameters override them.",
+        "GET /healthz answers ok. Options set the defaults; query parameters override them."
+        + _STATE_DIR_PROMETHEUS,
     )
     _analysis_options(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8090, help="port (8090; 0: a free one)")
+    add_model_flags(serve, GateServeOptions, into="listen", error=GateConfigError)
     serve.set_defaults(func=run_serve)
     _exit_on_error(serve)
 
     report = gsub.add_parser("report", help="rebuild report.md and the ECDF PNGs from a verdict.json")
-    report.add_argument("verdict", type=Path, help="a verdict.json written by `ggufship gate --out`")
-    report.add_argument("--out", type=Path, metavar="DIR", help="directory (default: the verdict's)")
+    add_model_flags(report, GateReportOptions, into="report", error=GateConfigError)
     report.set_defaults(func=run_report)
     _exit_on_error(report)
 
 
-def _prometheus_url(args: argparse.Namespace, given: dict[str, Any]) -> str | None:
-    if given.get("prometheus_url"):
+def _prometheus_url(args: argparse.Namespace, request: dict[str, Any]) -> str | None:
+    """The Prometheus of ``--state-dir`` (``args.state_dir``: the flag, else ``$GGUFSHIP_STATE_DIR``,
+    else ``.ggufship``), when neither ``--prometheus`` nor its environment variable is set. A state
+    dir given on the command line must record one; the default one need not exist."""
+    if request.get("prometheus_url"):
         return None  # the flag's
     if os.environ.get("GGUFSHIP_GATE_PROMETHEUS_URL"):
         return None  # the settings read it
-    from ggufship.services import DEFAULT_STATE_DIR, ServiceError, load_state
+    from ggufship.cli.settings_flags import given
+    from ggufship.gate import GateConfigError
+    from ggufship.services import ServiceError, load_state
 
-    state_dir = args.state_dir or Path(os.environ.get("GGUFSHIP_STATE_DIR", DEFAULT_STATE_DIR))
+    state_dir: Path = args.state_dir
     try:
         info = load_state(state_dir).services.get("prometheus")
     except ServiceError as exc:
-        from ggufship.gate import GateConfigError
-
         raise GateConfigError(f"--state-dir {state_dir}: {exc}") from exc
-    if info is None and args.state_dir is not None:
-        from ggufship.gate import GateConfigError
-
+    if info is None and "state_dir" in given(args, args.state_options):
         raise GateConfigError(
             f"--state-dir {state_dir}: no prometheus recorded (run `ggufship up --service prometheus`)"
         )
@@ -129,7 +132,7 @@ def run_gate(args: argparse.Namespace) -> int:
     if args.out is not None:
         files = write_report(verdict, args.out)
         logger.info("report: %s (verdict: %s)", files.markdown, files.verdict)
-    if args.json:
+    if args.json_output:
         sys.stdout.write(verdict.to_json())
     else:
         sys.stdout.write(f"{verdict.outcome.upper()}: {verdict.reason}\n")

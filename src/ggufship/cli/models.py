@@ -1,5 +1,7 @@
 """The options of the commands whose stage is a single module (audit, await-canary, rollback, demo,
-reference): one pydantic model per command, one field per argument. ``ggufship.cli.settings_flags``
+reference, pipeline), and the CLI-only options of ``gate`` (where the verdict goes, where
+``gate serve`` listens, ``gate report``'s input): one pydantic model per command, one field per
+argument. ``ggufship.cli.settings_flags``
 generates the arguments (name, metavar, choices, help with default and bounds) from them, and
 builds the model from what was given."""
 
@@ -130,19 +132,60 @@ class DemoOptions(BaseModel):
 
 
 class ReferenceOptions(BaseModel):
-    """``ggufship reference (--write DIR | --check DIR)``."""
+    """``ggufship reference (--write DIR | --check DIR)``: the pages in DIR and the generated blocks
+    of the stage pages beside it (DIR/../*.md)."""
 
     model_config = _CONFIG
 
     write: Path | None = Field(
         default=None,
-        description="write the pages into DIR",
+        description="write the pages into DIR and fill the generated blocks of the stage pages "
+        "DIR/../*.md (docs/development.md, Generated docs)",
         json_schema_extra=option(metavar="DIR", exclusive="mode", one_required=True),
     )
     check: Path | None = Field(
         default=None,
-        description="exit 2 when the pages in DIR are stale",
+        description="exit 2 when the pages in DIR or a generated block of DIR/../*.md are stale",
         json_schema_extra=option(metavar="DIR", exclusive="mode"),
+    )
+
+
+class GateOutputOptions(BaseModel):
+    """``ggufship gate [--json] [--out DIR]``: where the verdict goes (what to analyse is
+    :class:`~ggufship.gate.GateRequest`'s)."""
+
+    model_config = _CONFIG
+
+    json_output: bool = switch("print the verdict JSON on stdout", "json")
+    out: Path | None = Field(
+        default=None,
+        description="write verdict.json, report.md and ECDF PNGs here",
+        json_schema_extra=option(metavar="DIR"),
+    )
+
+
+class GateServeOptions(BaseModel):
+    """``ggufship gate serve [--host ADDR] [--port N]``: where the verdict server listens."""
+
+    model_config = _CONFIG
+
+    host: str = Field(default="127.0.0.1", min_length=1, description="address to bind")
+    port: int = Field(default=8090, ge=0, le=65535, description="port (0: a free one)")
+
+
+class GateReportOptions(BaseModel):
+    """``ggufship gate report VERDICT [--out DIR]``."""
+
+    model_config = _CONFIG
+
+    verdict: Path = Field(
+        description="a verdict.json written by `ggufship gate --out`",
+        json_schema_extra=option(positional=True, metavar="VERDICT"),
+    )
+    out: Path | None = Field(
+        default=None,
+        description="write report.md and the ECDF PNGs here (unset: the verdict's directory)",
+        json_schema_extra=option(metavar="DIR"),
     )
 
 

@@ -62,11 +62,10 @@ def absolute_paths(args: argparse.Namespace) -> argparse.Namespace:
     """Make the parsed path arguments of any command absolute, in place (and return ``args``)."""
     for name, value in vars(args).items():
         setattr(args, name, _absolute(value))
+    # A path-or-URI option (``serve MODEL``, ``publish --gitops``) was made absolute when its model
+    # was built (``settings_flags.resolve``: ``option(uri=True)``). ``rollout STABLE`` cannot be
+    # one: it may be a control verb.
     command = getattr(args, "command", None)
-    if command == "serve" and isinstance(getattr(args, "model", None), str):
-        args.model = local_or_uri(args.model)
-    if command == "publish" and isinstance(getattr(args, "gitops", None), str):
-        args.gitops = local_or_uri(args.gitops)  # a local bare repository is a path
     if command == "rollout" and getattr(args, "canary", None) is not None:
         # With one word (promote, abort, status) STABLE is a control verb, not a path.
         args.stable = local_or_uri(args.stable)

@@ -1,4 +1,5 @@
-"""``ggufship reference``: regenerate (or check) the generated reference pages in docs/reference."""
+"""``ggufship reference``: regenerate (or check) the generated reference pages in docs/reference and
+the generated blocks of the stage pages docs/*.md."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "reference",
         help="generate the exit-code and environment-variable tables from the code",
         description="Render docs/reference/exit-codes.md (from the exception classes) and "
-        "docs/reference/settings.md (from the pydantic-settings models). --check exits 2 when the "
-        "files in DIR differ from the code; --write rewrites them.",
+        "docs/reference/settings.md (from the pydantic-settings models), and fill the generated "
+        "blocks (<!-- generated: ... --> ... <!-- end generated -->) of the stage pages docs/*.md "
+        "(DIR/../*.md; see docs/development.md, Generated docs). --check exits 2 when any of them "
+        "differs from the code; --write rewrites them.",
     )
     add_model_flags(p, ReferenceOptions, into="options")
     p.set_defaults(func=run)
