@@ -45,7 +45,9 @@ def comment_ping() -> ServerSentEvent:
 
 def keep_streams_on_shutdown() -> None:
     """Let uvicorn drain running streams on SIGTERM (within its graceful-shutdown timeout) instead of
-    sse-starlette cancelling them at once: a rollout's old pod finishes the answers it started."""
+    sse-starlette cancelling them at once: a rollout's old pod finishes the answers it started. New
+    connections are refused meanwhile (uvicorn closes its listener first); pinned by
+    ``tests/test_serve_cli.py::test_sigterm_lets_a_running_stream_finish``."""
     AppStatus.disable_automatic_graceful_drain()
 
 
