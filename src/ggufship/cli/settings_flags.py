@@ -49,6 +49,21 @@ class LazyArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deferred: list[Callable[[], object]] = []
+        self._subcommands: list[argparse.Action] = []
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        action = super().add_subparsers(**kwargs)
+        self._subcommands.append(action)  # remembered for materialize_all (argparse lists none)
+        return action
+
+    def subcommand_parsers(self) -> list[argparse.ArgumentParser]:
+        """The parsers of this parser's subcommands (one per name; aliases not repeated)."""
+        found: list[argparse.ArgumentParser] = []
+        for action in self._subcommands:
+            for sub in (action.choices or {}).values():  # type: ignore[union-attr]
+                if all(sub is not seen for seen in found):
+                    found.append(sub)
+        return found
 
     def defer(self, add: Callable[[], object]) -> None:
         self._deferred.append(add)
@@ -83,12 +98,11 @@ def deferred(parser: argparse.ArgumentParser, add: Callable[[], object]) -> None
 def materialize_all(parser: argparse.ArgumentParser) -> None:
     """Add every deferred argument of ``parser`` and of its subparsers, recursively (for tools
     that inspect the whole tree)."""
-    if isinstance(parser, LazyArgumentParser):
-        parser.materialize()
-    for action in parser._actions:  # argparse lists a parser's actions nowhere public
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                materialize_all(sub)
+    if not isinstance(parser, LazyArgumentParser):
+        return
+    parser.materialize()
+    for sub in parser.subcommand_parsers():
+        materialize_all(sub)
 
 
 def env_name(model: type[BaseModel], opt: Option) -> str | None:
