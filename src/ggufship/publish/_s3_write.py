@@ -60,7 +60,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ggufship.integrity import SIDECAR_SUFFIX, sha256_file
 from ggufship.manifest import MANIFEST_NAME, Manifest
@@ -77,6 +77,7 @@ from ggufship.publish._s3 import (
     check_bucket_name,
     resolve_connection,
 )
+from ggufship.retry import poll_results
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +284,14 @@ def _holder_dead(record: dict[str, Any]) -> bool:
     return not is_alive(record["pid"], ticks if isinstance(ticks, int) else None)
 
 
+@dataclass(frozen=True)
+class _Round:
+    """What one round of :meth:`PublishLease.acquire` found (``holder``: the live one waited for)."""
+
+    kind: Literal["acquired", "vanished", "outraced", "waiting"]
+    holder: str = ""
+
+
 class PublishLease:
     """The exclusive right to publish one ``name``/``version`` under one S3 prefix (see the module doc).
 
@@ -343,23 +352,19 @@ class PublishLease:
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.policy.wait_s
-        delay = 0.1
+        races = 0  # rounds that lost a race: no lease after a refused create, or a lost take-over
+        waits = 0  # rounds that found a live publisher of the same export
         waited_for: str | None = None
-        retries = 0
-        while True:
+
+        def one_round() -> _Round:
+            nonlocal races, waits, waited_for
             if self._try_put(if_match=None):
                 self._check_conditional_writes()
-                break
+                return _Round("acquired")
             current = self._read()
             if current is None:  # released between our attempt and the read: try again soon
-                retries += 1
-                if retries > 50 or time.monotonic() >= deadline:
-                    raise PublishError(
-                        f"{self.where}: could not take the publish lease: the store refuses the "
-                        "conditional create but shows no lease"
-                    )
-                time.sleep(0.05 * random.uniform(0.5, 1.0))
-                continue
+                races += 1
+                return _Round("vanished")
             record, etag, age_s = current
             holder = f"{record.get('owner', '?')} on {record.get('host', '?')} pid {record.get('pid', '?')}"
             if record.get("manifest_sha256") != self._record["manifest_sha256"] and not self._stale(
@@ -381,21 +386,43 @@ class PublishLease:
                     record.get("ttl_s"),
                 )
                 if self._try_put(if_match=etag):
-                    break
-                retries += 1
-                if retries > 50:
-                    raise PublishError(f"{self.where}: could not take over the publish lease after 50 tries")
-                continue  # another publisher took it over first
+                    return _Round("acquired")
+                races += 1
+                return _Round("outraced")  # another publisher took it over first
             if waited_for != record.get("owner"):
                 waited_for = record.get("owner")
                 logger.info("%s: %s publishes the same export; waiting for it", self.where, holder)
-            if time.monotonic() >= deadline:
-                raise PublishConflictError(
-                    f"{self.where}: {self._record['name']} {self._record['version']} is still being "
-                    f"published (same content) by {holder} after {self.policy.wait_s:.0f} s; try again later"
-                )
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())) * random.uniform(0.5, 1.0))
-            delay = min(2.0, delay * 2)
+            waits += 1
+            return _Round("waiting", holder)
+
+        def give_up(last: _Round) -> bool:
+            if last.kind == "outraced":
+                return races > 50
+            if last.kind == "vanished":
+                return races > 50 or time.monotonic() >= deadline
+            return time.monotonic() >= deadline
+
+        def wait_s(last: _Round) -> float:
+            if last.kind == "outraced":
+                return 0.0
+            if last.kind == "vanished":
+                return 0.05 * random.uniform(0.5, 1.0)
+            delay = min(2.0, 0.1 * 2 ** min(waits - 1, 5))  # 0.1 s, doubling up to 2 s
+            return min(delay, max(0.0, deadline - time.monotonic())) * random.uniform(0.5, 1.0)
+
+        last = poll_results(one_round, done=lambda r: r.kind == "acquired", give_up=give_up, wait_s=wait_s)
+        if last.kind == "vanished":
+            raise PublishError(
+                f"{self.where}: could not take the publish lease: the store refuses the "
+                "conditional create but shows no lease"
+            )
+        if last.kind == "outraced":
+            raise PublishError(f"{self.where}: could not take over the publish lease after 50 tries")
+        if last.kind == "waiting":
+            raise PublishConflictError(
+                f"{self.where}: {self._record['name']} {self._record['version']} is still being "
+                f"published (same content) by {last.holder} after {self.policy.wait_s:.0f} s; try again later"
+            )
         self._renewed = time.monotonic()
         self._thread = threading.Thread(target=self._keep_alive, name=f"lease {self.key}", daemon=True)
         self._thread.start()
