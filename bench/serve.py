@@ -26,8 +26,10 @@ seed, temperature 0 (greedy) everywhere. Two phases:
 
 Backends (``--backend``, repeatable): ``in-process``; ``ggufship batch`` (``--engine batch
 --parallel 16``, all ``--threads``); ``ggufship instances`` (``--engine instances`` with the
-serve defaults: 4 instances, cores / 4 threads each); ``ggufship instances p2`` (``--parallel
-2``); ``llama_cpp.server``; ``llama-server`` (``-np 16``, continuous batching, ``-c 16 × n_ctx``).
+serve defaults: 4 instances, cores / 4 threads each); ``ggufship instances p1`` (``--parallel
+1``: the serve default when issue 17 was filed, one generation at a time); ``ggufship instances
+p2`` (``--parallel 2``); ``llama_cpp.server``; ``llama-server`` (``-np 16``, continuous batching,
+``-c 16 × n_ctx``).
 
 Requests to one backend never repeat the previous request's prompt in the single-stream phase,
 so llama.cpp's prefix cache does not skip prompt processing for anyone.
@@ -64,6 +66,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -328,6 +331,8 @@ GGUFSHIP_VARIANTS: dict[str, tuple[list[str], bool]] = {
     # name: (serve arguments, whether --threads is passed; False: the serve default)
     "ggufship batch": (["--engine", "batch", "--parallel", "16"], True),
     "ggufship instances": (["--engine", "instances"], False),
+    # the serve default when issue 17 was filed: one llama instance, one generation at a time
+    "ggufship instances p1": (["--engine", "instances", "--parallel", "1"], False),
     "ggufship instances p2": (["--engine", "instances", "--parallel", "2"], False),
 }
 
@@ -602,12 +607,19 @@ def targets_markdown(load: dict[str, dict[int, dict[str, Any]]], single: dict[st
                 f"- {c} clients: batch / llama-server tokens/s = {r:.2f} "
                 f"(target ≥ 0.8: {'met' if r >= 0.8 else 'NOT met'})"
             )
-        if c in new and c in old:
-            r = new[c]["tok_s"] / old[c]["tok_s"]
-            lines.append(
-                f"- {c} clients: batch / instances default tokens/s = {r:.2f} "
-                f"(target ≥ 2: {'met' if r >= 2 else 'NOT met'})"
-            )
+        for label, base in (
+            ("instances engine, today's default of 4 instances", old),
+            (
+                "the serve default when the issue was filed (1 instance)",
+                load.get("ggufship instances p1") or {},
+            ),
+        ):
+            if c in new and c in base:
+                r = new[c]["tok_s"] / base[c]["tok_s"]
+                lines.append(
+                    f"- {c} clients: batch / {label}: tokens/s = {r:.2f} "
+                    f"(target ≥ 2: {'met' if r >= 2 else 'NOT met'})"
+                )
     loaded = [c for c in new if c > 1 and c in ref]
     for c in sorted(loaded):
         a, b = new[c]["ttft_p99_ms"], ref[c]["ttft_p99_ms"]
@@ -710,12 +722,10 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
             f"| {fmt(s['plain_e2e_p50_s'], '.3f')} | {fmt(s['plain_tok_s_mean'], '.1f')} |"
         )
     max_ttft_n = max(((s.get("ttft_n") or 0) for s in summary.values()), default=0)
-    same = {n: s.get("texts") for n, s in summary.items() if "texts" in s}
-    identical = len({json.dumps(t, sort_keys=True) for t in same.values()}) == 1 if same else None
     lines = [
         *rows,
         "",
-        f"Completions identical across backends (greedy): {identical}; "
+        f"Greedy completions: {completion_agreement(summary)}; "
         + "; ".join(f"{n}: completion_tokens {s.get('completion_tokens')}" for n, s in summary.items()),
         f"Samples per backend: streaming {', '.join(str(s.get('stream_n')) for s in summary.values())}; "
         f"TTFT {', '.join(str(s.get('ttft_n')) for s in summary.values())}; "
@@ -728,6 +738,34 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
 
 
 BACKENDS = ("in-process", *GGUFSHIP_VARIANTS, "llama_cpp.server", "llama-server")
+
+
+def _first_difference(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def completion_agreement(summary: dict[str, dict[str, Any]]) -> str:
+    """Which backends gave the same greedy completion, per prompt answered by more than one (the
+    majority text is the reference; a differing one is reported with its first differing character)."""
+    by_prompt: dict[str, dict[str, str]] = {}
+    for name, s in summary.items():
+        for prompt, text in (s.get("texts") or {}).items():
+            by_prompt.setdefault(str(prompt), {})[name] = text
+    parts = []
+    for prompt, texts in sorted(by_prompt.items()):
+        if len(texts) < 2:
+            continue
+        common = Counter(texts.values()).most_common(1)[0][0]
+        same = [n for n, t in texts.items() if t == common]
+        odd = [n for n, t in texts.items() if t != common]
+        if not odd:
+            parts.append(f"prompt {prompt} identical across {', '.join(same)}")
+            continue
+        at = min(_first_difference(texts[n], common) for n in odd)
+        parts.append(
+            f"prompt {prompt}: {', '.join(odd)} differ(s) from {', '.join(same)} from character {at}"
+        )
+    return "; ".join(parts) or "no prompt was answered by two backends"
 
 
 def write_outputs(
@@ -751,11 +789,7 @@ def write_outputs(
             "Load (streaming clients, aggregate completion tokens/s):\n\n" + load_markdown(load, levels),
             "Targets (issue 17):\n\n" + targets_markdown(load, summary),
             f"Load average at start {meta['loadavg_start']}, at end {meta.get('loadavg_end', 'n/a')}; "
-            f"completions identical across backends: "
-            + str(
-                len({json.dumps(s.get("texts"), sort_keys=True) for s in summary.values() if "texts" in s})
-                == 1
-            )
+            f"greedy completions: {completion_agreement(summary)}"
             + ("" if final else " (partial: the benchmark is still running)"),
         ]
     )
