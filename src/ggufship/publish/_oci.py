@@ -730,21 +730,10 @@ def _fetch_listed_layers(
 def _download(client: RegistryClient, digest: str, size: int | None, out: Path) -> None:
     """Stream a blob to ``out``, checking size and SHA256 as it arrives."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with client.stream("GET", f"{client.t.repository}/blobs/{digest}") as response:
-        if response.status_code != 200:
-            response.read()
-            raise OciError(f"{out.name}: blob {digest}: {registry_message(response)}")
-        try:
-            with HashingFileSink(out) as sink:  # hashed and written while the next chunk arrives
-                for chunk in response.iter_bytes():  # as received: no re-chunking copies
-                    sink.write(chunk)
-                    if size is not None and sink.size > size:
-                        break
-                hexdigest, written = sink.finish()
-        except httpx.HTTPError as exc:
-            raise OciUnavailableError(
-                f"{client.t.registry}: {out.name}: download of {digest} broke off: {exc}"
-            ) from exc
+    with HashingFileSink(out) as sink:  # hashed and written while the next piece arrives
+        # 1 MiB pieces as received (urllib3); stops once more than ``size`` bytes came
+        client.download_blob(digest, sink.write, limit=size, label=out.name)
+        hexdigest, written = sink.finish()
     actual = "sha256:" + hexdigest
     if size is not None and written != size:
         raise IntegrityError(f"{out.name}: blob {digest} has {written}+ bytes, the manifest says {size}")

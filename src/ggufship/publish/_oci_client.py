@@ -18,23 +18,31 @@ Transport: HTTPS for every registry that is not loopback (plain HTTP only for
 127.0.0.1/localhost/[::1] or with ``insecure``); the system trust store (honours
 ``SSL_CERT_FILE``) plus an optional CA bundle. Only GET/HEAD are retried (short
 and bounded); a connection lost during an upload is an error, never a retry.
-Nothing reads ``~/.netrc`` or proxy variables (``trust_env=False``).
+Nothing reads ``~/.netrc`` or proxy variables (``trust_env=False``; urllib3 reads
+neither).
+
+Blob bodies (:meth:`RegistryClient.download_blob`) are received with urllib3 in
+1 MiB reads: httpx hands its body over in 64 KiB pieces through h11, which costs
+about twice the CPU per GiB (issue 12 part 1). Everything else — ping, tokens,
+manifests, uploads — stays on httpx; both use the same auth state and TLS context.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin
 
 import httpx
+import urllib3
 from pydantic import SecretStr
 
 from ggufship.errors import GgufshipError
@@ -47,6 +55,16 @@ _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 _IDEMPOTENT = ("GET", "HEAD")
 # Transport errors a GET/HEAD is retried after (twice, 0.2 s then 0.4 s later); TLS problems are not.
 _TRANSIENT = (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError, httpx.TimeoutException)
+# Blob GETs on urllib3: the same three tries (urllib3's own retries are off: one try per call,
+# redirects followed), the same transient errors (NewConnectionError is a ConnectTimeoutError).
+_BLOB_TRANSIENT = (
+    urllib3.exceptions.ConnectTimeoutError,
+    urllib3.exceptions.ReadTimeoutError,
+    urllib3.exceptions.ProtocolError,
+)
+_BLOB_READ_BYTES = 1024 * 1024  # one read: one bytes object handed to the sink, no re-chunking
+_MAX_REDIRECTS = 20  # httpx's default
+_ERROR_BODY_BYTES = 64 * 1024  # an error answer's body is read up to this much, for its message
 _TOKEN_MARGIN_S = 10.0  # refresh a token this long before it expires
 _DEFAULT_TOKEN_LIFETIME_S = 60.0  # the token spec's default for a missing expires_in
 
@@ -83,13 +101,22 @@ def is_loopback(registry: str) -> bool:
 def registry_message(response: httpx.Response) -> str:
     """The registry's own error text (OCI error body), or the HTTP status."""
     try:
-        errors = response.json().get("errors") or []
+        body = response.content
+    except httpx.ResponseNotRead:
+        body = b""
+    return error_message(response.status_code, response.reason_phrase, body)
+
+
+def error_message(status: int, reason: str, body: bytes) -> str:
+    """The OCI error body's ``code: message`` pairs, or ``HTTP <status> <reason>``."""
+    try:
+        errors = json.loads(body).get("errors") or []
         text = "; ".join(
             f"{e.get('code', '')}: {e.get('message', '')}" for e in errors if isinstance(e, dict)
         )
-    except Exception:  # not JSON (or not read): fall back to the status line
+    except Exception:  # not JSON (or not an object): fall back to the status line
         text = ""
-    return text or f"HTTP {response.status_code} {response.reason_phrase}"
+    return text or f"HTTP {status} {reason}"
 
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
@@ -145,14 +172,17 @@ def ssl_context(ca_bundle: Path | None, registry: str) -> ssl.SSLContext:
 
 
 def _tls_problem(exc: BaseException) -> str | None:
-    """The TLS reason inside an httpx connect error, if it is one."""
+    """The TLS reason inside an httpx or urllib3 connect error, if it is one."""
     seen: BaseException | None = exc
-    while seen is not None:
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
         if isinstance(seen, ssl.SSLCertVerificationError):
             return f"certificate not trusted ({seen.verify_message or seen})"
         if isinstance(seen, ssl.SSLError):
             return f"TLS handshake failed ({seen.reason or seen})"
-        seen = seen.__cause__ or seen.__context__
+        wrapped = seen.args[0] if seen.args and isinstance(seen.args[0], BaseException) else None
+        seen = seen.__cause__ or seen.__context__ or wrapped
     text = str(exc)
     if "CERTIFICATE_VERIFY_FAILED" in text:
         return f"certificate not trusted ({text})"
@@ -174,17 +204,19 @@ class RegistryClient:
         self.base = f"{'http' if transport.insecure else 'https'}://{transport.registry}"
         self._login = self._resolve_login()
         self._auth = _AuthState()
-        verify: ssl.SSLContext | bool = (
-            ssl_context(transport.ca_bundle, transport.registry) if not transport.insecure else False
-        )
+        self._tls = ssl_context(transport.ca_bundle, transport.registry) if not transport.insecure else None
+        self._connect_timeout_s = min(10.0, transport.timeout_s)
         self.http = httpx.Client(
-            verify=verify,
+            verify=self._tls if self._tls is not None else False,
             trust_env=False,
-            timeout=httpx.Timeout(transport.timeout_s, connect=min(10.0, transport.timeout_s)),
+            timeout=httpx.Timeout(transport.timeout_s, connect=self._connect_timeout_s),
         )
+        self._blobs: urllib3.PoolManager | None = None  # made by the first download_blob
 
     def close(self) -> None:
         self.http.close()
+        if self._blobs is not None:
+            self._blobs.clear()
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -288,9 +320,9 @@ class RegistryClient:
             return {"Authorization": "Bearer " + self._token(self._scope(method, path))}
         return {}
 
-    def _learn(self, response: httpx.Response, method: str, path: str, sent: bool) -> dict[str, str]:
-        """A 401: learn the challenge, return the header to retry with (or raise)."""
-        header = response.headers.get("WWW-Authenticate", "")
+    def _learn(self, header: str, method: str, path: str, sent: bool) -> dict[str, str]:
+        """A 401 with ``WWW-Authenticate: header``: learn the challenge, return the header to retry
+        with (or raise)."""
         scheme, params = parse_challenge(header)
         if scheme == "bearer":
             first = self._auth.scheme != "bearer"
@@ -326,6 +358,14 @@ class RegistryClient:
             return urljoin(self.base + "/", path)
         return f"{self.base}/v2/{path}"
 
+    def _tls_error(self, tls: str) -> OciUnavailableError:
+        hint = (
+            "; give the registry's CA with GGUFSHIP_OCI_CA_BUNDLE / --oci-ca-bundle (or SSL_CERT_FILE)"
+            if "not trusted" in tls
+            else "; a plain-HTTP registry needs GGUFSHIP_OCI_INSECURE / --oci-insecure"
+        )
+        return OciUnavailableError(f"{self.t.registry}: TLS: {tls}{hint}")
+
     def _send(self, method: str, url: str, headers: dict[str, str], content: bytes | None) -> httpx.Response:
         def attempt() -> httpx.Response:
             try:
@@ -336,13 +376,7 @@ class RegistryClient:
                 tls = _tls_problem(exc) if not self.t.insecure else None
                 if tls is None:
                     raise
-                hint = (
-                    "; give the registry's CA with GGUFSHIP_OCI_CA_BUNDLE / --oci-ca-bundle "
-                    "(or SSL_CERT_FILE)"
-                    if "not trusted" in tls
-                    else "; a plain-HTTP registry needs GGUFSHIP_OCI_INSECURE / --oci-insecure"
-                )
-                raise OciUnavailableError(f"{self.t.registry}: TLS: {tls}{hint}") from exc
+                raise self._tls_error(tls) from exc
 
         try:
             return call_with_retries(
@@ -379,28 +413,33 @@ class RegistryClient:
         response = self._send(method, url, {**(headers or {}), **extra}, content)
         try:
             if response.status_code == 401:
-                retry = self._learn(response, method, path, sent=bool(extra))
+                retry = self._learn(
+                    response.headers.get("WWW-Authenticate", ""), method, path, sent=bool(extra)
+                )
                 response.close()
                 response = self._send(method, url, {**(headers or {}), **retry}, content)
                 if response.status_code == 401:
                     response.read()
-                    self._refused(response, method, path, retry)
+                    self._refused(registry_message(response), method, path, retry)
             if response.status_code == 403:
                 response.read()
-                raise OciAuthError(
-                    f"{self.t.registry}: access denied to {self.t.repository} for {self._who()} "
-                    f"(HTTP 403, {method}): {registry_message(response)}"
-                )
+                raise self._denied(registry_message(response), method)
             yield response
         finally:
             response.close()
 
-    def _refused(self, response: httpx.Response, method: str, path: str, sent: dict[str, str]) -> None:
+    def _denied(self, message: str, method: str) -> OciAuthError:
+        return OciAuthError(
+            f"{self.t.registry}: access denied to {self.t.repository} for {self._who()} "
+            f"(HTTP 403, {method}): {message}"
+        )
+
+    def _refused(self, message: str, method: str, path: str, sent: dict[str, str]) -> None:
         if sent.get("Authorization", "").startswith("Bearer"):
             raise OciAuthError(
                 f"{self.t.registry}: the registry refused a fresh token for "
                 f"{self._scope(method, path) or '/v2/'} "
-                f"of {self._who()} (HTTP 401: {registry_message(response)}); the token is expired, "
+                f"of {self._who()} (HTTP 401: {message}); the token is expired, "
                 "not yet valid, or not signed by an issuer the registry trusts"
             )
         if self._login is None:
@@ -427,3 +466,131 @@ class RegistryClient:
                     f"{self.t.registry}: connection dropped reading the answer to {method} {path}: {exc}"
                 ) from exc
             return response
+
+    # ------------------------------------------------------------ blob bodies (urllib3)
+
+    def download_blob(
+        self,
+        digest: str,
+        write: Callable[[bytes], object],
+        *,
+        limit: int | None = None,
+        label: str = "",
+    ) -> int:
+        """GET ``<repo>/blobs/<digest>``; hand each piece of its body to ``write``; return the bytes read.
+
+        The body is received with urllib3 in 1 MiB reads (as raw bytes: no
+        ``Accept-Encoding`` is sent and none is decoded, so the bytes are the blob's).
+        The Authorization header is this client's (the manifest GET before primed the
+        token or basic scheme); a 401 is learnt (:meth:`_learn`) and retried once, a 403
+        is :class:`OciAuthError`, any other status but 200 :class:`OciError` with the
+        registry's message. Connection errors before the answer are retried as for any
+        GET (three tries); a connection lost in the body is :class:`OciUnavailableError`
+        ("download of … broke off"). ``limit``: stop reading once more than ``limit``
+        bytes arrived (the caller's size check then fails). ``label``: names the file in
+        messages.
+        """
+        path = f"{self.t.repository}/blobs/{digest}"
+        url = self.url(path)
+        prefix = f"{label}: " if label else ""
+        sent = self._auth_header("GET", path)
+        response = self._open_blob(url, sent)
+        complete = False
+        try:
+            if response.status == 401:
+                challenge = response.headers.get("WWW-Authenticate", "")
+                self._finish(response, complete=False)
+                retry = self._learn(challenge, "GET", path, sent=bool(sent))
+                response = self._open_blob(url, retry)
+                if response.status == 401:
+                    self._refused(self._blob_error(response), "GET", path, retry)
+            if response.status == 403:
+                raise self._denied(self._blob_error(response), "GET")
+            if response.status != 200:
+                raise OciError(f"{prefix}blob {digest}: {self._blob_error(response)}")
+            received = 0
+            try:
+                while chunk := response.read(_BLOB_READ_BYTES, decode_content=False):
+                    write(chunk)
+                    received += len(chunk)
+                    if limit is not None and received > limit:
+                        return received
+            except urllib3.exceptions.HTTPError as exc:
+                raise OciUnavailableError(
+                    f"{self.t.registry}: {prefix}download of {digest} broke off after {received} bytes: {exc}"
+                ) from exc
+            complete = True
+            return received
+        finally:
+            self._finish(response, complete)
+
+    def _pool(self) -> urllib3.PoolManager:
+        if self._blobs is None:
+            # The registry's TLS context. With ``insecure`` the registry is plain HTTP; a redirect
+            # to HTTPS storage is still verified (system store plus the CA bundle).
+            context = self._tls or ssl_context(self.t.ca_bundle, self.t.registry)
+            self._blobs = urllib3.PoolManager(
+                num_pools=4,
+                ssl_context=context,
+                timeout=urllib3.Timeout(connect=self._connect_timeout_s, read=self.t.timeout_s),
+            )
+        return self._blobs
+
+    def _open_blob(self, url: str, headers: Mapping[str, str]) -> urllib3.BaseHTTPResponse:
+        """The answer to a blob GET, its body unread; redirects followed, connection errors retried."""
+        # urllib3's retries do one try (every error count 0) and follow redirects: registries send
+        # blob GETs on to their storage. On a redirect to another host (scheme, host or port)
+        # urllib3 drops the Authorization header (Retry.remove_headers_on_redirect, its default):
+        # the registry's token is not sent to the storage, whose URL carries its own signature.
+        retries = urllib3.Retry(
+            total=None, connect=0, read=0, status=0, other=0, redirect=_MAX_REDIRECTS, raise_on_status=False
+        )
+
+        def attempt() -> urllib3.BaseHTTPResponse:
+            try:
+                return self._pool().request(
+                    "GET", url, headers=dict(headers), retries=retries, preload_content=False
+                )
+            except urllib3.exceptions.MaxRetryError as exc:  # one try: the reason is the error
+                failure: BaseException = exc.reason if isinstance(exc.reason, Exception) else exc
+            raise failure  # outside the except: no cycle between the two exceptions' contexts
+
+        try:
+            return call_with_retries(
+                attempt,
+                attempts=3,
+                backoff_s=(0.2, 0.4),
+                may_pass=lambda exc: isinstance(exc, _BLOB_TRANSIENT),
+                logger=logger,
+                what=f"{self.t.registry}: GET {url}",
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            if isinstance(exc, urllib3.exceptions.SSLError):
+                tls = _tls_problem(exc)
+                if tls is not None:
+                    raise self._tls_error(tls) from exc
+            if isinstance(exc, urllib3.exceptions.ResponseError):  # too many redirects
+                what = "redirected too often"
+            elif isinstance(exc, urllib3.exceptions.NewConnectionError):
+                what = "registry unreachable"
+            elif isinstance(exc, urllib3.exceptions.TimeoutError):
+                what = f"no answer within {self.t.timeout_s:g} s"
+            else:
+                what = "connection dropped"
+            raise OciUnavailableError(f"{self.t.registry}: {what} (GET {url}): {exc}") from exc
+
+    @staticmethod
+    def _blob_error(response: urllib3.BaseHTTPResponse) -> str:
+        """An error answer's message, from its first 64 KiB (the connection is closed after it)."""
+        try:
+            body = response.read(_ERROR_BODY_BYTES)
+        except urllib3.exceptions.HTTPError:  # the message is the status line then
+            body = b""
+        return error_message(response.status, response.reason or "", body)
+
+    @staticmethod
+    def _finish(response: urllib3.BaseHTTPResponse, complete: bool) -> None:
+        """Hand the connection back: reusable after a body read to its end, else closed first."""
+        if not complete:
+            response.close()
+        response.release_conn()
