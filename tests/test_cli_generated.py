@@ -96,6 +96,7 @@ def test_no_exception_is_stale() -> None:
         (["gate", "serve"], "--port", ["port (0: a free one)", "default: 8090", "≥ 0", "≤ 65535"]),
         (["gate", "serve"], "--host", ["address to bind", "default: 127.0.0.1"]),
         (["gate"], "--state-dir", ["state.json", "default: .ggufship", "env GGUFSHIP_STATE_DIR"]),
+        (["publish"], "--state-dir", ["`ggufship up`", "default: .ggufship", "env GGUFSHIP_STATE_DIR"]),
         (["gate", "report"], "VERDICT", ["a verdict.json written by `ggufship gate --out`"]),
     ],
 )
@@ -153,6 +154,43 @@ def test_flags_override_the_environment_the_help_names(monkeypatch: pytest.Monke
     monkeypatch.setenv("GGUFSHIP_SERVE_PORT", "eighty")
     with pytest.raises(UsageError, match="--port / GGUFSHIP_SERVE_PORT: Input should be a valid integer"):
         resolve(build_parser().parse_args(["serve", "m.gguf"]))
+
+
+def test_every_state_dir_is_the_services_declaration(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--state-dir`` has one declaration (``StateDirSettings.state_dir``): every command that
+    takes it generates it from there and resolves it the same way (flag, then
+    ``$GGUFSHIP_STATE_DIR``, then ``.ggufship``); publish keeps it in its one S3 help section."""
+    from pathlib import Path
+
+    from ggufship.cli.publish_options import S3_SECTION
+    from ggufship.services import StateDirSettings
+
+    declared = StateDirSettings.model_fields["state_dir"]
+    commands = set()
+    for command, action in _arguments():
+        if "--state-dir" in action.option_strings:
+            commands.add(command)
+            assert repr(getattr(action, MARK).field) == repr(declared), command  # up/down/status: inherited
+    assert commands >= {"gate", "gate serve", "rollout", "publish", "pull", "pipeline run", "up"}, commands
+    argv = {
+        "rollout": ["rollout", "status"],
+        "publish": ["publish", "out"],
+        "pull": ["pull", "s3://b/models/n/1/", "-o", "o"],
+        "pipeline run": ["pipeline", "run", "--local"],
+    }
+    monkeypatch.chdir(tmp_path)
+    for args in argv.values():
+        monkeypatch.delenv("GGUFSHIP_STATE_DIR", raising=False)
+        assert resolve(build_parser().parse_args(args)).state_dir == Path(".ggufship")
+        monkeypatch.setenv("GGUFSHIP_STATE_DIR", "from-env")
+        assert resolve(build_parser().parse_args(args)).state_dir == Path("from-env")
+        flagged = resolve(build_parser().parse_args([*args, "--state-dir", "flag"]))
+        assert flagged.state_dir == tmp_path / "flag"
+    with pytest.raises(SystemExit):
+        main(["publish", "--help"])
+    assert capsys.readouterr().out.count(S3_SECTION) == 1
 
 
 def test_choices_exclusive_sets_and_required_arguments_come_from_the_model(

@@ -231,7 +231,8 @@ class PipelineCompileOptions(BaseModel):
 
 
 class PipelineRunOptions(BaseModel):
-    """``ggufship pipeline run --local -p KEY=VALUE ...``."""
+    """``ggufship pipeline run --local -p KEY=VALUE ...`` (``--state-dir``: from
+    :class:`~ggufship.services.StateDirSettings`)."""
 
     model_config = _CONFIG
 
@@ -241,11 +242,6 @@ class PipelineRunOptions(BaseModel):
     )
     param: tuple[str, ...] = _PARAM
     pipeline_root: Path = Field(default=Path(".ggufship/kfp"), description="where task outputs go")
-    state_dir: Path | None = Field(
-        default=None,
-        description="embedded services state dir (default: $GGUFSHIP_STATE_DIR or .ggufship): fills "
-        "s3/oci/gitops targets and credentials not given",
-    )
     root: Path | None = _ROOT
 
 

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from ggufship.cli.models import PipelineCompileOptions, PipelineRunOptions, PipelineSubmitOptions
     from ggufship.cli.settings_flags import add_model_flags
+    from ggufship.services import StateDirSettings
 
     p = sub.add_parser(
         "pipeline",
@@ -32,8 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_model_flags(c, PipelineCompileOptions, into="options")
     c.set_defaults(func=run_compile)
 
-    r = psub.add_parser("run", help="run the pipeline (only --local here; use `submit` for a cluster)")
+    r = psub.add_parser(
+        "run",
+        help="run the pipeline (only --local here; use `submit` for a cluster)",
+        description="Run the pipeline with kfp.local.SubprocessRunner. The s3/oci/gitops targets and "
+        "credentials no --param gives come from the local services (`ggufship up`) recorded in "
+        "--state-dir.",
+    )
     add_model_flags(r, PipelineRunOptions, into="options")
+    add_model_flags(r, StateDirSettings, into="state")
     r.set_defaults(func=run_local_cmd)
 
     s = psub.add_parser("submit", help="create a run on a KFP API server (like `kfp run create`)")
@@ -89,9 +97,8 @@ def run_local_cmd(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--param: missing {', '.join(missing)} (e.g. -p checkpoint=DIR -p name=N -p version=V)"
         )
-    from ggufship.services import resolve_state_dir
-
-    targets, env = embedded_targets(resolve_state_dir(args.state_dir).absolute(), str(params["name"]))
+    # args.state_dir: --state-dir, else $GGUFSHIP_STATE_DIR, else .ggufship (StateDirSettings).
+    targets, env = embedded_targets(args.state_dir.absolute(), str(params["name"]))
     for key, value in targets.items():
         params.setdefault(key, value)
     result = run_local(params, pipeline_root=args.pipeline_root, root=args.root, env=env)

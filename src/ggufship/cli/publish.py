@@ -13,9 +13,16 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+_STATE_DIR_S3 = (
+    " The S3 endpoint and keys that neither the --s3-* flags nor GGUFSHIP_S3_* set come from the "
+    "local services (`ggufship up`) recorded in --state-dir."
+)
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from ggufship.cli.publish_options import PublishOptions, PullOptions
+    from ggufship.cli.publish_options import S3_SECTION, PublishOptions, PullOptions
     from ggufship.cli.settings_flags import add_model_flags
+    from ggufship.services import StateDirSettings
 
     p = sub.add_parser(
         "publish",
@@ -23,18 +30,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Verify OUT against its manifest, then upload it: S3 (checksummed multipart, manifest "
         "last), OCI (ORAS artifact, signature as referrer), GitOps (one commit: models/<name>/<version>.yaml "
         "and deploy/<env>/<name>.values.yaml). Idempotent; a published version with other digests is "
-        "refused unless --force.",
+        "refused unless --force." + _STATE_DIR_S3,
     )
     add_model_flags(p, PublishOptions, into="options")
+    add_model_flags(p, StateDirSettings, groups={"options": S3_SECTION}, into="state")
     p.set_defaults(func=run_publish)
 
     q = sub.add_parser(
         "pull",
         help="fetch a published export (s3:// or oci://), verify digests (and signature), print its path",
         description="Fetch into DEST (a staging dir beside it, renamed into place after every check "
-        "passed). With --public-key / --certificate-chain / --identity the signature is verified too.",
+        "passed). With --public-key / --certificate-chain / --identity the signature is verified too."
+        + _STATE_DIR_S3,
     )
     add_model_flags(q, PullOptions, into="options")
+    add_model_flags(q, StateDirSettings, groups={"options": S3_SECTION}, into="state")
     q.set_defaults(func=run_pull)
 
 

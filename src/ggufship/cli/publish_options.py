@@ -1,8 +1,9 @@
 """The options of ``ggufship publish`` and ``ggufship pull``: one declaration each (in the CLI
-layer: ``--state-dir`` names the embedded default, which the publish library never reads). The S3 and OCI
-connection options are shared; what a flag leaves unset comes from ``GGUFSHIP_S3_*`` /
-``GGUFSHIP_OCI_*`` (:class:`~ggufship.publish.S3Target`, :class:`~ggufship.publish.OciSettings`)
-and then from the embedded default (``ggufship up``)."""
+layer). The S3 and OCI connection options are shared; what a flag leaves unset comes from
+``GGUFSHIP_S3_*`` / ``GGUFSHIP_OCI_*`` (:class:`~ggufship.publish.S3Target`,
+:class:`~ggufship.publish.OciSettings`) and then from the embedded default (``ggufship up``) in
+``--state-dir``, whose flag the commands generate from :class:`~ggufship.services.StateDirSettings`
+(the publish library never reads it)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ggufship.options import option, switch
 
-_S3 = "S3 (MinIO, SeaweedFS, AWS; via the minio SDK)"
+#: The S3 options' help section (``--state-dir`` joins it: it holds the default endpoint).
+S3_SECTION = "S3 (MinIO, SeaweedFS, AWS; via the minio SDK)"
 _OCI = "OCI registry"
 _GITOPS = "GitOps"
 
@@ -25,33 +27,28 @@ class S3ConnectionOptions(BaseModel):
     s3_endpoint: str | None = Field(
         default=None,
         description="http(s)://host:port (env GGUFSHIP_S3_ENDPOINT)",
-        json_schema_extra=option(metavar="URL", group=_S3),
+        json_schema_extra=option(metavar="URL", group=S3_SECTION),
     )
     s3_access_key: str | None = Field(
         default=None,
         description="access key id (env GGUFSHIP_S3_ACCESS_KEY / AWS_ACCESS_KEY_ID)",
-        json_schema_extra=option(metavar="KEY", group=_S3),
+        json_schema_extra=option(metavar="KEY", group=S3_SECTION),
     )
     s3_secret_key_env: str | None = Field(
         default=None,
         description="read the secret key from this environment variable (default GGUFSHIP_S3_SECRET_KEY, "
         "then AWS_SECRET_ACCESS_KEY)",
-        json_schema_extra=option(metavar="VAR", group=_S3),
+        json_schema_extra=option(metavar="VAR", group=S3_SECTION),
     )
     s3_region: str | None = Field(
         default=None,
         description="region (env GGUFSHIP_S3_REGION)",
-        json_schema_extra=option(metavar="REGION", group=_S3),
+        json_schema_extra=option(metavar="REGION", group=S3_SECTION),
     )
     s3_secure: bool | None = Field(
         default=None,
         description="TLS (--s3-insecure: plain HTTP; default: the endpoint URL's scheme)",
-        json_schema_extra=option(group=_S3, negative="s3_insecure"),
-    )
-    state_dir: Path | None = Field(
-        default=None,
-        description="`ggufship up` state dir for the default endpoints (.ggufship)",
-        json_schema_extra=option(group=_S3),
+        json_schema_extra=option(group=S3_SECTION, negative="s3_insecure"),
     )
 
 
@@ -99,19 +96,19 @@ class PublishOptions(S3ConnectionOptions, OciConnectionOptions):
     s3: str | None = Field(
         default=None,
         description="publish under PREFIX/models/<name>/<version>/",
-        json_schema_extra=option(metavar="s3://BUCKET[/PREFIX]", group=_S3),
+        json_schema_extra=option(metavar="s3://BUCKET[/PREFIX]", group=S3_SECTION),
     )
     create_bucket: bool = Field(
         default=False,
         description="create the bucket if missing (default: error naming it)",
-        json_schema_extra=option(action="store_true", group=_S3),
+        json_schema_extra=option(action="store_true", group=S3_SECTION),
     )
     part_size_mib: int | None = Field(
         default=None,
         ge=5,
         le=5120,
         description="multipart part size (default 16)",
-        json_schema_extra=option(metavar="MIB", group=_S3),
+        json_schema_extra=option(metavar="MIB", group=S3_SECTION),
     )
     oci: str | None = Field(
         default=None,

@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     def flags() -> None:  # on first use (ggufship.rollout imports the gate, httpx, rich)
         from ggufship.rollout import RolloutSettings
         from ggufship.rollout._options import RolloutOptions
+        from ggufship.services import StateDirSettings
 
+        add_model_flags(p, StateDirSettings, into="state")
         add_model_flags(p, RolloutOptions, into="options")
         add_model_flags(
             p,
@@ -156,9 +158,8 @@ def run_rollout_cmd(args: argparse.Namespace) -> int:
         "settings": settings,
         "stable_env": _env_pairs(list(args.stable_env), "--stable-env"),
         "canary_env": _env_pairs(list(args.canary_env), "--canary-env"),
+        "state_dir": args.state_dir,  # --state-dir, else $GGUFSHIP_STATE_DIR, else .ggufship
     }
-    if args.state_dir is not None:
-        fields["state_dir"] = args.state_dir
     prompts = _prompts(args.prompts)
     if prompts is not None:
         fields["prompts"] = prompts

@@ -28,6 +28,8 @@ _DEST = "opt__"
 _SPEC = "model_spec__"
 #: The attribute every generated argparse action carries: its Option.
 MARK = "ggufship_option"
+#: The attribute holding the help sections add_model_flags made on a parser (title → group).
+_SECTIONS = "ggufship_sections"
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,7 @@ def add_model_flags(
         if opt.group not in made:
             title = (groups or {}).get(opt.group)
             made[opt.group] = (
-                parser
-                if title is None and opt.group == "options"
-                else parser.add_argument_group(title or opt.group)
+                parser if title is None and opt.group == "options" else _section(parser, title or opt.group)
             )
         target = made[opt.group]
         if opt.exclusive is not None:
@@ -207,6 +207,20 @@ def add_model_flags(
             error = UsageError
         parser.set_defaults(**{_SPEC + into: _Spec(model, options, into, error, spread)})
     return options
+
+
+def _section(parser: argparse.ArgumentParser, title: str) -> Any:
+    """The help section (argument group) ``title`` of ``parser``: the one an earlier
+    :func:`add_model_flags` call made, else a new one. Two models' options with the same group
+    share one section (``publish``: ``--state-dir`` of :class:`~ggufship.services.StateDirSettings`
+    among the S3 options)."""
+    sections: dict[str, Any] | None = getattr(parser, _SECTIONS, None)
+    if sections is None:
+        sections = {}
+        setattr(parser, _SECTIONS, sections)
+    if title not in sections:
+        sections[title] = parser.add_argument_group(title)
+    return sections[title]
 
 
 def _metavar(opt: Option) -> str:

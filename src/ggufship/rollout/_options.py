@@ -1,5 +1,6 @@
 """The options of ``ggufship rollout`` besides :class:`~ggufship.rollout.RolloutSettings` (whose
-fields are the rollout's tuning flags): the two models, where, and the load's inputs."""
+fields are the rollout's tuning flags): the two models and the load's inputs. Where
+(``--state-dir``) is :class:`~ggufship.services.StateDirSettings`'s flag."""
 
 from __future__ import annotations
 
@@ -24,11 +25,6 @@ class RolloutOptions(BaseModel):
         default=None,
         description="export dir or .gguf to roll out",
         json_schema_extra=option(positional=True, metavar="CANARY"),
-    )
-    state_dir: Path | None = Field(
-        default=None,
-        description="state directory (default: $GGUFSHIP_STATE_DIR or .ggufship)",
-        json_schema_extra=option(metavar="DIR"),
     )
     json_output: bool = switch("print the (final) status as JSON", "json")
     auto_promote: bool = switch("do not wait at the pause for `promote`")

@@ -212,14 +212,17 @@ class ServiceStatus(BaseModel):
 
 class StateDirSettings(BaseSettings):
     """Where the embedded stack (``ggufship up``) keeps its state: the one declaration of
-    ``GGUFSHIP_STATE_DIR``. The CLI resolves it (:func:`resolve_state_dir`); library
-    functions take the directory as an argument."""
+    ``--state-dir`` and ``GGUFSHIP_STATE_DIR``. Every command with the flag generates it from this
+    model (``up``/``down``/``status`` through :class:`ServicesSettings`; ``gate``, ``rollout``,
+    ``publish``, ``pull``, ``pipeline run``); the CLI resolves it (:func:`resolve_state_dir`:
+    the flag, the variable, ``.ggufship``), library functions take the directory as an argument."""
 
     model_config = SettingsConfigDict(env_prefix="GGUFSHIP_", frozen=True, extra="ignore")
 
     state_dir: Path = Field(
         default=DEFAULT_STATE_DIR,
-        description="directory holding state.json, credentials, logs and data",
+        description="state directory of the local services (`ggufship up`): state.json, credentials, "
+        "logs and data",
         json_schema_extra=option(metavar="DIR"),
     )
 
