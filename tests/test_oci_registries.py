@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import hashlib
 import http.server
 import ipaddress
 import json
@@ -51,6 +52,7 @@ from ggufship.publish._oci import (
     pull_export,
     push_export,
 )
+from ggufship.publish._oci_client import RegistryClient
 from ggufship.services import load_credentials, load_state
 from ggufship.services._registry import registry_config
 
@@ -695,3 +697,123 @@ def test_connection_dropped_mid_push_or_mid_pull(
     assert not dest.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".pulled")) == []
     direct.http.close()
+
+
+# ---------------------------------------------------------------- blobs redirected to storage on another host
+
+
+@dataclass
+class RedirectLog:
+    front: str = ""  # host:port of the redirecting front
+    blob_gets: list[str | None] = field(default_factory=list)  # Authorization of each blob GET at the front
+    storage_gets: list[str | None] = field(default_factory=list)  # Authorization each storage GET carried
+
+
+@contextlib.contextmanager
+def redirecting_front(upstream: str, login: tuple[str, str]) -> Iterator[RedirectLog]:
+    """A registry front on one loopback port, its "storage" on another (another host to an HTTP
+    client: the port differs). Manifests, pings and 401s pass through to the real registry;
+    a blob GET the registry allows (a HEAD with the caller's Authorization) is answered with a
+    307 to the storage, as registries with cloud storage do; the storage serves the blob (read
+    from the registry with its own login) and records the Authorization it was sent."""
+    log = RedirectLog()
+    backend = httpx.Client(base_url=f"http://{upstream}", trust_env=False, timeout=30)
+    storage_auth = httpx.BasicAuth(*login)
+
+    def relay(handler: http.server.BaseHTTPRequestHandler, response: httpx.Response, body: bool) -> None:
+        handler.send_response(response.status_code)
+        for name, value in response.headers.items():
+            if name.lower() not in ("connection", "transfer-encoding", "content-length", "content-encoding"):
+                handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(response.content)))
+        handler.end_headers()
+        if body:
+            handler.wfile.write(response.content)
+
+    class Storage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            log.storage_gets.append(self.headers.get("Authorization"))
+            repo, _, digest = urlparse(self.path).path.removeprefix("/blob/").rpartition("/")
+            relay(self, backend.get(f"/v2/{repo}/blobs/{digest}", auth=storage_auth), body=True)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    storage = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Storage)
+
+    class Front(http.server.BaseHTTPRequestHandler):
+        def _forward(self, method: str) -> None:
+            headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "accept")}
+            headers["Accept-Encoding"] = "identity"
+            path = urlparse(self.path).path
+            if method == "GET" and "/blobs/sha256:" in path:
+                log.blob_gets.append(self.headers.get("Authorization"))
+                allowed = backend.head(self.path, headers=headers)
+                if allowed.status_code != 200:
+                    relay(self, allowed, body=False)
+                    return
+                repo, _, digest = path.removeprefix("/v2/").rpartition("/blobs/")
+                self.send_response(307)
+                self.send_header(
+                    "Location", f"http://127.0.0.1:{storage.server_address[1]}/blob/{repo}/{digest}"
+                )
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            relay(self, backend.request(method, self.path, headers=headers), body=method == "GET")
+
+        def do_GET(self) -> None:
+            self._forward("GET")
+
+        def do_HEAD(self) -> None:
+            self._forward("HEAD")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Front)
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (storage, front)]
+    for thread in threads:
+        thread.start()
+    log.front = f"127.0.0.1:{front.server_address[1]}"
+    try:
+        yield log
+    finally:
+        for server in (front, storage):
+            server.shutdown()
+            server.server_close()
+        for thread in threads:
+            thread.join(timeout=10)
+        backend.close()
+
+
+def test_pull_follows_a_blob_redirect_to_another_host_without_the_registry_login(
+    htpasswd_registry: tuple[str, str, SecretStr], signed_export: Path, tmp_path: Path
+) -> None:
+    host, username, password = htpasswd_registry
+    secret = password.get_secret_value()
+    push_export(signed_export, OciTarget(host, "models/tiny", username=username, password=password))
+
+    with redirecting_front(host, (username, secret)) as log:
+        target = OciTarget(log.front, "models/tiny", username=username, password=password)
+        _same_files(signed_export, pull_export(f"{log.front}/models/tiny:1.0.0", tmp_path / "pulled", target))
+        # every blob went through the redirect: the registry got the login, the storage never did
+        assert len(log.storage_gets) == len(log.blob_gets) >= len(list(signed_export.iterdir()))
+        assert all(auth is not None and auth.startswith("Basic ") for auth in log.blob_gets)
+        assert log.storage_gets == [None] * len(log.storage_gets)
+
+        # a client whose first request is the blob GET: the 401 is learnt (basic) and the GET retried once
+        gguf = max(signed_export.glob("*.gguf"), key=lambda p: p.stat().st_size)
+        digest = "sha256:" + hashlib.sha256(gguf.read_bytes()).hexdigest()
+        log.blob_gets.clear()
+        pieces: list[bytes] = []
+        with RegistryClient(target.transport()) as client:
+            assert client.download_blob(digest, pieces.append) == gguf.stat().st_size
+        assert b"".join(pieces) == gguf.read_bytes()
+        first, retried = log.blob_gets  # no header (a fresh client), then the login
+        assert first is None and retried is not None and retried.startswith("Basic ")
+
+        wrong = OciTarget(log.front, "models/tiny", username=username, password=SecretStr("wrong"))
+        with RegistryClient(wrong.transport()) as client, pytest.raises(OciAuthError) as info:
+            client.download_blob(digest, pieces.append)
+        assert log.front in str(info.value) and "rejected" in str(info.value)
