@@ -731,7 +731,7 @@ def _download(client: RegistryClient, digest: str, size: int | None, out: Path) 
     """Stream a blob to ``out``, checking size and SHA256 as it arrives."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with HashingFileSink(out) as sink:  # hashed and written while the next piece arrives
-        # 1 MiB pieces as received (urllib3); stops once more than ``size`` bytes came
+        # 256 KiB pieces as received (urllib3); stops once more than ``size`` bytes came
         client.download_blob(digest, sink.write, limit=size, label=out.name)
         hexdigest, written = sink.finish()
     actual = "sha256:" + hexdigest
