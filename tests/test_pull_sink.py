@@ -27,6 +27,22 @@ def _chunks(seed: int, total: int) -> list[bytes]:
     return out
 
 
+@pytest.mark.parametrize("write_bytes", [1000, 256 * KIB, 4096 * KIB])
+def test_large_pieces_are_written_in_slices_whole(tmp_path: Path, write_bytes: int) -> None:
+    """Pieces larger than ``write_bytes`` (S3's 4 MiB reads) go to the file in slices: same bytes,
+    same digest, also for a piece that is not a multiple of the slice."""
+    rng = random.Random(3)
+    chunks = [rng.randbytes(n) for n in (4096 * KIB, 1, 300 * KIB + 7, 4096 * KIB - 1)]
+    data = b"".join(chunks)
+    out = tmp_path / "blob"
+    with HashingFileSink(out, write_bytes=write_bytes) as sink:
+        for chunk in chunks:
+            sink.write(chunk)
+        digest, size = sink.finish()
+    assert (digest, size) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert out.read_bytes() == data
+
+
 @pytest.mark.parametrize(
     ("batch_bytes", "sync_bytes"), [(1, 0), (256 * KIB, 512 * KIB), (64 * 1024 * KIB, 0)]
 )

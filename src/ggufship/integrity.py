@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 4 * 1024 * 1024
+#: The largest single write() of :class:`HashingFileSink`: bigger pieces are written in slices of
+#: this size. Measured here (1 GiB download into the page cache, Linux 6.18, ext4; perf puts the
+#: difference in the kernel's copy into page-cache folios): writes of 512 KiB-4 MiB cost 1.2-3.9 s
+#: CPU per GiB, unevenly from run to run, 256 KiB writes 1.3-1.6 s (bench/RESULTS.md, pull).
+WRITE_BYTES = 256 * 1024
 
 ProgressFn = Callable[[int], None]
 
@@ -58,7 +63,8 @@ class HashingFileSink:
     written and the one being filled. ``sync_bytes``: the writer starts the file's
     writeback (``fdatasync``) after every ``sync_bytes`` written, while the download goes
     on, so the final fsync of an atomic commit (:mod:`ggufship.atomic`) has little left
-    to flush; ``0`` never syncs here.
+    to flush; ``0`` never syncs here. ``write_bytes``: pieces larger than this are written
+    in slices of it (:data:`WRITE_BYTES`).
     :meth:`finish` waits for both threads and returns ``(hex digest, size)``; an error in
     either thread is raised there (or at the next :meth:`write`). Use as a context
     manager: leaving on an exception stops the threads.
@@ -72,6 +78,7 @@ class HashingFileSink:
         max_queued: int = 2,
         batch_bytes: int = 1024 * 1024,
         sync_bytes: int = 64 * 1024 * 1024,
+        write_bytes: int = WRITE_BYTES,
     ) -> None:
         self._fh = Path(path).open("wb")  # noqa: SIM115 - closed in _stop (the object is the context)
         self._hasher = hashlib.sha256()
@@ -81,6 +88,7 @@ class HashingFileSink:
         self._batched = 0
         self._batch_bytes = batch_bytes
         self._sync_bytes = sync_bytes
+        self._write_bytes = max(1, write_bytes)
         self.size = 0
         self._unsynced = 0
         self._threads = (
@@ -96,8 +104,14 @@ class HashingFileSink:
             self._hasher.update(piece)
 
     def _write(self, batch: tuple[bytes, ...]) -> None:
+        step = self._write_bytes
         for piece in batch:
-            self._fh.write(piece)
+            if len(piece) <= step:
+                self._fh.write(piece)
+            else:
+                view = memoryview(piece)  # slices, not copies
+                for start in range(0, len(piece), step):
+                    self._fh.write(view[start : start + step])
             self._unsynced += len(piece)
         if self._sync_bytes and self._unsynced >= self._sync_bytes:
             self._fh.flush()
