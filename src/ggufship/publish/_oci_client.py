@@ -46,6 +46,7 @@ import urllib3
 from pydantic import SecretStr
 
 from ggufship.errors import GgufshipError
+from ggufship.integrity import WRITE_BYTES
 from ggufship.publish import _docker_config
 from ggufship.retry import call_with_retries
 
@@ -53,19 +54,21 @@ logger = logging.getLogger(__name__)
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 _IDEMPOTENT = ("GET", "HEAD")
-# Transport errors a GET/HEAD is retried after (twice, 0.2 s then 0.4 s later); TLS problems are not.
+# A GET/HEAD (httpx or a urllib3 blob GET) is tried this often after a transient transport error,
+# waiting these seconds between tries; TLS problems are not retried.
+_GET_ATTEMPTS = 3
+_RETRY_BACKOFF_S = (0.2, 0.4)
 _TRANSIENT = (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError, httpx.TimeoutException)
-# Blob GETs on urllib3: the same three tries (urllib3's own retries are off: one try per call,
-# redirects followed), the same transient errors (NewConnectionError is a ConnectTimeoutError).
+# Blob GETs on urllib3: urllib3's own retries are off (one try per call, redirects followed); the
+# same transient errors (NewConnectionError is a ConnectTimeoutError).
 _BLOB_TRANSIENT = (
     urllib3.exceptions.ConnectTimeoutError,
     urllib3.exceptions.ReadTimeoutError,
     urllib3.exceptions.ProtocolError,
 )
-# One read: one bytes object handed to the sink as is, written to the file in one write(). Measured
-# (1 GiB blob, download + HashingFileSink, Linux 6.18, ext4): 256 KiB 1.3-1.6 s CPU; 512 KiB and 1 MiB
-# 1.2-3.9 s, the extra in the kernel's copy of those aligned writes into the page cache.
-_BLOB_READ_BYTES = 256 * 1024
+# One read: one bytes object handed to the sink as is, the size of the sink's writes (WRITE_BYTES
+# says why that size; 4 MiB reads measured no different, bench/RESULTS.md).
+_BLOB_READ_BYTES = WRITE_BYTES
 _MAX_REDIRECTS = 20  # httpx's default
 _ERROR_BODY_BYTES = 64 * 1024  # an error answer's body is read up to this much, for its message
 _TOKEN_MARGIN_S = 10.0  # refresh a token this long before it expires
@@ -384,8 +387,8 @@ class RegistryClient:
         try:
             return call_with_retries(
                 attempt,
-                attempts=3 if method in _IDEMPOTENT else 1,
-                backoff_s=(0.2, 0.4),
+                attempts=_GET_ATTEMPTS if method in _IDEMPOTENT else 1,
+                backoff_s=_RETRY_BACKOFF_S,
                 may_pass=lambda exc: isinstance(exc, _TRANSIENT),
                 logger=logger,
                 what=f"{self.t.registry}: {method} {url}",
@@ -561,8 +564,8 @@ class RegistryClient:
         try:
             return call_with_retries(
                 attempt,
-                attempts=3,
-                backoff_s=(0.2, 0.4),
+                attempts=_GET_ATTEMPTS,
+                backoff_s=_RETRY_BACKOFF_S,
                 may_pass=lambda exc: isinstance(exc, _BLOB_TRANSIENT),
                 logger=logger,
                 what=f"{self.t.registry}: GET {url}",
