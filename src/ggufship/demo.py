@@ -256,18 +256,20 @@ def _regressed_rollout(state_dir: Path, pulled_from: Path) -> dict[str, Any]:
     if not pulled:
         raise DemoError(f"no pulled release under {pulled_from} to run the regressed canary with")
     model = pulled[-1]
+    # The whole rollout under ROLLOUT_ENV, not only its settings: the API processes it starts read
+    # GGUFSHIP_SERVE_N_THREADS from the environment (two 2-thread processes on 2 cores made the
+    # tracks' latencies differ by ±50 % and the quality canary's latency check flaky).
     with environment(ROLLOUT_ENV):
-        settings = RolloutSettings(analysis_reports=True)
-    status = run_rollout(
-        RolloutRequest(
-            stable=model,
-            canary=model,
-            state_dir=state_dir,
-            auto_promote=True,
-            settings=settings,
-            canary_env=dict(REGRESSION_ENV),
+        status = run_rollout(
+            RolloutRequest(
+                stable=model,
+                canary=model,
+                state_dir=state_dir,
+                auto_promote=True,
+                settings=RolloutSettings(analysis_reports=True),
+                canary_env=dict(REGRESSION_ENV),
+            )
         )
-    )
     if status.phase != "Degraded":
         raise DemoError(f"the regressed canary was not rolled back (phase {status.phase}): {status.message}")
     reports = [a.report for a in status.analyses if getattr(a, "report", None)]
@@ -350,19 +352,19 @@ def _quality_regressed_release(
     # (b) forced through with the evaluation off: its export goes straight to a canary.
     candidate = _export_output(run3)
     logger.info("quality-regressed canary (evaluation off): expecting the online quality signals to abort it")
-    with environment(ROLLOUT_ENV):
+    with environment(ROLLOUT_ENV):  # the API processes too (see _regressed_rollout)
         settings = RolloutSettings(
             analysis_reports=True, gate=QUALITY_GATE, load_max_tokens=QUALITY_LOAD_MAX_TOKENS
         )
-    status = run_rollout(
-        RolloutRequest(
-            stable=stable_export,
-            canary=candidate,
-            state_dir=state_dir,
-            auto_promote=True,
-            settings=settings,
+        status = run_rollout(
+            RolloutRequest(
+                stable=stable_export,
+                canary=candidate,
+                state_dir=state_dir,
+                auto_promote=True,
+                settings=settings,
+            )
         )
-    )
     if status.phase != "Degraded":
         raise DemoError(
             f"the quality-regressed canary was not rolled back (phase {status.phase}): {status.message}"
