@@ -246,3 +246,32 @@ def test_one_rollout_per_state_dir(tmp_path: Path, tiny_export_dir: Path) -> Non
     with _exclusive(state), pytest.raises(RolloutBusyError, match=r"state: another rollout is running there"):
         run_rollout(RolloutRequest(stable=tiny_export_dir, canary=tiny_export_dir, state_dir=state))
     assert not (rollout_dir(state) / "status.json").exists(), "the refused rollout wrote no status"
+
+
+@pytest.mark.parametrize(
+    ("env", "environ", "cpus", "expected"),
+    [
+        ({}, {}, 2, "1"),  # the two tracks share the machine: half the CPUs each
+        ({}, {}, 16, "8"),
+        ({}, {}, 1, "1"),  # never 0
+        ({}, {"GGUFSHIP_SERVE_N_THREADS": "3"}, 16, None),  # the caller's setting is inherited as is
+        ({"GGUFSHIP_SERVE_N_THREADS": "5"}, {}, 16, "5"),  # the track's own env wins
+    ],
+)
+def test_track_env_splits_the_cpus_between_the_tracks(
+    env: dict[str, str], environ: dict[str, str], cpus: int, expected: str | None
+) -> None:
+    from ggufship.rollout._tracks import THREADS_ENV, track_env
+
+    extra = track_env({**env, "OTHER": "x"}, environ, cpus)
+    assert extra.get(THREADS_ENV) == expected
+    assert extra["OTHER"] == "x"
+
+
+def test_track_threads_env_is_serve_n_threads() -> None:
+    """THREADS_ENV is the variable ServeSettings reads for n_threads (one declaration)."""
+    from ggufship.rollout._tracks import THREADS_ENV
+    from ggufship.serve.settings import ServeSettings
+
+    assert ServeSettings.model_config["env_prefix"] + "N_THREADS" == THREADS_ENV
+    assert "n_threads" in ServeSettings.model_fields

@@ -5,11 +5,17 @@ means ``GET /readyz`` answers 200 (model loaded and verified). Fault-injection
 settings (``GGUFSHIP_SERVE_FAULT_*``) are never inherited from the caller's
 environment: only a track's own ``env`` sets them, so a canary can be given an
 injected delay or error rate while the stable stays clean.
+
+Both processes run on this one machine, so unless the caller sets ``GGUFSHIP_SERVE_N_THREADS``
+each gets half of the CPUs it may use (:func:`track_env`); with the serve default (all of them)
+each, the two tracks' llama.cpp threads preempt one another and their latencies differ by the
+scheduler's luck, which is what the gate compares. (On a cluster each pod has its own limit.)
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +24,7 @@ from typing import Literal
 
 from ggufship.retry import poll_until
 from ggufship.rollout._errors import RolloutServerError
+from ggufship.runtime import cpu_budget
 from ggufship.services._process import (
     LOOPBACK,
     PortAllocator,
@@ -33,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 Track = Literal["stable", "canary"]
 FAULT_ENV_PREFIX = "GGUFSHIP_SERVE_FAULT_"
+#: ``ServeSettings.n_threads`` (``serve --n-threads``) as the environment sets it.
+THREADS_ENV = "GGUFSHIP_SERVE_N_THREADS"
 _POLL_S = 0.2
 
 
@@ -74,7 +83,8 @@ class TrackServer:
     def spawn(self, ports: PortAllocator) -> None:
         """Start the process on a free port; do not wait."""
         self.port = ports.pick()
-        env = clean_env((FAULT_ENV_PREFIX,), {**dict(self.env), "PYTHONUNBUFFERED": "1"})
+        extra = track_env(self.env, os.environ, cpu_budget())
+        env = clean_env((FAULT_ENV_PREFIX,), {**extra, "PYTHONUNBUFFERED": "1"})
         self.pid, self._ticks = spawn(self.command(self.port), log=self.log, cwd=self.log.parent, env=env)
         logger.info("%s: ggufship serve %s on %s (pid %d)", self.track, self.model, self.url, self.pid)
 
@@ -94,6 +104,15 @@ class TrackServer:
         if was:
             logger.info("%s API server stopped", self.track)
         return was
+
+
+def track_env(env: Mapping[str, str], environ: Mapping[str, str], cpus: int) -> dict[str, str]:
+    """A track's extra environment: ``env``, plus ``THREADS_ENV`` = half of ``cpus`` (at least 1)
+    unless ``env`` or the caller's ``environ`` already sets it (the two tracks share the CPUs)."""
+    extra = dict(env)
+    if THREADS_ENV not in extra and THREADS_ENV not in environ:
+        extra[THREADS_ENV] = str(max(1, cpus // 2))
+    return extra
 
 
 def start_tracks(servers: list[TrackServer], timeout_s: float, grace_s: float, attempts: int = 3) -> None:
@@ -157,4 +176,12 @@ def resolve_model(path: Path, what: str) -> Path:
     raise RolloutError(f"{what} {path}: no such file or directory")
 
 
-__all__ = ["FAULT_ENV_PREFIX", "Track", "TrackServer", "resolve_model", "start_tracks"]
+__all__ = [
+    "FAULT_ENV_PREFIX",
+    "THREADS_ENV",
+    "Track",
+    "TrackServer",
+    "resolve_model",
+    "start_tracks",
+    "track_env",
+]
