@@ -136,6 +136,36 @@ def test_streamed_tool_call(client: openai.OpenAI) -> None:
     assert "".join(d.function.arguments for d in deltas) == call.function.arguments
 
 
+def test_a_call_cut_off_by_max_tokens_is_the_same_call_blocking_and_streamed(client: openai.OpenAI) -> None:
+    """``max_tokens`` ends the answer inside the call's arguments: the stream has already sent the call
+    (id, name, argument pieces) and finishes with ``length``; the blocking answer is that same call
+    with the same partial arguments and ``length`` (it used to come back as content)."""
+    kw = {
+        "model": "tiny",
+        "messages": CHAT,
+        "tools": TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "temperature": 0,
+    }
+    whole = client.chat.completions.create(**kw, max_tokens=200)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    full_args = whole.choices[0].message.tool_calls[0].function.arguments
+    cut = whole.usage.completion_tokens - 3  # inside the arguments: they end with the value and "}}"
+    chunks = list(client.chat.completions.create(**kw, max_tokens=cut, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert deltas and deltas[0].function.name == "get_weather"
+    streamed = "".join(d.function.arguments or "" for d in deltas)
+    assert streamed and full_args.startswith(streamed) and streamed != full_args
+    blocking = client.chat.completions.create(**kw, max_tokens=cut)
+    choice = blocking.choices[0]
+    assert choice.finish_reason == "length"
+    assert choice.message.content is None
+    assert choice.message.tool_calls[0].function.name == "get_weather"
+    assert choice.message.tool_calls[0].function.arguments == streamed
+
+
 def test_dify_shaped_streaming_tool_call(server: RunningServer) -> None:
     """Dify's provider reads a streamed call delta by delta: ``id`` / ``type`` / ``function.name`` when
     present (never null), ``function.arguments`` appended (OAICompatLargeLanguageModel's stream

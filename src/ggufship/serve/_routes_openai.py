@@ -137,9 +137,12 @@ def _finish(done: Finished) -> Any:
 
 def _tool_calls(job: Job, done: Finished) -> list[ToolCall] | None:
     """The answer as tool calls, when tools were offered and it is one: read as a stream reads it
-    (:class:`CallStream`), so a blocking answer and the same answer streamed agree; the arguments must
-    be a JSON object."""
-    if job.tools is None or done.reason != "stop":
+    (:class:`CallStream`), so a blocking answer and the same answer streamed agree. A finished call's
+    arguments must be a JSON object; a call cut off by ``max_tokens`` or the context window
+    (``length``) comes back as the call with its arguments as far as the model wrote them — what the
+    stream sent before its ``length`` finish (OpenAI documents that ``arguments`` may not be valid
+    JSON)."""
+    if job.tools is None or done.reason not in ("stop", "length"):
         return None
     calls = CallStream(job.tools.offered)
     events = calls.feed(done.text)
@@ -149,6 +152,8 @@ def _tool_calls(job: Job, done: Finished) -> list[ToolCall] | None:
     if not is_call or start is None:
         return None
     arguments = "".join(e.text for e in events if isinstance(e, ArgumentsDelta))
+    if done.reason == "length":
+        return [ToolCall(id=start.id, function=FunctionCall(name=start.name, arguments=arguments))]
     try:
         parsed = json.loads(arguments)
     except json.JSONDecodeError:
@@ -261,7 +266,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         calls = _tool_calls(job, done)
         if calls:
             message = AssistantMessage(content=None, tool_calls=calls)
-            choices.append(ChatChoice(index=index, message=message, finish_reason="tool_calls"))
+            reason = "tool_calls" if done.reason == "stop" else _finish(done)
+            choices.append(ChatChoice(index=index, message=message, finish_reason=reason))
         else:
             choices.append(
                 ChatChoice(
