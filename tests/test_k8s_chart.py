@@ -487,7 +487,13 @@ def test_time_and_storage(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert init_args[init_args.index("--quant") + 1] == "Q4_K_M"
     (api,) = pod["containers"]
     assert api["lifecycle"]["preStop"] == {"sleep": {"seconds": 10}}
-    assert pod["terminationGracePeriodSeconds"] >= 10 + 30  # preStop + the server's graceful shutdown
+    # preStop + the server's drain bound (serve --shutdown-timeout-seconds, its default here)
+    from ggufship.serve.settings import ServeSettings
+
+    drain = ServeSettings.model_fields["shutdown_timeout_seconds"].default
+    env = {e["name"]: e.get("value") for e in api.get("env", [])}
+    drain = int(env.get("GGUFSHIP_SERVE_SHUTDOWN_TIMEOUT_SECONDS") or drain)
+    assert pod["terminationGracePeriodSeconds"] >= 10 + drain
     assert api["resources"]["requests"]["ephemeral-storage"] == "20Gi"
     assert api["resources"]["limits"]["cpu"] == api["resources"]["requests"]["cpu"]  # n_threads = limit
     volume = next(v for v in pod["volumes"] if v["name"] == "models")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -76,6 +77,60 @@ def test_serve_process_json_logs_and_audit(tiny_export: Path, tmp_path: Path) ->
     assert ev["request_id"] == "rid-1" and ev["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert ev["status"] == 200 and ev["track"] == "canary" and ev["completion_tokens"] >= 1
     assert "alice@example.com" not in json.dumps(ev)
+
+
+def test_sigterm_cuts_a_stream_that_outlasts_the_shutdown_timeout(tiny_export: Path, tmp_path: Path) -> None:
+    """``--shutdown-timeout-seconds`` bounds the drain: a stream with >= 8 s of delayed tokens left
+    (16 tokens x 0.5 s, a lower bound no load can shorten) is cut when the 1 s drain ends, without its
+    finish reason or ``[DONE]``, and the process exits on its own (well before the stream would have
+    ended; the chart's terminationGracePeriodSeconds relies on this bound)."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "GGUFSHIP_SERVE_FAULT_TOKEN_DELAY_SECONDS": "0.5",
+        "GGUFSHIP_SERVE_FAULT_TOKEN_DELAY_FRACTION": "1",
+    }
+    cmd = [
+        sys.executable, "-m", "ggufship.cli.main", "serve", str(tiny_export),
+        "--port", str(port), "--n-threads", "1", "--shutdown-timeout-seconds", "1",
+    ]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "max_tokens": 16,
+        "temperature": 0,
+        "stream": True,
+    }
+    received: list[str] = []
+    try:
+        _wait_ready(proc, url)
+        with (
+            httpx.Client(timeout=120) as http,
+            http.stream("POST", f"{url}/v1/chat/completions", json=body) as r,
+        ):
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            received.append(next(line for line in lines if line.startswith("data: ")))
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(httpx.RemoteProtocolError):  # closed mid-body: cut, as expected
+                for line in lines:
+                    if line.startswith("data: "):
+                        received.append(line)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "data: [DONE]" not in received, received[-3:]
+    chunks = [json.loads(x.removeprefix("data: ")) for x in received]
+    assert not any(ch.get("finish_reason") for c in chunks for ch in c.get("choices", [])), chunks
+    assert proc.returncode in (0, -signal.SIGTERM), text
+    assert "timeout graceful shutdown exceeded" in text, text[-2000:]
 
 
 def test_sigterm_lets_a_running_stream_finish(tiny_export: Path, tmp_path: Path) -> None:

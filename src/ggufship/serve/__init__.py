@@ -57,7 +57,7 @@ def run(settings: ServeSettings, *, sock: socket.socket | None = None) -> None:
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
     )
     server = uvicorn.Server(config)
     server.run(sockets=[sock] if sock is not None else None)

@@ -61,6 +61,13 @@ class ServeSettings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="listen address")
     port: int = Field(default=8000, ge=0, le=65535, description="listen port (0: any free port)")
     track: Track = Field(default="stable", description="the metrics label `track`: stable or canary")
+    shutdown_timeout_seconds: int = Field(
+        default=30,
+        ge=0,
+        le=3600,
+        description="on SIGTERM, running requests and streams may finish for this long; then they are cut "
+        "(keep preStop + this below the pod's terminationGracePeriodSeconds)",
+    )
 
     # --- llama.cpp ---
     engine: EngineKind = Field(
