@@ -79,11 +79,20 @@ def test_serve_process_json_logs_and_audit(tiny_export: Path, tmp_path: Path) ->
     assert "alice@example.com" not in json.dumps(ev)
 
 
-def test_sigterm_cuts_a_stream_that_outlasts_the_shutdown_timeout(tiny_export: Path, tmp_path: Path) -> None:
-    """``--shutdown-timeout-seconds`` bounds the drain: a stream with >= 8 s of delayed tokens left
-    (16 tokens x 0.5 s, a lower bound no load can shorten) is cut when the 1 s drain ends, without its
-    finish reason or ``[DONE]``, and the process exits on its own (well before the stream would have
-    ended; the chart's terminationGracePeriodSeconds relies on this bound)."""
+#: A chat stream whose 16 tokens are each delayed 0.5 s (fault injection, see _slow_server): at least
+#: 8 s from its end when the first chunk arrives, a lower bound that no load can shorten.
+SLOW_STREAM = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "Tell me a story"}],
+    "max_tokens": 16,
+    "temperature": 0,
+    "stream": True,
+}
+
+
+def _slow_server(tiny_export: Path, log: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """A ``ggufship serve`` process (one thread, ``args`` added) that delays every token by 0.5 s,
+    its stderr in ``log``; returns it and its URL once ready."""
     port = _free_port()
     env = {
         **os.environ,
@@ -92,25 +101,32 @@ def test_sigterm_cuts_a_stream_that_outlasts_the_shutdown_timeout(tiny_export: P
     }
     cmd = [
         sys.executable, "-m", "ggufship.cli.main", "serve", str(tiny_export),
-        "--port", str(port), "--n-threads", "1", "--shutdown-timeout-seconds", "1",
+        "--port", str(port), "--n-threads", "1", *args,
     ]  # fmt: skip
-    log = tmp_path / "serve.log"
     with log.open("w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
-    body = {
-        "model": "tiny",
-        "messages": [{"role": "user", "content": "Tell me a story"}],
-        "max_tokens": 16,
-        "temperature": 0,
-        "stream": True,
-    }
-    received: list[str] = []
     try:
         _wait_ready(proc, url)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
+
+
+def test_sigterm_cuts_a_stream_that_outlasts_the_shutdown_timeout(tiny_export: Path, tmp_path: Path) -> None:
+    """``--shutdown-timeout-seconds`` bounds the drain: a stream with >= 8 s of delayed tokens left
+    (16 tokens x 0.5 s, a lower bound no load can shorten) is cut when the 1 s drain ends, without its
+    finish reason or ``[DONE]``, and the process exits on its own (well before the stream would have
+    ended; the chart's terminationGracePeriodSeconds relies on this bound)."""
+    log = tmp_path / "serve.log"
+    proc, url = _slow_server(tiny_export, log, "--shutdown-timeout-seconds", "1")
+    received: list[str] = []
+    try:
         with (
             httpx.Client(timeout=120) as http,
-            http.stream("POST", f"{url}/v1/chat/completions", json=body) as r,
+            http.stream("POST", f"{url}/v1/chat/completions", json=SLOW_STREAM) as r,
         ):
             assert r.status_code == 200
             lines = r.iter_lines()
@@ -142,29 +158,10 @@ def test_sigterm_lets_a_running_stream_finish(tiny_export: Path, tmp_path: Path)
     signal, a lower bound that no load can shorten."""
     from tests.process_fixtures import listening_sockets
 
-    port = _free_port()
-    env = {
-        **os.environ,
-        "GGUFSHIP_SERVE_FAULT_TOKEN_DELAY_SECONDS": "0.5",
-        "GGUFSHIP_SERVE_FAULT_TOKEN_DELAY_FRACTION": "1",
-    }
-    cmd = [
-        sys.executable, "-m", "ggufship.cli.main", "serve", str(tiny_export),
-        "--port", str(port), "--n-threads", "1",
-    ]  # fmt: skip
     log = tmp_path / "serve.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    body = {
-        "model": "tiny",
-        "messages": [{"role": "user", "content": "Tell me a story"}],
-        "max_tokens": 16,
-        "temperature": 0,
-        "stream": True,
-    }
+    proc, url = _slow_server(tiny_export, log)
+    body = SLOW_STREAM
     try:
-        _wait_ready(proc, url)
         with (
             httpx.Client(timeout=120) as http,
             http.stream("POST", f"{url}/v1/chat/completions", json=body) as r,

@@ -42,6 +42,14 @@ TOOLS = [
 ]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
+#: A greedy chat request that must call get_weather (grammar-constrained).
+FORCED_WEATHER = {
+    "model": "tiny",
+    "messages": CHAT,
+    "tools": TOOLS,
+    "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    "temperature": 0,
+}
 
 
 def _settings(model: Path, **kw: object):
@@ -106,14 +114,7 @@ def test_named_tool_choice_calls_that_function(client: openai.OpenAI) -> None:
 def test_streamed_tool_call(client: openai.OpenAI) -> None:
     """The call streams as OpenAI streams it (id, type and name first, then argument pieces); the
     openai client's own accumulation (``chat.completions.stream``) rebuilds the blocking answer."""
-    kw = {
-        "model": "tiny",
-        "messages": CHAT,
-        "tools": TOOLS,
-        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
-        "temperature": 0,
-        "max_tokens": 200,
-    }
+    kw = {**FORCED_WEATHER, "max_tokens": 200}
     chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -140,13 +141,7 @@ def test_a_call_cut_off_by_max_tokens_is_the_same_call_blocking_and_streamed(cli
     """``max_tokens`` ends the answer inside the call's arguments: the stream has already sent the call
     (id, name, argument pieces) and finishes with ``length``; the blocking answer is that same call
     with the same partial arguments and ``length`` (it used to come back as content)."""
-    kw = {
-        "model": "tiny",
-        "messages": CHAT,
-        "tools": TOOLS,
-        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
-        "temperature": 0,
-    }
+    kw = FORCED_WEATHER
     whole = client.chat.completions.create(**kw, max_tokens=200)
     assert whole.choices[0].finish_reason == "tool_calls"
     full_args = whole.choices[0].message.tool_calls[0].function.arguments
