@@ -131,8 +131,12 @@ def _headers(job: Job) -> dict[str, str]:
     return {TRUNCATION_HEADER: f"messages={job.prompt.messages_dropped}; tokens={job.prompt.tokens_dropped}"}
 
 
-def _finish(done: Finished) -> Any:
-    return "length" if done.reason == "length" else "stop"
+def _finish(done: Finished, *, call: bool = False) -> Any:
+    """The OpenAI ``finish_reason``: ``length`` when cut off (a call too: it is sent as far as it
+    got), ``tool_calls`` for an answer that is a tool call and ended by itself, else ``stop``."""
+    if done.reason == "length":
+        return "length"
+    return "tool_calls" if call and done.reason == "stop" else "stop"
 
 
 def _tool_calls(job: Job, done: Finished) -> list[ToolCall] | None:
@@ -266,8 +270,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         calls = _tool_calls(job, done)
         if calls:
             message = AssistantMessage(content=None, tool_calls=calls)
-            reason = "tool_calls" if done.reason == "stop" else _finish(done)
-            choices.append(ChatChoice(index=index, message=message, finish_reason=reason))
+            choices.append(ChatChoice(index=index, message=message, finish_reason=_finish(done, call=True)))
         else:
             choices.append(
                 ChatChoice(
@@ -314,13 +317,11 @@ class _ChatChoice:
 
     def end(self, done: Finished) -> list[str]:
         out = []
-        reason = _finish(done)
+        is_call = False
         if self.calls is not None:
             rest, is_call = self.calls.finish()
             out = [self._event(e) for e in rest]
-            if is_call and done.reason == "stop":
-                reason = "tool_calls"
-        out.append(self.chunk(self.index, ChoiceDelta(), finish=reason))
+        out.append(self.chunk(self.index, ChoiceDelta(), finish=_finish(done, call=is_call)))
         return out
 
     def _event(self, event: StreamEvent) -> str:
