@@ -19,7 +19,12 @@ if [[ -z "$SDIST" || ! -f "$SDIST" ]]; then
 fi
 base="$(basename "$SDIST" .tar.gz)"          # llama_cpp_python-0.3.36
 version="${base#llama_cpp_python-}"
-dest="$HOME/.cache/ggufship/llama-server/$version"
+# No AMX kernels, as scripts/setup.sh builds llama-cpp-python: they segfault on K-quant models
+# on some Sapphire Rapids-class CPUs (ggml-org/llama.cpp#20824); -mno-amx-* wins over the
+# -march=native ggml adds. The cache path says so, so an older AMX build is not reused.
+NO_AMX=""
+[ "$(uname -m)" != x86_64 ] || NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+dest="$HOME/.cache/ggufship/llama-server/$version${NO_AMX:+-noamx}"
 bin="$dest/bin/llama-server"
 if [[ -x "$bin" ]]; then
   echo "$bin"
@@ -32,6 +37,7 @@ if [[ ! -d "$work/$base/vendor/llama.cpp" ]]; then
   tar -xzf "$SDIST" -C "$work" "$base/vendor/llama.cpp"
 fi
 src="$work/$base/vendor/llama.cpp"
+CFLAGS="${CFLAGS:+$CFLAGS }$NO_AMX" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }$NO_AMX" \
 cmake -S "$src" -B "$work/build" \
   -DCMAKE_BUILD_TYPE=Release \
   -DBUILD_SHARED_LIBS=OFF \

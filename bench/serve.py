@@ -371,7 +371,9 @@ def start_ggufship(
 def default_llama_server() -> Path:
     import llama_cpp
 
-    return Path.home() / ".cache/ggufship/llama-server" / llama_cpp.__version__ / "bin/llama-server"
+    # bench/build_llama_server.sh's cache path: "-noamx" where it turns AMX off (x86-64)
+    version = llama_cpp.__version__ + ("-noamx" if platform.machine() == "x86_64" else "")
+    return Path.home() / ".cache/ggufship/llama-server" / version / "bin/llama-server"
 
 
 def start_llama_server(model: Path, args: argparse.Namespace, work: Path) -> HttpServer:

@@ -52,13 +52,20 @@ if [ ! -f "$SDIST" ]; then
   "${PIP[@]}" download --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$CACHE/sdist"
 fi
 CPU_FLAGS="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m)"
-KEY="$(printf '%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$CPU_FLAGS" | sha256sum | cut -c1-16)"
+# No AMX kernels: on Sapphire Rapids-class CPUs ggml's AMX matrix multiply segfaults on
+# K-quant models (ggml_backend_amx_mul_mat, ggml-org/llama.cpp#20824, open upstream), and
+# -march=native turns it on there. GCC keeps an ISA flag given explicitly, so -mno-amx-*
+# wins over the -march=native ggml appends after CFLAGS; every other native flag stays.
+NO_AMX=""
+[ "$(uname -m)" != x86_64 ] || NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+KEY="$(printf '%s|%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$NO_AMX" "$CPU_FLAGS" | sha256sum | cut -c1-16)"
 WHEEL_DIR="$CACHE/wheels/$KEY"
 if ! ls "$WHEEL_DIR"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   say "compiling llama-cpp-python (CMAKE_ARGS=$CMAKE_ARGS; ~4-8 min on 2 cores, once per machine)"
   mkdir -p "$WHEEL_DIR.tmp"
   # pip's own wheel cache ignores CMAKE_ARGS, hence --no-cache-dir and our own key.
-  "${PIP[@]}" wheel --no-deps --no-cache-dir -w "$WHEEL_DIR.tmp" "$SDIST"
+  CFLAGS="${CFLAGS:+$CFLAGS }$NO_AMX" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }$NO_AMX" \
+    "${PIP[@]}" wheel --no-deps --no-cache-dir -w "$WHEEL_DIR.tmp" "$SDIST"
   rm -rf "$WHEEL_DIR" && mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"
 fi
 
@@ -68,6 +75,12 @@ if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.vers
   "${PIP[@]}" install "torch==$TORCH_VERSION"
 fi
 say "installing ggufship and its Python dependencies"
+# pip keeps an installed llama-cpp-python of the same version, whatever wheel it came from:
+# when the key changed (other CMAKE_ARGS, CPU or flags), replace it by the key's wheel.
+if [ "$(cat "$VENV/.llama-cpp-python-key" 2>/dev/null)" != "$KEY" ]; then
+  "${PIP[@]}" install --force-reinstall --no-deps "$WHEEL_DIR"/llama_cpp_python-*.whl
+  echo "$KEY" > "$VENV/.llama-cpp-python-key"
+fi
 "${PIP[@]}" install "$WHEEL_DIR"/llama_cpp_python-*.whl -e "$ROOT[test]"
 
 # --- llama.cpp's converter + its own gguf-py, from the same sdist -------------

@@ -121,6 +121,8 @@ def test_llama_wheel_stage_builds_llama_cpp_portable_from_the_pinned_sdist() -> 
     builder = " ".join(" ".join(rest.split()) for word, rest in stages()["builder"] if word == "RUN")
     assert "--only-binary :all: --require-hashes -r /build/binary.txt" in builder
     assert "libggml-cpu-*.so" in builder
+    # ...but not the AMX variant, whose matrix multiply segfaults on K-quants (llama.cpp#20824)
+    assert "! -name 'libggml-cpu-sapphirerapids.so'" in builder
 
 
 def test_every_wheel_build_uses_the_locked_build_tools() -> None:

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from ggufship.errors import GgufshipError
-from ggufship.runtime import ENV_VAR, GgmlBackendError, cpu_budget, load_ggml_backends
+from ggufship.runtime import (
+    AMX_ISSUE,
+    ENV_VAR,
+    GgmlBackendError,
+    amx_active,
+    amx_in_build,
+    amx_message,
+    cpu_budget,
+    load_ggml_backends,
+)
 
 
 def test_noop_without_directory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,3 +119,27 @@ def test_cpu_budget_defaults_to_this_process(tmp_path: Path) -> None:
     assert 1 <= budget <= len(os.sched_getaffinity(0))
     # no cgroup files at all: the affinity
     assert cpu_budget(cgroup_root=tmp_path, proc_self_cgroup=tmp_path / "missing", affinity=5) == 5
+
+
+@pytest.mark.parametrize(
+    ("info", "expected"),
+    [
+        ("CPU : SSE3 = 1 | AVX2 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | OPENMP = 1 | REPACK = 1 | ", True),
+        ("CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | OPENMP = 1 | REPACK = 1 | ", False),
+        ("CPU : AMX_INT8 = 0 | ", False),
+        ("", False),
+    ],
+)
+def test_amx_in_build_reads_llama_cpp_system_info(info: str, expected: bool) -> None:
+    assert amx_in_build(info) is expected
+
+
+def test_the_local_llama_cpp_build_has_no_amx_kernels() -> None:
+    """scripts/setup.sh compiles llama-cpp-python with -mno-amx-*: on a CPU with AMX, -march=native
+    alone would build ggml's AMX kernels, which segfault on K-quant models (AMX_ISSUE); on a CPU
+    without AMX the line never says AMX_INT8 = 1 either way."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    assert not amx_active(), info
+    assert AMX_ISSUE in amx_message("serve")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ggufship.serve._batch import BatchEngine
+from ggufship.serve._batch import BatchEngine, model_params
 from ggufship.serve._engine import Engine, Finished, SamplingParams, TextDelta
 from ggufship.serve.errors import QueueFullError
 
@@ -169,3 +169,23 @@ def test_full_queue_answers_429_and_the_slot_comes_back(gguf: Path) -> None:
         asyncio.run(scenario())
     finally:
         eng.close()
+
+
+def test_with_amx_kernels_the_weights_stay_out_of_extra_buffers(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where llama.cpp runs AMX kernels (runtime.amx_active), the engine loads the weights without
+    llama.cpp's extra buffer types, so the AMX matrix multiply that segfaults on K-quants
+    (llama.cpp#20824) is never called, warns, and still answers on a Q4_K_M model."""
+    assert model_params(True).use_extra_bufts is False
+    assert model_params(False).use_extra_bufts is True  # llama.cpp's default elsewhere
+    q4 = next(tiny_export.glob("*Q4_K_M.gguf"))
+    monkeypatch.setattr("ggufship.serve._batch.amx_active", lambda: True)
+    eng = BatchEngine(q4, parallel=1, queue_size=2, n_ctx=256, n_batch=64)
+    eng.load()
+    try:
+        text, fin = asyncio.run(_generate(eng, PROMPTS[0]))
+    finally:
+        eng.close()
+    assert text and fin is not None and fin.completion_tokens > 0
+    assert "AMX_INT8 = 1" in caplog.text and "out of AMX buffers" in caplog.text

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -95,6 +96,37 @@ def load_ggml_backends(directory: str | os.PathLike[str] | None = None) -> int:
         "ggml backends from %s: %d module(s) present, %d device(s) registered", path, len(modules), devices
     )
     return devices
+
+
+# ---------------------------------------------------------------- AMX
+
+#: llama.cpp's AMX matrix multiply (``ggml_backend_amx_mul_mat``) segfaults on K-quant models on
+#: some Sapphire Rapids-class CPUs; reported upstream, no fix at the pinned llama.cpp.
+AMX_ISSUE = "https://github.com/ggml-org/llama.cpp/issues/20824"
+_AMX_FLAG = re.compile(r"\bAMX_INT8 = 1\b")
+
+
+def amx_in_build(system_info: str) -> bool:
+    """Whether llama.cpp's system-info line (``llama_print_system_info``) says its CPU backend runs
+    AMX kernels (``AMX_INT8 = 1``: built with AMX, and the CPU and kernel let it use them)."""
+    return bool(_AMX_FLAG.search(system_info))
+
+
+def amx_active() -> bool:
+    """:func:`amx_in_build` for the llama.cpp loaded in this process (after the backends are)."""
+    import llama_cpp
+
+    return amx_in_build(llama_cpp.llama_print_system_info().decode("utf-8", "replace"))
+
+
+def amx_message(what: str) -> str:
+    """The warning when :func:`amx_active`: what happens, and what to do about it."""
+    return (
+        f"{what}: this llama.cpp runs AMX kernels (AMX_INT8 = 1), which crash the process on "
+        f"K-quant models (Q4_K_M, ...) on some CPUs ({AMX_ISSUE}). scripts/setup.sh and the "
+        "image build llama.cpp without them; rebuild llama-cpp-python with "
+        'CFLAGS/CXXFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"'
+    )
 
 
 # ---------------------------------------------------------------- CPU budget

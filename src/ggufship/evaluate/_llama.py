@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ggufship.evaluate._model import EvaluateInputError, GoldenExample
+from ggufship.runtime import amx_active, amx_message
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class GgufModel:
             arch = meta.get("general.architecture", "")
             n_train = int(meta.get(f"{arch}.context_length", n_ctx))
             self.n_ctx = max(16, min(n_ctx, n_train))
+            if amx_active():
+                logger.warning(amx_message("evaluate"))
             self.llm = llama_cpp.Llama(
                 model_path=str(path),
                 n_ctx=self.n_ctx,

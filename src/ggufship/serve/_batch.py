@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ggufship.runtime import cpu_budget
+from ggufship.runtime import amx_active, amx_message, cpu_budget
 from ggufship.serve._engine import (
     Engine,
     Finished,
@@ -133,7 +133,10 @@ class BatchEngine(Engine):
         )
         _route_llama_log()
         llama_cpp.llama_backend_init()
-        mparams = llama_cpp.llama_model_default_params()
+        amx = amx_active()
+        if amx:
+            logger.warning("%s; this engine keeps the weights out of AMX buffers", amx_message("serve"))
+        mparams = model_params(amx)
         model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not model:
             raise ModelLoadError(f"MODEL {self.model_path}: llama.cpp cannot load it")
@@ -619,6 +622,19 @@ class BatchEngine(Engine):
 
 _LLAMA_LOG: list[Any] = []  # the installed ctypes callback (kept alive while llama.cpp may call it)
 _llama_logger = logging.getLogger("ggufship.llama")
+
+
+def model_params(amx: bool) -> Any:
+    """llama.cpp's default model parameters, except with AMX kernels in the build (``amx``, see
+    :func:`ggufship.runtime.amx_active`): then the weights stay in plain CPU buffers, out of the
+    extra buffer types (AMX tiles, repacked layouts), so the AMX matrix multiply that segfaults on
+    K-quants (``runtime.AMX_ISSUE``) is never called; the load takes the ordinary CPU kernels."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    if amx:
+        params.use_extra_bufts = False
+    return params
 
 
 def _route_llama_log() -> None:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ggufship.runtime import cpu_budget
+from ggufship.runtime import amx_active, amx_message, cpu_budget
 from ggufship.serve._metrics import ServeMetrics
 from ggufship.serve._quality import token_nll
 from ggufship.serve.errors import (
@@ -247,6 +247,8 @@ class Engine:
         logger.info(
             "loading %s: %d instance(s), %d thread(s) each", self.model_path, self.parallel, self._n_threads
         )
+        if amx_active():
+            logger.warning("%s; --engine batch avoids them", amx_message("serve --engine instances"))
         try:
             for _ in range(self.parallel):
                 self._instances.append(
