@@ -275,3 +275,13 @@ def test_track_threads_env_is_serve_n_threads() -> None:
 
     assert ServeSettings.model_config["env_prefix"] + "N_THREADS" == THREADS_ENV
     assert "n_threads" in ServeSettings.model_fields
+
+
+def test_served_name_env_is_serve_served_model_name() -> None:
+    """SERVED_NAME_ENV, which the local rollout sets so that both tracks answer under one model
+    name, is the variable ServeSettings reads for served_model_name (one declaration)."""
+    from ggufship.rollout import SERVED_NAME_ENV
+    from ggufship.serve.settings import ServeSettings
+
+    assert ServeSettings.model_config["env_prefix"] + "SERVED_MODEL_NAME" == SERVED_NAME_ENV
+    assert "served_model_name" in ServeSettings.model_fields
