@@ -403,6 +403,7 @@ def start_llama_server(model: Path, args: argparse.Namespace, work: Path) -> Htt
         "--cont-batching",
         "--seed",
         str(SEED),
+        *args.llama_server_arg,
     ]
     return HttpServer(
         "llama-server",
@@ -842,6 +843,12 @@ def main() -> None:
         help="backends of the single-stream phase (default: in-process, ggufship batch)",
     )
     ap.add_argument("--serve-arg", action="append", default=[], help="extra argument for `ggufship serve`")
+    ap.add_argument(
+        "--llama-server-arg",
+        action="append",
+        default=[],
+        help="extra argument for llama-server (e.g. --llama-server-arg=--flash-attn --llama-server-arg=off)",
+    )
     ap.add_argument("--json", type=Path, help="write all samples and the summary here")
     ap.add_argument("--markdown", type=Path, help="write the results tables here")
     args = ap.parse_args()
