@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from ggufship.serve._batch import BatchEngine, model_params
+from ggufship.serve._batch import BatchEngine, model_params, plain_greedy
 from ggufship.serve._engine import Engine, Finished, SamplingParams, TextDelta
 from ggufship.serve.errors import QueueFullError
 
@@ -106,6 +108,60 @@ def test_solo_answers_equal_the_one_instance_engine(gguf: Path, engine: BatchEng
         assert _solo(classic) == _solo(engine)
     finally:
         classic.close()
+
+
+@pytest.mark.parametrize(
+    ("params", "plain"),
+    [
+        (GREEDY, True),
+        (SamplingParams(max_tokens=4, temperature=0, top_k=1, top_p=0.5, seed=3, logprobs=2), True),
+        (SamplingParams(max_tokens=4, temperature=0.7), False),
+        (SamplingParams(max_tokens=4, temperature=0, repeat_penalty=1.1), False),
+        (SamplingParams(max_tokens=4, temperature=0, frequency_penalty=0.5), False),
+        (SamplingParams(max_tokens=4, temperature=0, presence_penalty=-0.5), False),
+        (SamplingParams(max_tokens=4, temperature=0, grammar='root ::= "a"'), False),
+    ],
+)
+def test_plain_greedy_is_the_greedy_sampler_alone(params: SamplingParams, plain: bool) -> None:
+    assert plain_greedy(params) is plain
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        [0.5, 2.0, -1.0, 2.0],  # a tie: the first of the equal maxima
+        [3.0, 3.0, 3.0, 3.0],
+        [-np.inf, -5.0, -np.inf, -5.0],
+        [1.0, -2.0, 0.0, 7.5],
+        [7.5, -2.0, 0.0, 1.0],
+    ],
+)
+def test_the_argmax_is_the_token_llama_cpp_greedy_sampler_picks(row: list[float]) -> None:
+    import llama_cpp
+
+    logits = np.array(row, dtype=np.float32)
+    data = (llama_cpp.llama_token_data * len(row))(
+        *(llama_cpp.llama_token_data(i, float(x), 0.0) for i, x in enumerate(logits))
+    )
+    candidates = llama_cpp.llama_token_data_array(data, len(row), -1, False)
+    greedy = llama_cpp.llama_sampler_init_greedy()
+    try:
+        llama_cpp.llama_sampler_apply(greedy, ctypes.byref(candidates))
+    finally:
+        llama_cpp.llama_sampler_free(greedy)
+    assert data[candidates.selected].id == int(logits.argmax())
+
+
+def test_greedy_tokens_skip_llama_cpp_sampler_and_sampled_ones_take_it(engine: BatchEngine) -> None:
+    before = engine.argmax_tokens
+    _, fin = _run(engine, _generate(engine, PROMPTS[0]))
+    assert fin is not None and fin.completion_tokens > 0
+    assert engine.argmax_tokens - before >= fin.completion_tokens  # (+1 when it ended on EOG)
+    before = engine.argmax_tokens
+    sampled = SamplingParams(max_tokens=6, temperature=0.8, seed=11)
+    _, fin = _run(engine, _generate(engine, PROMPTS[1], sampled))
+    assert fin is not None and fin.completion_tokens > 0
+    assert engine.argmax_tokens == before
 
 
 def test_a_request_joins_a_running_batch_and_a_cancelled_one_leaves_the_others_intact(

@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 
 from ggufship import metrics as m
-from ggufship.serve._quality import answer_surprisal, bad_answer_reason, is_looping, token_nll
+from ggufship.serve._quality import (
+    LSE_DIRECT_MIN,
+    BatchNLL,
+    answer_surprisal,
+    bad_answer_reason,
+    is_looping,
+    token_nll,
+)
 from tests.serve_fixtures import RunningServer, running_server
 
 # ---------------------------------------------------------------- token_nll
@@ -61,6 +68,80 @@ def test_token_nll_masked_tokens() -> None:
 def test_token_nll_bad_input(logits: np.ndarray, token: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         token_nll(logits, token)
+
+
+# ---------------------------------------------------------------- BatchNLL
+
+
+def _rows() -> dict[str, np.ndarray]:
+    """Rows of 4096 logits that take each of BatchNLL's paths: summed directly (typical logits, a
+    masked token, logits around -40) or shifted by the maximum (an overflowing maximum, all logits
+    so negative that their exponentials underflow, one +inf or NaN logit)."""
+    rng = np.random.default_rng(7)
+    typical = rng.normal(0, 4, 4096).astype(np.float32) + 12
+    masked = typical.copy()
+    masked[::3] = -np.inf
+    low = typical - 52  # the largest exp ~e^-26: still summed directly (above LSE_DIRECT_MIN)
+    overflow = typical.copy()
+    overflow[5] = 95.0  # exp(95) is not a float32
+    underflow = typical - 200
+    plus_inf = typical.copy()
+    plus_inf[9] = np.inf
+    nan = typical.copy()
+    nan[2] = np.nan
+    return {
+        "typical": typical,
+        "masked": masked,
+        "low": low,
+        "overflow": overflow,
+        "underflow": underflow,
+        "plus-inf": plus_inf,
+        "nan": nan,
+    }
+
+
+def test_batch_nll_matches_token_nll_on_every_path() -> None:
+    rows = _rows()
+    calc = BatchNLL(4096, max_rows=len(rows))
+    names = list(rows)
+    stacked = np.stack([rows[k] for k in names])
+    assert stacked.dtype == np.float32
+    with np.errstate(all="ignore"):
+        direct = np.exp(stacked).sum(axis=1)
+    paths = {k: bool(np.isfinite(d) and d >= LSE_DIRECT_MIN) for k, d in zip(names, direct, strict=True)}
+    assert paths == {
+        "typical": True,
+        "masked": True,
+        "low": True,
+        "overflow": False,
+        "underflow": False,
+        "plus-inf": False,
+        "nan": False,
+    }
+    tokens = [int(np.nanargmax(np.where(np.isinf(r), np.nan, r))) for r in stacked]  # a finite logit
+    tokens[1] = 1  # masked keeps every third token: token 1 is finite, not the maximum
+    got = calc(stacked, tokens)
+    for name, row, tok, nll in zip(names, stacked, tokens, got, strict=True):
+        if name in ("plus-inf", "nan"):
+            assert nll is None, name  # left out of the surprisal, as token_nll's ValueError is
+            continue
+        assert nll == pytest.approx(token_nll(row, tok), rel=1e-5, abs=1e-5), name
+    # reusing the scratch buffer changes nothing, and fewer rows than max_rows are fine
+    again = calc(stacked[:2], tokens[:2])
+    assert again == pytest.approx(got[:2])
+
+
+def test_batch_nll_masked_token_and_bad_shapes() -> None:
+    calc = BatchNLL(4, max_rows=2)
+    row = np.array([[0.0, -np.inf, 0.0, 0.0]], dtype=np.float32)
+    assert calc(row, [1]) == [None]  # the chosen token itself is masked
+    assert calc(row, [0]) == [pytest.approx(math.log(3))]
+    with pytest.raises(ValueError, match="at most 2 rows of 4"):
+        calc.logsumexp(np.zeros((3, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="at most 2 rows of 4"):
+        calc.logsumexp(np.zeros((1, 5), dtype=np.float32))
+    with pytest.raises(ValueError, match="tokens"):
+        calc(np.zeros((1, 4), dtype=np.float32), [4])
 
 
 def test_answer_surprisal() -> None:

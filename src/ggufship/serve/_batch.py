@@ -74,6 +74,7 @@ class _Sequence:
     limit: int
     run: _Run
     sampler: Any = None
+    greedy: bool = False  # the argmax of the raw logits, without llama.cpp's sampler (plain_greedy)
     decoder: Any = None
     kv: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds, by position
     next_token: int | None = None  # sampled and delivered, to be decoded next step
@@ -112,6 +113,7 @@ class BatchEngine(Engine):
         self.prefill_tokens = 0
         self.decode_tokens = 0
         self.reused_tokens = 0
+        self.argmax_tokens = 0  # sampled as the logits' argmax (plain_greedy), not by llama.cpp
         self.max_batch_sequences = 0
         # the answer-surprisal NLLs: each step's log-sum-exps on a helper thread while the scheduler
         # samples the same logits (the scheduler's own share is timed for bench/nll.py)
@@ -358,6 +360,7 @@ class BatchEngine(Engine):
 
         seq.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         seq.sampler = self._sampler(seq.params)
+        seq.greedy = plain_greedy(seq.params)
         if seq.sampler is None:  # a grammar llama.cpp rejects (checked before; never the batch's problem)
             self._active[seq.seq_id] = seq
             self._fail(
@@ -404,7 +407,7 @@ class BatchEngine(Engine):
                 llama_cpp.llama_sampler_free(chain)
                 return None
             add(chain, grammar)
-        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+        if _penalized(p):
             add(
                 chain,
                 llama_cpp.llama_sampler_init_penalties(
@@ -479,21 +482,28 @@ class BatchEngine(Engine):
                 del seq.kv[len(seq.kv) - added :]
                 self._fail(seq, GenerationError(f"llama_decode failed (code {rc}) for a batch of {n} tokens"))
             return
-        lse = self._start_nll(outputs)
+        rows = self._rows(outputs)
+        sampling = [seq for seq, _ in entries if not seq.prefilling and seq.batch_index >= 0]
+        # the NLLs' log-sum-exps run on the helper while llama.cpp's sampler chains work (they
+        # release the GIL); when every row is a plain greedy argmax there is nothing to overlap
+        chains = any(not seq.greedy for seq in sampling)
+        lse = self._start_nll(rows) if chains else None
         now = time.perf_counter()
         sampled: list[tuple[_Sequence, int]] = []
         try:
-            for seq, _ in entries:
-                if seq.prefilling or seq.batch_index < 0:
-                    continue
-                token = int(llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.batch_index))
+            for seq in sampling:
+                if seq.greedy:
+                    token = int(rows[seq.out_row].argmax())
+                    self.argmax_tokens += 1
+                else:
+                    token = int(llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.batch_index))
                 if seq.params.logprobs is not None:
-                    seq.run.logprobs.append(self._logprob(seq.batch_index, token, seq.params.logprobs))
+                    seq.run.logprobs.append(self._logprob(rows[seq.out_row], token, seq.params.logprobs))
                 sampled.append((seq, token))
         finally:  # the helper reads the context's logits: never past this step
             if lse is not None:
-                wait([lse[0]])
-        nlls = self._end_nll(lse, sampled)
+                wait([lse])
+        nlls = self._nlls(lse, rows, sampled)
         for (seq, token), nll in zip(sampled, nlls, strict=True):
             seq.batch_index = -1
             seq.out_row = -1
@@ -503,29 +513,34 @@ class BatchEngine(Engine):
             else:
                 self._deliver(seq, token, now, nll)
 
-    def _start_nll(self, outputs: int) -> tuple[Future[Any], Any] | None:
-        """Start the log-sum-exp of this step's ``outputs`` rows of logits on the helper thread (they
-        stay valid, and unchanged by sampling, until the next ``llama_decode``)."""
-        if self._nll_pool is None or self._nll_calc is None or outputs == 0:
-            return None
+    def _rows(self, outputs: int) -> Any:
+        """This step's ``outputs`` rows of logits, in batch order: a view of the context's buffer,
+        valid (and unchanged by sampling) until the next ``llama_decode``."""
         import llama_cpp
         import numpy as np
 
+        if outputs == 0:
+            return np.empty((0, self._vocab_size), dtype=np.float32)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(outputs, self._vocab_size))
+
+    def _start_nll(self, rows: Any) -> Future[Any] | None:
+        """Start the log-sum-exps of this step's rows of logits on the helper thread."""
+        if self._nll_pool is None or self._nll_calc is None or rows.shape[0] == 0:
+            return None
         t0 = time.perf_counter()
-        rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(outputs, self._vocab_size))
         started = self._nll_pool.submit(self._nll_calc.logsumexp, rows)
         self.nll_seconds += time.perf_counter() - t0
-        return started, rows
+        return started
 
-    def _end_nll(
-        self, lse: tuple[Future[Any], Any] | None, sampled: list[tuple[_Sequence, int]]
+    def _nlls(
+        self, lse: Future[Any] | None, rows: Any, sampled: list[tuple[_Sequence, int]]
     ) -> list[float | None]:
-        """Each sampled token's NLL under the logits it was sampled from (the answer surprisal)."""
-        if lse is None:
+        """Each sampled token's NLL under the logits it was sampled from (the answer surprisal):
+        from the helper's log-sum-exps, or computed here when none was started."""
+        if self._nll_calc is None or not sampled:
             return [None] * len(sampled)
         t0 = time.perf_counter()
-        future, rows = lse
-        sums = future.result()  # also before the next llama_decode overwrites the rows
+        sums = lse.result() if lse is not None else self._nll_calc.logsumexp(rows)
         out = [
             BatchNLL.nll(float(sums[seq.out_row]), float(rows[seq.out_row, token])) for seq, token in sampled
         ]
@@ -533,15 +548,9 @@ class BatchEngine(Engine):
         self.nll_tokens += len(sampled)
         return out
 
-    def _logprob(self, index: int, token: int, k: int) -> TokenLogprob:
+    def _logprob(self, row: Any, token: int, k: int) -> TokenLogprob:
         """The sampled token's logprob and the ``k`` most likely tokens, from the logits it was sampled
-        from (valid until the next ``llama_decode``)."""
-        import llama_cpp
-        import numpy as np
-
-        row = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._vocab_size,)
-        )
+        from (``row``, valid until the next ``llama_decode``)."""
         return token_logprob(row, token, k, lambda t: self._piece(t, special=False))
 
     def _deliver(self, seq: _Sequence, token: int, now: float, nll: float | None) -> None:
@@ -622,6 +631,22 @@ class BatchEngine(Engine):
 
 _LLAMA_LOG: list[Any] = []  # the installed ctypes callback (kept alive while llama.cpp may call it)
 _llama_logger = logging.getLogger("ggufship.llama")
+
+
+def plain_greedy(p: SamplingParams) -> bool:
+    """Whether ``p``'s sampler chain (:meth:`BatchEngine._sampler`) is llama.cpp's greedy sampler
+    alone: temperature 0, no grammar, no penalties. Such a token is the argmax of the raw logits,
+    which numpy finds in a few microseconds, where ``llama_sampler_sample`` first copies all
+    ``n_vocab`` logits into a candidate array (~0.7 ms per token for a 262k vocabulary). Both take
+    the first of equal maxima (``llama_sampler_greedy_apply``, src/llama-sampler.cpp, keeps the
+    first index whose logit is strictly larger; ``numpy.argmax`` returns the first occurrence), so
+    the tokens are the same."""
+    return p.temperature <= 0 and p.grammar is None and not _penalized(p)
+
+
+def _penalized(p: SamplingParams) -> bool:
+    """Whether ``p`` asks for any repetition, frequency or presence penalty."""
+    return p.repeat_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
 
 
 def model_params(amx: bool) -> Any:

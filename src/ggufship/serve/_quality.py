@@ -32,6 +32,9 @@ LOOP_MIN_TOKENS = 24
 LOOP_MIN_REPEATS = 3
 #: … for blocks of 1 to this many tokens.
 LOOP_MAX_PERIOD = 32
+#: :class:`BatchNLL`: a row's sum of unshifted exponentials at least this large is used as it is
+#: (its largest term is then above 1e-26, far from float32's underflow near 1e-38)
+LSE_DIRECT_MIN = 1e-20
 
 
 def token_nll(logits: npt.ArrayLike, token: int) -> float:
@@ -117,12 +120,19 @@ class BatchNLL:
     preallocated buffer (no per-token allocation: a 262k-entry row is 1 MiB).
 
     The work splits in two: :meth:`logsumexp` needs only the logits (the batch engine runs it on a
-    helper thread while its scheduler samples the same rows), :meth:`nll` then needs the sampled
-    token (one subtraction). ``rows`` is ``(n, n_vocab)`` float32 (llama.cpp's output logits of one
-    step, in batch order). A row whose maximum or chosen logit is not finite gives None (the token is
-    left out of the surprisal, as :func:`token_nll`'s ValueError is). The exponentials are summed in
-    float32 (numpy's pairwise summation along the contiguous row: a relative error ~1e-6, far below
-    1e-4 nats).
+    helper thread while llama.cpp samples the same rows, or inline when no row needs llama.cpp's
+    sampler), :meth:`nll` then needs the sampled token (one subtraction). ``rows`` is
+    ``(n, n_vocab)`` float32 (llama.cpp's output logits of one step, in batch order). A row whose
+    maximum or chosen logit is not finite gives None (the token is left out of the surprisal, as
+    :func:`token_nll`'s ValueError is).
+
+    Two passes per row, not four: ``exp`` of the raw logits and their sum, without first finding
+    and subtracting the maximum. That is exact enough whenever the sum lands in
+    [:data:`LSE_DIRECT_MIN`, float32's largest finite value]: then no term overflowed, and the terms
+    that underflowed to zero weigh less than 1e-12 of the sum. Any other row (a logit above ~88, all
+    logits below ~-46, a NaN or infinity) is computed again the textbook way, shifted by its
+    maximum. The exponentials are summed in float32 (numpy's pairwise summation along the
+    contiguous row: a relative error ~1e-6, far below 1e-4 nats).
     """
 
     def __init__(self, n_vocab: int, max_rows: int) -> None:
@@ -139,15 +149,26 @@ class BatchNLL:
             )
         if n == 0:
             return np.empty(0, dtype=np.float64)
-        top = rows.max(axis=1)
-        finite = np.isfinite(top)
-        safe = np.where(finite, top, np.float32(0))
         work = self._scratch[:n]
-        np.subtract(rows, safe[:, None], out=work)
-        np.exp(work, out=work)
-        lse = safe.astype(np.float64) + np.log(work.sum(axis=1).astype(np.float64))
-        lse[~finite] = np.nan
+        with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+            np.exp(rows, out=work)
+            sums = work.sum(axis=1)
+            lse = np.log(sums.astype(np.float64))
+        direct = np.isfinite(sums) & (sums >= LSE_DIRECT_MIN)
+        if not direct.all():
+            for i in np.flatnonzero(~direct):
+                lse[i] = self._shifted(rows[i], work[i])
         return lse  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _shifted(row: npt.NDArray[np.float32], work: npt.NDArray[np.float32]) -> float:
+        """One row's log-sum-exp shifted by its maximum (NaN when the maximum is not finite)."""
+        top = row.max()
+        if not np.isfinite(top):
+            return math.nan
+        np.subtract(row, top, out=work)
+        np.exp(work, out=work)
+        return float(top) + math.log(float(work.sum()))
 
     @staticmethod
     def nll(lse: float, chosen: float) -> float | None:
