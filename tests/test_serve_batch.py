@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from ggufship.serve._batch import BatchEngine, model_params, plain_greedy
-from ggufship.serve._engine import Engine, Finished, SamplingParams, TextDelta
+from ggufship.serve._engine import Emitter, Engine, Finished, SamplingParams, TextDelta, emit_together
 from ggufship.serve.errors import QueueFullError
 
 PROMPTS = (
@@ -162,6 +163,41 @@ def test_greedy_tokens_skip_llama_cpp_sampler_and_sampled_ones_take_it(engine: B
     _, fin = _run(engine, _generate(engine, PROMPTS[1], sampled))
     assert fin is not None and fin.completion_tokens > 0
     assert engine.argmax_tokens == before
+
+
+class _CountingLoop(asyncio.SelectorEventLoop):
+    """An event loop that counts its thread-safe wake-ups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wakeups = 0
+
+    def call_soon_threadsafe(self, *args: Any, **kwargs: Any) -> Any:
+        self.wakeups += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
+def test_emit_together_wakes_each_loop_once_and_keeps_each_queue_in_order() -> None:
+    loops = [_CountingLoop(), _CountingLoop()]
+    try:
+        queues: list[asyncio.Queue[Any]] = [asyncio.Queue() for _ in range(3)]
+        first, second, other = (Emitter(loops[i], q) for i, q in zip((0, 0, 1), queues, strict=True))
+        items = [(first, "a1"), (second, "b1"), (other, "c1"), (first, "a2"), (second, "b2"), (first, "a3")]
+        sender = threading.Thread(target=emit_together, args=(items,))  # as the scheduler thread does
+        sender.start()
+        sender.join(timeout=10)
+
+        async def drain(queue: asyncio.Queue[Any], n: int) -> list[Any]:
+            return [await asyncio.wait_for(queue.get(), 10) for _ in range(n)]
+
+        assert loops[0].run_until_complete(drain(queues[0], 3)) == ["a1", "a2", "a3"]
+        assert loops[0].run_until_complete(drain(queues[1], 2)) == ["b1", "b2"]
+        assert loops[1].run_until_complete(drain(queues[2], 1)) == ["c1"]
+        assert [loop.wakeups for loop in loops] == [1, 1]
+    finally:
+        for loop in loops:
+            loop.close()
+    emit_together([(first, "late")])  # a closed loop (shutdown): nothing raised, nothing delivered
 
 
 def test_a_request_joins_a_running_batch_and_a_cancelled_one_leaves_the_others_intact(

@@ -28,7 +28,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,15 +36,15 @@ from typing import Any
 
 from ggufship.runtime import amx_active, amx_message, cpu_budget
 from ggufship.serve._engine import (
+    Emitter,
     Engine,
-    Finished,
     FinishReason,
+    Item,
     SamplingParams,
-    TextDelta,
     TokenFault,
     TokenLogprob,
-    _Failed,
     _Run,
+    emit_together,
     stop_cut,
     token_logprob,
 )
@@ -67,7 +67,7 @@ class _Sequence:
     prompt: list[int]
     params: SamplingParams
     cancel: threading.Event
-    emit: Callable[[TextDelta | Finished | _Failed], None]
+    emit: Emitter
     endpoint: str
     started: float
     fault: TokenFault | None
@@ -108,6 +108,9 @@ class BatchEngine(Engine):
         self._scheduler: threading.Thread | None = None
         self._cache: dict[int, list[int]] = {}  # seq id → tokens its KV cells hold (finished or not)
         self._active: dict[int, _Sequence] = {}
+        # items for the requests' event loops, handed over together (_flush) before the next
+        # llama_decode, before waiting, and when a sequence ends
+        self._outbox: list[tuple[Emitter, Item]] = []
         # counters for tests and metrics
         self.steps = 0
         self.prefill_tokens = 0
@@ -288,7 +291,7 @@ class BatchEngine(Engine):
         prompt: list[int],
         p: SamplingParams,
         cancel: threading.Event,
-        emit: Callable[[TextDelta | Finished | _Failed], None],
+        emit: Emitter,
         endpoint: str,
         started: float,
         fault: TokenFault | None = None,
@@ -324,11 +327,14 @@ class BatchEngine(Engine):
             while True:
                 with self._cond:
                     while not self._closing and not self._incoming and not self._runnable():
+                        self._flush()
                         self._cond.wait(self._wait_time())
                     if self._closing:
                         break
                     arrivals = list(self._incoming)
                     self._incoming.clear()
+                if arrivals:  # admitting (prefix search, cache edits) never delays delivered tokens
+                    self._flush()
                 for seq in arrivals:
                     self._admit(seq)
                 self._step(batch)
@@ -470,6 +476,7 @@ class BatchEngine(Engine):
         if n == 0:
             return
         batch.n_tokens = n
+        self._flush()  # the event loop runs while llama.cpp computes (ctypes releases the GIL)
         rc = llama_cpp.llama_decode(self._ctx, batch)
         self.steps += 1
         self.decode_tokens += decode_tokens
@@ -573,7 +580,7 @@ class BatchEngine(Engine):
         run.text += seq.decoder.decode(self._piece(token, special=False))
         ready, stopped = stop_cut(run.text, run.sent, seq.params.stop)
         if ready:
-            seq.emit(run.delta(ready))
+            self._outbox.append((seq.emit, run.delta(ready)))
             run.sent += len(ready)
         if stopped:
             run.text = run.text[: run.sent]
@@ -595,6 +602,11 @@ class BatchEngine(Engine):
             return
         seq.next_token = token
 
+    def _flush(self) -> None:
+        if self._outbox:
+            items, self._outbox = self._outbox, []
+            emit_together(items)
+
     def _release_sequence(self, seq: _Sequence) -> None:
         import llama_cpp
 
@@ -610,6 +622,7 @@ class BatchEngine(Engine):
             logger.warning("%s", error.message)
         self._release_sequence(seq)
         seq.error = error
+        self._flush()  # its text so far reaches the request before the error does
         seq.done.set()
 
     def _finish(self, seq: _Sequence, reason: FinishReason, *, cut_by_stop: bool = False) -> None:
@@ -619,13 +632,14 @@ class BatchEngine(Engine):
                 seq.run,
                 reason,
                 decoder=None if cut_by_stop else seq.decoder,
-                emit=seq.emit,
+                emit=lambda item: self._outbox.append((seq.emit, item)),
                 endpoint=seq.endpoint,
                 logprobs=seq.params.logprobs is not None,
             )
         except Exception:  # the request's loop is gone (shutdown): nobody is left to tell
             logger.exception("finishing a generation failed")
         finally:
+            self._flush()
             seq.done.set()
 
 

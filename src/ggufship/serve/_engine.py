@@ -110,6 +110,42 @@ class _Failed:
     error: BaseException
 
 
+Item = TextDelta | Finished | _Failed
+
+
+class Emitter:
+    """Hands one generation's items from the thread that generates it to the event loop of the
+    request that reads them (``call_soon_threadsafe``: a write to the loop's self-pipe wakes it)."""
+
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Item]) -> None:
+        self.loop = loop
+        self.queue = queue
+
+    def __call__(self, item: Item) -> None:
+        with contextlib.suppress(RuntimeError):  # loop closed at shutdown
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def emit_together(items: Sequence[tuple[Emitter, Item]]) -> None:
+    """Hand many generations' items over at once, each queue's in order: one
+    ``call_soon_threadsafe`` (one wake-up) per event loop rather than one per item. The batch engine
+    sends a decode step's tokens this way, just before the next ``llama_decode``, so that the event
+    loop takes the GIL while llama.cpp computes rather than between two decodes."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Item], Item]]] = {}
+    for emitter, item in items:
+        by_loop.setdefault(emitter.loop, []).append((emitter.queue, item))
+    for loop, batch in by_loop.items():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue[Item], Item]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
+
+
 @dataclass
 class _Run:
     """Book-keeping of one generation on the worker thread."""
@@ -398,12 +434,9 @@ class Engine:
         slot.state = "running"
         inst = slot.inst
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[TextDelta | Finished | _Failed] = asyncio.Queue()
+        queue: asyncio.Queue[Item] = asyncio.Queue()
         cancel = threading.Event()
-
-        def emit(item: TextDelta | Finished | _Failed) -> None:
-            with contextlib.suppress(RuntimeError):  # loop closed at shutdown
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+        emit = Emitter(loop, queue)
 
         def work() -> None:
             self._running.add(cancel)
@@ -446,7 +479,7 @@ class Engine:
         prompt: list[int],
         p: SamplingParams,
         cancel: threading.Event,
-        emit: Callable[[TextDelta | Finished | _Failed], None],
+        emit: Callable[[Item], None],
         endpoint: str,
         started: float,
         fault: TokenFault | None = None,
@@ -535,7 +568,7 @@ class Engine:
         reason: FinishReason,
         *,
         decoder: codecs.IncrementalDecoder | None,
-        emit: Callable[[TextDelta | Finished | _Failed], None],
+        emit: Callable[[Item], None],
         endpoint: str,
         logprobs: bool,
     ) -> None:

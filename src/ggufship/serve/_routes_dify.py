@@ -179,9 +179,6 @@ async def _stream(
                             metadata=_metadata(item, started),
                         )
                     )
-                if await request.is_disconnected():
-                    logger.info("client went away; stopping the generation")
-                    return
     except APIError as exc:
         yield _sse.data(_error_event(stream_failed(request, exc), task_id, message_id))
     except Exception as exc:

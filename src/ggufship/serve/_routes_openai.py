@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -464,6 +465,42 @@ def _completion_stream(
     )
 
 
+async def _events(
+    request: Request, state: ServerState, prepared: list[tuple[Job, Slot]], endpoint: str, started: float
+) -> AsyncIterator[tuple[int, TextDelta | Finished]]:
+    """The engine items of every choice as they come, as ``(choice index, item)``; a failed choice
+    raises. One choice is read directly from its engine stream; several are pumped into one queue by
+    a task each. Closing this iterator closes the engine streams (the generations stop)."""
+    inference = state.require_inference()
+    fault = token_fault(request)
+    if len(prepared) == 1:
+        job, slot = prepared[0]
+        async with inference.run(job, slot, endpoint=endpoint, started=started, fault=fault) as items:
+            async for item in items:
+                yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, TextDelta | Finished | Exception]] = asyncio.Queue()
+
+    async def pump(index: int, job: Job, slot: Slot) -> None:
+        try:
+            async with inference.run(job, slot, endpoint=endpoint, started=started, fault=fault) as items:
+                async for item in items:
+                    queue.put_nowait((index, item))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, job, slot)) for i, (job, slot) in enumerate(prepared)]
+    try:
+        while True:
+            index, got = await queue.get()
+            if isinstance(got, Exception):
+                raise got
+            yield index, got
+    finally:
+        for task in tasks:  # (their engine streams close at once: the generations stop)
+            task.cancel()
+
+
 class _Choice(Protocol):
     def opening(self) -> list[str]: ...
     def delta(self, item: TextDelta) -> list[str]: ...
@@ -483,41 +520,25 @@ async def _stream(
     """The SSE body of an OpenAI stream of ``len(prepared)`` choices, generated together (one sequence
     each): every choice's opening chunks, its chunks per text delta as they come (interleaved, each
     naming its choice's index), its closing chunks with the finish reason; then the usage chunk (no
-    choices) when asked; an error inside the stream; ``[DONE]``. A disconnect or a failed choice stops
-    every generation."""
-    inference = state.require_inference()
-    fault = token_fault(request)
-    queue: asyncio.Queue[tuple[int, TextDelta | Finished | Exception]] = asyncio.Queue()
-
-    async def pump(index: int, job: Job, slot: Slot) -> None:
-        try:
-            async with inference.run(job, slot, endpoint=endpoint, started=started, fault=fault) as events:
-                async for item in events:
-                    queue.put_nowait((index, item))
-        except Exception as exc:
-            queue.put_nowait((index, exc))
-
-    tasks: list[asyncio.Task[None]] = []
+    choices) when asked; an error inside the stream; ``[DONE]``. A failed choice stops every
+    generation; so does a disconnect: sse-starlette's listener cancels this generator where it waits
+    for the next item (see :mod:`ggufship.serve._sse`), and closing the engine streams stops them."""
     try:
-        tasks = [asyncio.create_task(pump(i, job, slot)) for i, (job, slot) in enumerate(prepared)]
-        for choice in choices:
-            for text in choice.opening():
-                yield text
-        dones: dict[int, Finished] = {}
-        while len(dones) < len(prepared):
-            index, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if isinstance(item, TextDelta):
-                for text in choices[index].delta(item):
+        async with contextlib.aclosing(_events(request, state, prepared, endpoint, started)) as events:
+            for choice in choices:
+                for text in choice.opening():
                     yield text
-            elif isinstance(item, Finished):
-                dones[index] = item
-                for text in choices[index].end(item):
-                    yield text
-            if await request.is_disconnected():
-                logger.info("client went away; stopping the generation")
-                return
+            dones: dict[int, Finished] = {}
+            async for index, item in events:
+                if isinstance(item, TextDelta):
+                    for text in choices[index].delta(item):
+                        yield text
+                else:
+                    dones[index] = item
+                    for text in choices[index].end(item):
+                        yield text
+                    if len(dones) == len(prepared):
+                        break
         job = prepared[0][0]
         done = _combined([dones[i] for i in range(len(prepared))])
         _record(request, job, done)
@@ -528,7 +549,4 @@ async def _stream(
     except Exception as exc:
         logger.exception("stream failed")
         yield _sse.data(error_body(stream_failed(request, GenerationError(f"generation failed: {exc}"))))
-    finally:
-        for task in tasks:  # (their engine streams close at once: the generations stop)
-            task.cancel()
     yield _sse.DONE

@@ -15,6 +15,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import AppStatus
 from starlette.types import Receive, Scope, Send
@@ -27,9 +28,10 @@ SEPARATOR = "\n"  # lines end with LF (sse-starlette's default is CRLF; clients 
 
 
 def data(payload: Any) -> str:
-    """One event's data: a JSON text (pydantic models dumped, ``None`` fields kept)."""
-    if hasattr(payload, "model_dump"):
-        payload = payload.model_dump(mode="json")
+    """One event's data: a compact JSON text, non-ASCII characters as they are (pydantic models
+    serialized by pydantic-core, ``None`` fields kept)."""
+    if isinstance(payload, BaseModel):
+        return payload.model_dump_json()
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 
