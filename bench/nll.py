@@ -6,15 +6,17 @@ generated token of
 * ``per-token``: :func:`ggufship.serve._quality.token_nll` once per sequence (what the batch engine
   did per token before);
 * ``batched``: :class:`ggufship.serve._quality.BatchNLL` once per decode step over every sampled
-  row of the step (the arithmetic the batch engine does now, on a helper thread).
+  row of the step (the arithmetic the batch engine does now).
 
 With ``--model FILE.gguf`` it also runs the batch engine (metrics on) on ``--clients`` concurrent
-greedy generations and reports the time its *scheduler thread* spends on the NLLs per token now:
-starting the helper, waiting for it after sampling the step, one subtraction per token.
+generations and reports the time its *scheduler thread* spends on the NLLs per token: greedy
+(``--temperature 0``, the default), the whole log-sum-exp, which the scheduler computes itself
+(every row is a plain greedy argmax, nothing to overlap it with); sampled (``--temperature``
+above 0), starting the helper, waiting for it after llama.cpp's samplers, one subtraction per token.
 
 Usage: ``.venv/bin/python bench/nll.py [--vocab 262144] [--batch 1,4,16] [--steps 200]
-[--model FILE.gguf --clients 16 --max-tokens 32]``; prints one line per batch size (median and p90
-µs per token over ``--steps`` steps) and one line for the engine.
+[--model FILE.gguf --clients 16 --max-tokens 32 --temperature 0]``; prints one line per batch
+size (median and p90 µs per token over ``--steps`` steps) and one line for the engine.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def _measure(fn: object, steps: int) -> list[float]:
     return out
 
 
-def engine_run(model: Path, clients: int, max_tokens: int) -> None:
+def engine_run(model: Path, clients: int, max_tokens: int, temperature: float) -> None:
     from ggufship.serve._batch import BatchEngine
     from ggufship.serve._engine import SamplingParams
     from ggufship.serve._metrics import MetricLabels, ServeMetrics
@@ -51,7 +53,7 @@ def engine_run(model: Path, clients: int, max_tokens: int) -> None:
     metrics = ServeMetrics(MetricLabels("bench", "0", "stable"))
     eng = BatchEngine(model, parallel=clients, queue_size=clients, n_ctx=256, metrics=metrics)
     eng.load()
-    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=1)
 
     async def one(i: int) -> None:
         slot = await eng.acquire()
@@ -92,6 +94,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="a .gguf: also time the batch engine's scheduler thread")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.0, help="the engine run's sampling temperature")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rng = np.random.default_rng(0)
@@ -115,7 +118,7 @@ def main() -> None:
             worst,
         )
     if args.model is not None:
-        engine_run(args.model, args.clients, args.max_tokens)
+        engine_run(args.model, args.clients, args.max_tokens, args.temperature)
 
 
 if __name__ == "__main__":
