@@ -142,6 +142,11 @@ def test_batch_nll_masked_token_and_bad_shapes() -> None:
         calc.logsumexp(np.zeros((1, 5), dtype=np.float32))
     with pytest.raises(ValueError, match="tokens"):
         calc(np.zeros((1, 4), dtype=np.float32), [4])
+    # a second thread's share of a step works in the scratch rows after the first one's
+    rows = np.array([[0.0, 1.0, 2.0, 3.0], [3.0, 3.0, 3.0, 3.0]], dtype=np.float32)
+    assert calc.logsumexp(rows[1:], first=1) == pytest.approx(calc.logsumexp(rows)[1:])
+    with pytest.raises(ValueError, match="at most 1 rows of 4"):
+        calc.logsumexp(rows, first=1)
 
 
 def test_answer_surprisal() -> None:

@@ -492,9 +492,13 @@ class BatchEngine(Engine):
         rows = self._rows(outputs)
         sampling = [seq for seq, _ in entries if not seq.prefilling and seq.batch_index >= 0]
         # the NLLs' log-sum-exps run on the helper while llama.cpp's sampler chains work (they
-        # release the GIL); when every row is a plain greedy argmax there is nothing to overlap
+        # release the GIL); when every row is a plain greedy argmax there is nothing to overlap, so
+        # the scheduler computes a share itself: one row alone, or half of several (the helper the
+        # other half, at the same time: numpy releases the GIL)
         chains = any(not seq.greedy for seq in sampling)
-        lse = self._start_nll(rows) if chains else None
+        shared = outputs if chains else outputs // 2
+        lse = self._start_nll(rows[:shared])
+        own: Any = None
         now = time.perf_counter()
         sampled: list[tuple[_Sequence, int]] = []
         try:
@@ -507,10 +511,11 @@ class BatchEngine(Engine):
                 if seq.params.logprobs is not None:
                     seq.run.logprobs.append(self._logprob(rows[seq.out_row], token, seq.params.logprobs))
                 sampled.append((seq, token))
+            own = self._own_nll(rows, shared, sampled)
         finally:  # the helper reads the context's logits: never past this step
             if lse is not None:
                 wait([lse])
-        nlls = self._nlls(lse, rows, sampled)
+        nlls = self._nlls(lse, own, rows, sampled)
         for (seq, token), nll in zip(sampled, nlls, strict=True):
             seq.batch_index = -1
             seq.out_row = -1
@@ -539,15 +544,28 @@ class BatchEngine(Engine):
         self.nll_seconds += time.perf_counter() - t0
         return started
 
+    def _own_nll(self, rows: Any, shared: int, sampled: list[tuple[_Sequence, int]]) -> Any:
+        """The log-sum-exps of the rows from ``shared`` on, on this thread (its scratch rows follow
+        the helper's), or None without metrics or tokens."""
+        if self._nll_calc is None or not sampled or shared >= rows.shape[0]:
+            return None
+        t0 = time.perf_counter()
+        sums = self._nll_calc.logsumexp(rows[shared:], first=shared)
+        self.nll_seconds += time.perf_counter() - t0
+        return sums
+
     def _nlls(
-        self, lse: Future[Any] | None, rows: Any, sampled: list[tuple[_Sequence, int]]
+        self, lse: Future[Any] | None, own: Any, rows: Any, sampled: list[tuple[_Sequence, int]]
     ) -> list[float | None]:
-        """Each sampled token's NLL under the logits it was sampled from (the answer surprisal):
-        from the helper's log-sum-exps, or computed here when none was started."""
+        """Each sampled token's NLL under the logits it was sampled from (the answer surprisal),
+        from the helper's log-sum-exps of the first rows and this thread's of the rest."""
         if self._nll_calc is None or not sampled:
             return [None] * len(sampled)
+        import numpy as np
+
         t0 = time.perf_counter()
-        sums = lse.result() if lse is not None else self._nll_calc.logsumexp(rows)
+        parts = [p for p in (lse.result() if lse is not None else None, own) if p is not None]
+        sums = parts[0] if len(parts) == 1 else np.concatenate(parts)
         out = [
             BatchNLL.nll(float(sums[seq.out_row]), float(rows[seq.out_row, token])) for seq, token in sampled
         ]

@@ -139,17 +139,19 @@ class BatchNLL:
         self.n_vocab = n_vocab
         self._scratch = np.empty((max(1, max_rows), n_vocab), dtype=np.float32)
 
-    def logsumexp(self, rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        """``log(sum(exp(row)))`` of each row (NaN for a row whose maximum is not finite)."""
+    def logsumexp(self, rows: npt.NDArray[np.float32], *, first: int = 0) -> npt.NDArray[np.float64]:
+        """``log(sum(exp(row)))`` of each row (NaN for a row whose maximum is not finite), in the
+        scratch rows from ``first`` on (two threads may work on one step's rows at once, each in
+        its own scratch rows)."""
         n = rows.shape[0]
-        if rows.ndim != 2 or rows.shape[1] != self.n_vocab or n > self._scratch.shape[0]:
+        room = self._scratch.shape[0] - first
+        if rows.ndim != 2 or rows.shape[1] != self.n_vocab or n > room or first < 0:
             raise ValueError(
-                f"logits: expected at most {self._scratch.shape[0]} rows of {self.n_vocab}, "
-                f"got shape {rows.shape}"
+                f"logits: expected at most {room} rows of {self.n_vocab}, got shape {rows.shape}"
             )
         if n == 0:
             return np.empty(0, dtype=np.float64)
-        work = self._scratch[:n]
+        work = self._scratch[first : first + n]
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
             np.exp(rows, out=work)
             sums = work.sum(axis=1)
