@@ -1,8 +1,10 @@
 """Where a single stream's CPU goes: ``ggufship serve --engine batch`` against in-process ``Llama``.
 
-The single-stream target of issue 17 (within 5 % of in-process ``llama_cpp.Llama``) is met with a
-core left free and missed with llama.cpp on every core. This script measures why, in CPU time per
-streamed token rather than in samples:
+With llama.cpp's threads on every core, any per-token work of the server outside ``llama_decode``
+slows a single stream against in-process ``llama_cpp.Llama`` (issue 17's target: within 5 %; missed
+at 90-92 % until the batch engine's greedy argmax, two-pass surprisal and step-wise hand-off, see
+bench/RESULTS.md). This script measures that work in CPU time per streamed token rather than in
+samples:
 
 1. ``ggufship serve`` (batch engine, ``--threads`` llama.cpp threads) is started on loopback and
    sent ``--requests`` streaming ``/v1/completions`` requests one after the other (greedy,
