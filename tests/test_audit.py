@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -237,6 +238,17 @@ def _append_many(path: str, worker: int, count: int) -> None:
             log.append({"worker": worker, "i": i})
 
 
+def _append_pausing(path: str, worker: int, count: int, paused: Any, resume: Any) -> None:
+    """Append ``count`` lines; after the first half, say so (``paused``) and wait for ``resume``."""
+    with AuditLog(Path(path), lock_timeout_s=60) as log:
+        for i in range(count):
+            if i == count // 2:
+                paused.release()
+                if not resume.wait(120):
+                    raise SystemExit(3)
+            log.append({"worker": worker, "i": i})
+
+
 def test_processes_keep_chain(tmp_path: Path) -> None:
     path = tmp_path / "procs.log"
     ctx = multiprocessing.get_context("fork")
@@ -259,11 +271,21 @@ def test_verify_while_other_processes_append(tmp_path: Path) -> None:
     path = tmp_path / "live.log"
     AuditLog(path).close()
     ctx = multiprocessing.get_context("fork")
-    writers = [ctx.Process(target=_append_many, args=(str(path), w, 300)) for w in range(3)]
+    # the writers stop halfway until one verification has run, so that at least one verification
+    # sees a log the writers are still writing, however fast they are; the rest race freely
+    paused, resume = ctx.Semaphore(0), ctx.Event()
+    writers = [
+        ctx.Process(target=_append_pausing, args=(str(path), w, 300, paused, resume)) for w in range(3)
+    ]
     for w in writers:
         w.start()
     seen: list[int] = []
     try:
+        assert all(paused.acquire(timeout=120) for _ in writers), "writers never reached halfway"
+        report = verify_audit(path)
+        assert report.ok, report.problems
+        seen.append(report.lines)
+        resume.set()
         deadline = time.monotonic() + 120
         for _ in range(500):  # bounded in count and time
             report = verify_audit(path)
@@ -272,9 +294,11 @@ def test_verify_while_other_processes_append(tmp_path: Path) -> None:
             if not any(w.is_alive() for w in writers) or time.monotonic() > deadline:
                 break
     finally:
+        resume.set()
         for w in writers:
             w.join(timeout=120)
     assert [w.exitcode for w in writers] == [0, 0, 0]
+    assert seen[0] == 450, seen  # a verification of a log whose writers are halfway
     assert any(0 < n < 900 for n in seen), seen  # some verifications ran while the writers wrote
     assert seen == sorted(seen)
     assert verify_audit(path).lines == 900
