@@ -118,8 +118,8 @@ class BatchEngine(Engine):
         self.reused_tokens = 0
         self.argmax_tokens = 0  # sampled as the logits' argmax (plain_greedy), not by llama.cpp
         self.max_batch_sequences = 0
-        # the answer-surprisal NLLs: each step's log-sum-exps on a helper thread while the scheduler
-        # samples the same logits (the scheduler's own share is timed for bench/nll.py)
+        # the answer-surprisal NLLs: each step's log-sum-exps, on a helper thread and/or the
+        # scheduler (see _step; the scheduler's own share is timed for bench/nll.py)
         self._nll_calc: BatchNLL | None = None
         self._nll_pool: ThreadPoolExecutor | None = None
         self.nll_seconds = 0.0

@@ -60,9 +60,20 @@ def token_nll(logits: npt.ArrayLike, token: int) -> float:
     chosen = float(row[token])
     if not math.isfinite(chosen):
         raise ValueError(f"logits: the logit of token {token} is not finite ({chosen})")
-    shifted = np.exp((row - row.dtype.type(top)).astype(np.float32, copy=False))
-    lse = top + math.log(float(shifted.sum(dtype=np.float64)))
-    return max(0.0, lse - chosen)
+    return max(0.0, _shifted_logsumexp(row, top) - chosen)
+
+
+def _shifted_logsumexp(
+    row: npt.NDArray[np.floating], top: float, work: npt.NDArray[np.float32] | None = None
+) -> float:
+    """``log(sum(exp(row)))`` the textbook way, shifted by the row's finite maximum ``top``: the
+    exponentials in float32 (into ``work`` when given), summed in float64."""
+    if work is None:
+        shifted = (row - row.dtype.type(top)).astype(np.float32, copy=False)
+    else:
+        shifted = np.subtract(row, row.dtype.type(top), out=work)
+    np.exp(shifted, out=shifted)
+    return top + math.log(float(shifted.sum(dtype=np.float64)))
 
 
 def answer_surprisal(nlls: Sequence[float]) -> float | None:
@@ -159,18 +170,9 @@ class BatchNLL:
         direct = np.isfinite(sums) & (sums >= LSE_DIRECT_MIN)
         if not direct.all():
             for i in np.flatnonzero(~direct):
-                lse[i] = self._shifted(rows[i], work[i])
+                top = float(rows[i].max())
+                lse[i] = _shifted_logsumexp(rows[i], top, work[i]) if math.isfinite(top) else math.nan
         return lse  # type: ignore[no-any-return]
-
-    @staticmethod
-    def _shifted(row: npt.NDArray[np.float32], work: npt.NDArray[np.float32]) -> float:
-        """One row's log-sum-exp shifted by its maximum (NaN when the maximum is not finite)."""
-        top = row.max()
-        if not np.isfinite(top):
-            return math.nan
-        np.subtract(row, top, out=work)
-        np.exp(work, out=work)
-        return float(top) + math.log(float(work.sum()))
 
     @staticmethod
     def nll(lse: float, chosen: float) -> float | None:
